@@ -1,0 +1,212 @@
+"""The training objective: path + t sampler + label dropout + negatives + λ, in one object.
+
+One call does, for a batch of data x1 (B, ...) with labels y::
+
+    t  ~ time sampler                       x0 ~ N(0, I) (or the given source samples)
+    x_t = α_t x1 + σ_t x0,  u = α̇_t x1 + σ̇_t x0
+    c  = y, with each label replaced by the null id (= num_classes) with prob. label_dropout
+    v  = model(x_t, t, c)                   (one forward pass)
+    j  = negatives(u, y)                    (indices into the local or gathered batch)
+    ũ  = α̇_t x1[j] + σ̇_t x0[j]             (negative_time="anchor", paper Eq. 6)
+       or u[j]                              (negative_time="own", reference code; same for linear)
+    loss = mean_i [ (1/D)‖v_i − u_i‖² − λ (1/D)‖v_i − ũ_i‖² ]
+
+Label dropout is per sample and done here, so the loss knows which samples are unconditional;
+``contrast_unconditional=False`` drops the negative term for them (the reference contrasts them).
+The running means of x1 and x0 (:class:`~deltafm.guidance.MeanTarget`) are updated on every
+call, for the bias correction at sampling time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .guidance import BiasCorrection, MeanTarget
+from .losses import contrastive_flow_matching_parts, flow_matching_loss
+from .negatives import NEGATIVE_KINDS, NegativeSampler
+from .paths import LinearPath, PathSample, ProbPath, get_path
+from .schedules import LambdaSchedule, as_schedule
+from .timesteps import TimeSampler, get_time_sampler
+
+__all__ = ["DeltaFMObjective", "ObjectiveOutput"]
+
+
+@dataclass
+class ObjectiveOutput:
+    """``loss`` (scalar, with grad) and ``parts`` (detached scalar tensors, for logging:
+    "loss", "positive" (= FM loss), "negative", "lam"), plus the pieces of the step."""
+
+    loss: Tensor
+    parts: dict[str, Tensor]
+    pred: Tensor
+    sample: PathSample
+    cond: Tensor | None
+    dropped: Tensor | None
+    neg_index: Tensor | None
+
+
+class DeltaFMObjective:
+    """Flow matching (λ = 0 or ``negatives="none"``) or ΔFM, as a callable objective.
+
+    Args:
+        path: ``linear`` (default), ``cosine``/``gvp``, ``vp`` or a :class:`ProbPath`.
+        time_sampler: ``uniform``, ``logit_normal``, ``mode`` or a :class:`TimeSampler`.
+        lam: λ ∈ [0, 1) or a :class:`LambdaSchedule` of images seen.
+        negatives: ``uniform`` (reference), ``derangement``, ``different_class``, ``hard`` or ``none``.
+        gather_negatives: draw negatives from the batch gathered across all DDP ranks.
+        num_classes: number of classes (the null id is ``num_classes``); None = unconditional.
+        label_dropout: per-sample probability of replacing the label by the null id (CFG).
+        contrast_unconditional: apply the contrastive term to label-dropped samples too.
+        negative_time: ``anchor`` (ũ at the anchor's t) or ``own`` (ũ = u_j at its own t).
+        hard_other_class: with ``hard`` negatives, only mine among other classes.
+        track_mean: keep the running data/source means for the bias correction.
+    """
+
+    def __init__(
+        self,
+        path: str | ProbPath = "linear",
+        time_sampler: str | TimeSampler = "uniform",
+        lam: float | LambdaSchedule = 0.05,
+        negatives: str = "uniform",
+        gather_negatives: bool = False,
+        num_classes: int | None = None,
+        label_dropout: float = 0.1,
+        contrast_unconditional: bool = True,
+        negative_time: str = "anchor",
+        hard_other_class: bool = False,
+        track_mean: bool = True,
+        time_sampler_kwargs: dict[str, float] | None = None,
+    ) -> None:
+        self.path = get_path(path)
+        self.time_sampler = get_time_sampler(time_sampler, **(time_sampler_kwargs or {}))
+        self.lam_schedule = as_schedule(lam)
+        if negatives != "none" and negatives not in NEGATIVE_KINDS:
+            raise ValueError(f"unknown negatives {negatives!r}; known: {['none', *NEGATIVE_KINDS]}")
+        if negatives == "different_class" and not num_classes:
+            raise ValueError("different_class negatives need num_classes")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if label_dropout > 0 and not num_classes:
+            raise ValueError("label_dropout > 0 needs num_classes (the null class id is num_classes)")
+        if negative_time not in ("anchor", "own"):
+            raise ValueError(f"negative_time must be 'anchor' or 'own', got {negative_time!r}")
+        self.negatives = negatives
+        self.negative_sampler = (
+            NegativeSampler(negatives, gather=gather_negatives, other_class_only=hard_other_class)
+            if negatives != "none"
+            else None
+        )
+        self.num_classes = num_classes
+        self.label_dropout = float(label_dropout)
+        self.contrast_unconditional = contrast_unconditional
+        self.negative_time = negative_time
+        self.track_mean = track_mean
+        self.mean_target = MeanTarget(num_classes)
+
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes
+
+    def lam_at(self, progress: float) -> float:
+        """λ at ``progress`` images seen (0 when negatives are off)."""
+        return 0.0 if self.negative_sampler is None else self.lam_schedule(progress)
+
+    def drop_labels(self, labels: Tensor | None, generator: torch.Generator | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """Per-sample label dropout: returns (cond, dropped_mask)."""
+        if labels is None:
+            return None, None
+        if self.num_classes is not None:
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bool(bad.any()):
+                raise ValueError(f"labels must be class ids in [0, {self.num_classes - 1}], got {labels[bad][:5].tolist()}")
+        if self.label_dropout == 0.0:
+            return labels, torch.zeros_like(labels, dtype=torch.bool)
+        gen_dev = generator.device if generator is not None else labels.device
+        dropped = (torch.rand(labels.shape[0], generator=generator, device=gen_dev) < self.label_dropout).to(labels.device)
+        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels), dropped
+
+    def _negative_targets(self, sample: PathSample, labels: Tensor | None, generator) -> tuple[Tensor, Tensor]:
+        """(neg_index into the pool, the aligned negative targets ũ (B, ...))."""
+        assert self.negative_sampler is not None
+        idx, _, gathered = self.negative_sampler(sample.u, labels, generator)
+        if self.negative_time == "own" or isinstance(self.path, LinearPath):
+            pool = gathered.get("targets", sample.u)
+            return idx, pool.index_select(0, idx)
+        x1_pool, _ = self.negative_sampler.gather(sample.x1)
+        x0_pool, _ = self.negative_sampler.gather(sample.x0)
+        return idx, self.path.target(x1_pool.index_select(0, idx), x0_pool.index_select(0, idx), sample.t)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x1: Tensor,
+        labels: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        progress: float = 0.0,
+        noise: Tensor | None = None,
+        t: Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """Compute the loss for a batch; ``noise`` / ``t`` override the random draws."""
+        b = x1.shape[0]
+        if labels is not None and labels.shape != (b,):
+            raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
+        if t is None:
+            t = self.time_sampler.sample(b, generator=generator, device=x1.device, dtype=x1.dtype)
+        if noise is None:
+            gen_dev = generator.device if generator is not None else x1.device
+            noise = torch.randn(x1.shape, generator=generator, device=gen_dev, dtype=x1.dtype).to(x1.device)
+        sample = self.path.sample(x1, noise, t)
+        cond, dropped = self.drop_labels(labels, generator)
+        pred = model(sample.x_t, t, cond)
+        if pred.shape != x1.shape:
+            raise ValueError(f"model output shape {tuple(pred.shape)} differs from the input shape {tuple(x1.shape)}")
+        lam = self.lam_at(progress)
+        target = sample.u.to(pred.dtype)
+        neg_index = None
+        if self.negative_sampler is None:
+            positive = flow_matching_loss(pred.float(), target.float(), reduction="none", check_finite=False)
+            negative = torch.zeros_like(positive)
+            per_sample = positive
+        else:
+            neg_index, neg_targets = self._negative_targets(sample, labels, generator)
+            arange = torch.arange(b, device=pred.device)
+            parts = contrastive_flow_matching_parts(
+                pred.float(), target.float(), arange, lam, negatives=neg_targets.float(), check_finite=False
+            )
+            positive, negative, per_sample = parts.positive, parts.negative, parts.loss
+            if not self.contrast_unconditional and dropped is not None:
+                per_sample = torch.where(dropped, positive, per_sample)
+        loss = per_sample.mean()
+        if self.track_mean:
+            self.mean_target.update(x1, noise, labels if self.num_classes else None, t, self.path)
+        parts_out = {
+            "loss": loss.detach(),
+            "positive": positive.detach().mean(),
+            "negative": negative.detach().mean(),
+            "lam": torch.tensor(lam),
+        }
+        return ObjectiveOutput(loss, parts_out, pred, sample, cond, dropped, neg_index)
+
+    def bias_correction(self, direction: str = "to_fm", lam: float | None = None) -> BiasCorrection:
+        """The sampling-time correction matching this objective (λ defaults to its final value)."""
+        return BiasCorrection(
+            lam=self.lam_schedule.end if lam is None else lam,
+            mean_target=self.mean_target,
+            path=self.path,
+            other_classes=self.negatives == "different_class",
+            negative_time=self.negative_time,
+            direction=direction,
+            null_class=self.num_classes,
+            correct_null=self.contrast_unconditional,
+        )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The objective's learned state (the running means for the bias correction)."""
+        return self.mean_target.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.mean_target.load_state_dict(state)

@@ -1,0 +1,7 @@
+"""Velocity models ``model(x, t, cond)``: SiT transformers, a small ADM-style UNet, and a name registry."""
+
+from deltafm.models.registry import build_model, list_models, model_preset
+from deltafm.models.sit import SiT
+from deltafm.models.unet import UNet
+
+__all__ = ["SiT", "UNet", "build_model", "list_models", "model_preset"]

@@ -1,0 +1,38 @@
+"""Data for deltafm: in-memory image / latent datasets, their loaders, and a resumable batch order.
+
+Normalisation is defined once, in :mod:`deltafm.data.datasets`: uint8 pixels p -> p / 127.5 − 1 ∈ [−1, 1]
+(inverse ``model_to_uint8``), latents unchanged. See docs/DATA.md.
+
+Loaders needing optional packages (PIL for folders, scikit-learn for digits) import them only when used.
+"""
+
+from deltafm.data.datasets import DATASETS, ImageDataset, load_dataset, model_to_uint8, uint8_to_model
+from deltafm.data.idx import (
+    FASHION_MNIST_ROOT,
+    IdxFormatError,
+    load_idx_dataset,
+    read_idx,
+    write_idx,
+)
+from deltafm.data.latents import SD_VAE_SCALE, LatentShardWriter, load_latent_shards, write_latent_shards
+from deltafm.data.sampler import EpochBatchSampler, batches, epoch_seed
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_ROOT",
+    "SD_VAE_SCALE",
+    "EpochBatchSampler",
+    "IdxFormatError",
+    "ImageDataset",
+    "LatentShardWriter",
+    "batches",
+    "epoch_seed",
+    "load_dataset",
+    "load_idx_dataset",
+    "load_latent_shards",
+    "model_to_uint8",
+    "read_idx",
+    "uint8_to_model",
+    "write_idx",
+    "write_latent_shards",
+]

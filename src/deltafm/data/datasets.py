@@ -1,0 +1,257 @@
+"""The in-memory dataset type, the one place where pixel normalisation is defined, and the registry.
+
+Normalisation (the only definition in the package)::
+
+    images:  uint8 p ∈ {0, …, 255}  ->  x = p / 127.5 − 1 ∈ [−1, 1]           (:func:`uint8_to_model`)
+             inverse for saving:     p = round((x + 1) · 127.5) clipped to [0, 255]  (:func:`model_to_uint8`)
+    latents: float, already in model space (the shard loader applied (z − shift) · scale, see latents.py);
+             passed through unchanged.
+
+The inverse is exact on the image of the forward map: ``model_to_uint8(uint8_to_model(p)) == p`` for all
+256 values (the float32 rounding error is ~1e-5, far below the 0.5 of the rounding).
+
+Registry: :func:`load_dataset` with names ``fashion-mnist``, ``mnist``, ``digits``, ``folder``,
+``latents``. Loaders are imported lazily so that ``import deltafm.data`` needs neither PIL nor sklearn.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASETS",
+    "ImageDataset",
+    "load_dataset",
+    "model_to_uint8",
+    "uint8_to_model",
+]
+
+
+def uint8_to_model(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Map uint8 pixels p ∈ [0, 255] to model space x = p / 127.5 − 1 ∈ [−1, 1]."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 tensor, got {x.dtype}")
+    return x.to(dtype) / 127.5 - 1.0
+
+
+def model_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`uint8_to_model` for saving: p = round((x + 1) · 127.5), clipped to [0, 255]."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image (or latent) dataset held in memory as one tensor.
+
+    Attributes:
+        images: (N, C, H, W); uint8 pixels for ``kind == "images"``, float for ``kind == "latents"``.
+        labels: int64 (N,) class ids in ``[0, num_classes)``.
+        num_classes: number of classes (the null class id used for CFG is ``num_classes``).
+        name: dataset name, e.g. "fashion-mnist".
+        kind: "images" (uint8, normalised on the fly) or "latents" (float, used as stored).
+        class_names: optional label names, ``len == num_classes``.
+        latent_scale, latent_shift: for latents, model-space z' = (z − shift) · scale; decode with
+            z = z' / scale + shift. (1, 0) for images.
+
+    ``channels`` and ``image_size`` are derived from ``images``; ``image_size`` requires H == W.
+    Indexing ``ds[i]`` returns ``(x, label)`` with x in model space, so the object also works with a
+    ``torch.utils.data.DataLoader``; training should rather gather whole batches with
+    :func:`deltafm.data.sampler.batches`.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str
+    kind: str = "images"
+    class_names: tuple[str, ...] | None = None
+    latent_scale: float = 1.0
+    latent_shift: float = 0.0
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("images", "latents"):
+            raise ValueError(f"kind must be 'images' or 'latents', got {self.kind!r}")
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+        if self.kind == "images" and self.images.dtype != torch.uint8:
+            raise ValueError(f"image datasets hold uint8 pixels, got {self.images.dtype}")
+        if self.kind == "latents" and not self.images.dtype.is_floating_point:
+            raise ValueError(f"latent datasets hold float tensors, got {self.images.dtype}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"labels must be int64 of shape ({self.images.shape[0]},), "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        if self.num_classes < 1 and len(self) > 0:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if len(self) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got range "
+                f"[{int(self.labels.min())}, {int(self.labels.max())}]"
+            )
+        if self.class_names is not None:
+            self.class_names = tuple(self.class_names)
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+
+    @classmethod
+    def from_numpy(
+        cls,
+        images: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        name: str,
+        class_names: Sequence[str] | None = None,
+    ) -> ImageDataset:
+        """Build an image dataset from a uint8 array (N, C, H, W) and integer labels (N,)."""
+        return cls(
+            images=torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+            labels=torch.from_numpy(np.asarray(labels, dtype=np.int64).copy()),
+            num_classes=int(num_classes),
+            name=name,
+            class_names=tuple(class_names) if class_names is not None else None,
+        )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_model(self.images[index]), self.labels[index]
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Per-item shape (C, H, W)."""
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def image_size(self) -> int:
+        """Side length H (= W) of the square items."""
+        _, h, w = self.shape
+        if h != w:
+            raise ValueError(f"{self.name}: items are {h}x{w}, not square; use .shape")
+        return h
+
+    def to_model(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Items of this dataset -> model space: uint8 -> p/127.5 − 1; latents unchanged (cast to dtype)."""
+        if self.kind == "images":
+            return uint8_to_model(x, dtype)
+        return x.to(dtype)
+
+    def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> storage space: uint8 pixels for images; for latents the un-scaled VAE latents
+        z = x / scale + shift (what a VAE decoder expects)."""
+        if self.kind == "images":
+            return model_to_uint8(x)
+        return x / self.latent_scale + self.latent_shift
+
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """A copy with images and labels on ``device`` (batches are then gathered there)."""
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
+    def subset(self, indices: torch.Tensor | Sequence[int] | slice) -> ImageDataset:
+        """A dataset of the selected items (same classes and metadata)."""
+        if not isinstance(indices, slice):
+            indices = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        return replace(self, images=self.images[indices], labels=self.labels[indices])
+
+    def class_counts(self) -> torch.Tensor:
+        """Number of items per class, (num_classes,)."""
+        return torch.bincount(self.labels.cpu(), minlength=self.num_classes)
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+#: Known dataset names and one line on each.
+DATASETS: dict[str, str] = {
+    "fashion-mnist": "Fashion-MNIST IDX files (default root /usr/share/datasets/fashion-mnist), 28x28 gray",
+    "mnist": "MNIST IDX files at root (required), 28x28 gray",
+    "digits": "scikit-learn's bundled 8x8 digits (no files needed)",
+    "folder": "image folder at root, one subfolder per class (image_size and channels options)",
+    "latents": "safetensors latent shards at root (see deltafm.data.latents)",
+}
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    """``root/split`` if that folder exists, else ``root`` itself."""
+    sub = root / split
+    return sub if sub.is_dir() else root
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    max_items: int | None = None,
+) -> ImageDataset:
+    """Load a dataset by name into memory.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        root: data folder. Defaults: Fashion-MNIST -> /usr/share/datasets/fashion-mnist; digits needs none;
+            mnist, folder and latents require it. For folder and latents, ``root/split`` is used when that
+            folder exists, else ``root``.
+        split: "train" or "test" (digits: also "all").
+        image_size: folder only: resize the shorter side and center-crop to this size.
+        channels: folder only: 1 (grayscale) or 3 (RGB, default).
+        max_items: keep only the first ``max_items`` items (quick runs and tests).
+
+    Raises:
+        ValueError: unknown name (lists the known ones), or an option the dataset does not take.
+        FileNotFoundError: data files missing (the message says what is expected and how to get it).
+    """
+    key = name.lower().replace("_", "-")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if key != "folder" and (image_size is not None or channels is not None):
+        raise ValueError(f"dataset {key!r} takes no image_size/channels options (only 'folder' does)")
+    if key in ("mnist", "folder", "latents") and root is None:
+        raise ValueError(f"dataset {key!r} needs a root folder (data.root=DIR)")
+
+    if key == "fashion-mnist":
+        from deltafm.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_idx_dataset
+
+        ds = load_idx_dataset(
+            FASHION_MNIST_ROOT if root is None else root,
+            split,
+            name="fashion-mnist",
+            class_names=FASHION_MNIST_CLASSES,
+        )
+    elif key == "mnist":
+        from deltafm.data.idx import load_idx_dataset
+
+        ds = load_idx_dataset(root, split, name="mnist", class_names=tuple(str(d) for d in range(10)))
+    elif key == "digits":
+        from deltafm.data.digits import load_digits_dataset
+
+        ds = load_digits_dataset(split)
+    elif key == "folder":
+        from deltafm.data.folder import load_image_folder
+
+        ds = load_image_folder(
+            _split_dir(Path(root), split),
+            image_size=image_size,
+            channels=3 if channels is None else channels,
+        )
+    else:
+        from deltafm.data.latents import load_latent_shards
+
+        ds = load_latent_shards(_split_dir(Path(root), split))
+    if max_items is not None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        ds = ds.subset(slice(0, max_items))
+    return ds

@@ -1,0 +1,229 @@
+"""Toy 2-D study: datasets (class structure, exact densities), metrics on known cases, the MLPs,
+and determinism of a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deltafm.models.mlp import ConditionalMLP, build_toy_mlp
+from deltafm.toy.datasets import DATASETS, Checkerboard, PaperGaussians, Rings, get_dataset
+from deltafm.toy.metrics import (
+    bayes_rate,
+    binomial_tolerance,
+    class_accuracy,
+    exact_w2,
+    field_overlap,
+    sliced_w2,
+    straightness,
+)
+
+
+def _grid(bounds, m):
+    x0, x1, y0, y1 = bounds
+    hx, hy = (x1 - x0) / m, (y1 - y0) / m
+    xs = x0 + hx * (torch.arange(m, dtype=torch.float64) + 0.5)
+    ys = y0 + hy * (torch.arange(m, dtype=torch.float64) + 0.5)
+    return torch.cartesian_prod(xs, ys), hx * hy
+
+
+# -- datasets -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_class_densities_integrate_to_one(name):
+    ds = get_dataset(name)
+    grid, da = _grid(ds.bounds, 200)
+    mass = ds.log_prob_all(grid).exp().sum(0) * da
+    assert mass.shape == (ds.num_classes,)
+    assert torch.allclose(mass, torch.ones_like(mass), atol=2e-3), mass
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_samples_match_densities_on_quadrants(name):
+    """Per class, the empirical frequency of each quadrant equals the density's mass there."""
+    ds = get_dataset(name)
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    grid, da = _grid(ds.bounds, 200)
+    lp = ds.log_prob_all(grid).exp()
+    quad_grid = (grid[:, 0] > 0).long() * 2 + (grid[:, 1] > 0).long()
+    for k in range(ds.num_classes):
+        x = ds.sample_class(torch.full((n,), k, dtype=torch.long), g)
+        assert x.shape == (n, 2) and x.dtype == torch.float32
+        assert torch.isfinite(ds.log_prob(x, k)).all()
+        quad = (x[:, 0] > 0).long() * 2 + (x[:, 1] > 0).long()
+        for q in range(4):
+            p = float(lp[quad_grid == q, k].sum() * da)
+            freq = float((quad == q).double().mean())
+            assert abs(freq - p) < binomial_tolerance(p, n) + 3e-3, (k, q, freq, p)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_sample_labels_follow_class_probs(name):
+    ds = get_dataset(name)
+    n = 8000
+    x, y = ds.sample(n, torch.Generator().manual_seed(1))
+    assert x.shape == (n, 2) and y.shape == (n,) and y.dtype == torch.long
+    freq = torch.bincount(y, minlength=ds.num_classes).double() / n
+    for k in range(ds.num_classes):
+        p = float(ds.class_probs[k])
+        assert abs(float(freq[k]) - p) < binomial_tolerance(p, n)
+
+
+def test_sampling_is_seeded():
+    for name in DATASETS:
+        ds = get_dataset(name)
+        a = ds.sample(100, torch.Generator().manual_seed(3))
+        b = ds.sample(100, torch.Generator().manual_seed(3))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(ds.sample_source(10, torch.Generator().manual_seed(4)),
+                           ds.sample_source(10, torch.Generator().manual_seed(4)))
+
+
+def test_paper_setting_geometry_and_source():
+    ds = PaperGaussians()
+    assert ds.num_classes == 2
+    assert torch.allclose(ds.means[0], torch.tensor([5.0, 0.0], dtype=torch.float64))
+    ang = math.degrees(math.atan2(float(ds.means[1, 1]), float(ds.means[1, 0])))
+    assert ang == pytest.approx(4 * math.pi, abs=1e-9)  # 12.566°
+    assert float(ds.means[1].norm()) == pytest.approx(5.0)
+    x0 = ds.sample_source(20000, torch.Generator().manual_seed(0))
+    assert torch.allclose(x0.mean(0), torch.tensor([-15.0, 0.0]), atol=4 * 0.5 / math.sqrt(20000))
+    assert float(x0.std(0).mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_checkerboard_classes_by_cell():
+    ds = Checkerboard(n=4, classes="parity")
+    x, y = ds.sample(8000, torch.Generator().manual_seed(0))
+    cells = ds.cell_index(x)
+    assert (cells >= 0).all()
+    # every sample lies in a cell of its own class, and the Bayes classifier is exact
+    assert torch.equal(ds.cell_class[cells], y)
+    assert torch.equal(ds.classify(x), y)
+    # cells of a class are equally likely: 8 cells per class
+    for k in range(2):
+        counts = torch.bincount(cells[y == k], minlength=16)[ds.cell_class == k].double()
+        p, n = 1 / 8, int((y == k).sum())
+        assert ((counts / n - p).abs() < binomial_tolerance(p, n)).all()
+    # density: 1 / (8 cells · 1) inside own cells, 0 elsewhere; outside the board no class
+    lp = ds.log_prob_all(torch.tensor([[0.5, 0.5], [0.5, -0.5], [3.0, 0.0]]))
+    assert lp[0].tolist().count(-math.inf) == 1 and float(lp[0].max()) == pytest.approx(-math.log(8))
+    assert int(lp[0].argmax()) != int(lp[1].argmax())
+    assert torch.isinf(lp[2]).all() and int(ds.classify(torch.tensor([[3.0, 0.0]]))[0]) == -1
+    per_cell = Checkerboard(n=3, classes="cell")
+    assert per_cell.num_classes == 9
+    xc, yc = per_cell.sample(500, torch.Generator().manual_seed(0))
+    assert torch.equal(per_cell.cell_index(xc), yc)
+
+
+def test_rings_closed_form_matches_angular_quadrature():
+    ds = Rings(radii=(1.0, 2.5), noise=0.3)
+    x = torch.tensor([[0.3, -0.2], [1.1, 0.4], [-2.0, 1.7], [0.0, 0.0]], dtype=torch.float64)
+    phi = (torch.arange(4096, dtype=torch.float64) + 0.5) * (2 * math.pi / 4096)
+    for k, r in enumerate(ds.radii.tolist()):
+        c = r * torch.stack([phi.cos(), phi.sin()], 1)
+        d2 = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+        p = (torch.exp(-d2 / (2 * 0.09)) / (2 * math.pi * 0.09)).mean(1)
+        assert torch.allclose(ds.log_prob(x, k).exp(), p, rtol=1e-9, atol=1e-300)
+
+
+def test_paper_bayes_rate_grid_matches_closed_form():
+    ds = PaperGaussians()
+    exact = ds.bayes_rate_exact()
+    assert exact == pytest.approx(0.5 * (1 + math.erf(5 * math.sin(math.radians(2 * math.pi)) / 0.5 / math.sqrt(2))))
+    assert bayes_rate(ds, resolution=400, bounds=(1.0, 8.0, -3.0, 4.5)) == pytest.approx(exact, abs=1e-4)
+    assert bayes_rate(ds) == exact
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_w2_known_cases():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 2, generator=g)
+    assert exact_w2(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert exact_w2(a, a[torch.randperm(200, generator=g)]) == pytest.approx(0.0, abs=1e-12)
+    shift = torch.tensor([3.0, -4.0])
+    assert exact_w2(a, a + shift) == pytest.approx(5.0, rel=1e-6)  # translation: W2 = |c|
+    assert sliced_w2(a, a[torch.randperm(200, generator=g)]) == pytest.approx(0.0, abs=1e-12)
+    # a translation by c moves each projection by <c, θ>: SW2² = mean_θ <c, θ>² (same directions)
+    sw = sliced_w2(a, a + shift, num_projections=64, generator=torch.Generator().manual_seed(5))
+    th = torch.randn(2, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    th = th / th.norm(dim=0, keepdim=True)
+    assert sw == pytest.approx(float((shift.double() @ th).pow(2).mean().sqrt()), rel=1e-6)
+    assert sw <= exact_w2(a, a + shift) + 1e-9
+    with pytest.raises(ValueError):
+        exact_w2(a, a[:10])
+
+
+@pytest.mark.parametrize("name", ["paper", "moons", "8gaussians", "rings"])
+def test_true_samples_reach_the_bayes_rate(name):
+    ds = get_dataset(name)
+    n = 10000
+    x, y = ds.sample(n, torch.Generator().manual_seed(2))
+    rate = bayes_rate(ds, resolution=200)
+    acc = class_accuracy(ds, x, y)
+    assert abs(acc - rate) < binomial_tolerance(rate, n) + 1e-3, (acc, rate)
+
+
+def test_accuracy_of_swapped_labels_is_the_error_rate():
+    ds = PaperGaussians()
+    x, y = ds.sample(10000, torch.Generator().manual_seed(0))
+    assert class_accuracy(ds, x, 1 - y) == pytest.approx(1 - class_accuracy(ds, x, y), abs=1e-12)
+    assert class_accuracy(ds, torch.full((3, 2), float("nan")), torch.zeros(3, dtype=torch.long)) == 0.0
+
+
+def test_field_overlap_known_angles():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(500, 2, generator=g)
+    same = field_overlap(torch.stack([v, 3 * v]))
+    assert same["overlap"] == 1.0 and same["angle_deg"] == pytest.approx(0.0, abs=1e-5)
+    opp = field_overlap(torch.stack([v, -v]))
+    assert opp["overlap"] == 0.0 and opp["angle_deg"] == pytest.approx(180.0, abs=1e-5)
+    c, s = math.cos(math.radians(10)), math.sin(math.radians(10))
+    rot = v @ torch.tensor([[c, s], [-s, c]])
+    r = field_overlap(torch.stack([v, rot]), angle_deg=5.0)
+    assert r["overlap"] == 0.0 and r["angle_deg"] == pytest.approx(10.0, abs=1e-3)
+    assert field_overlap(torch.stack([v, rot]), angle_deg=15.0)["overlap"] == 1.0
+    # three classes: pairs (v, v) overlap, (v, rot) twice do not -> 1/3
+    assert field_overlap(torch.stack([v, v, rot]))["overlap"] == pytest.approx(1 / 3)
+
+
+def test_straightness():
+    line = torch.linspace(0, 1, 11)[:, None, None] * torch.tensor([[2.0, 1.0]])
+    assert torch.allclose(straightness(line), torch.ones(1, dtype=torch.float64))
+    bent = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[1.0, 1.0]]])
+    assert float(straightness(bent)[0]) == pytest.approx(math.sqrt(2) / 2)
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["reference", "wide"])
+def test_conditional_mlp(preset):
+    torch.manual_seed(0)
+    m = build_toy_mlp(preset, num_classes=3)
+    x, t = torch.randn(5, 2), torch.rand(5)
+    for cond in (torch.tensor([0, 1, 2, 3, 1]),):  # id 3 is the null class
+        out = m(x, t, cond)
+        assert out.shape == (5, 2)
+    a = m(x, t, torch.zeros(5, dtype=torch.long))
+    b = m(x, t, torch.ones(5, dtype=torch.long))
+    assert not torch.allclose(a, b)  # the class changes the field
+    with pytest.raises(ValueError):
+        m(x, t, torch.full((5,), 4))
+    with pytest.raises(ValueError):
+        m(x, t, torch.zeros(5))
+    assert m.null_class == 3
+
+
+def test_reference_mlp_adds_embedding_to_input():
+    m = build_toy_mlp("reference", num_classes=2)
+    assert isinstance(m, ConditionalMLP) and m.embed.weight.shape == (3, 3)
+    x, t, c = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, 2, 0])
+    h = torch.cat([x, t[:, None]], 1) + m.embed.weight[c]
+    assert torch.allclose(m(x, t, c), m.net(h))
+    assert [type(layer).__name__ for layer in m.net] == ["Linear", "Tanh", "Linear", "Tanh", "Linear"]

@@ -123,8 +123,10 @@ def contrastive_flow_matching_parts(
             f"as its negative), got a pool of {m}"
         )
     if not isinstance(neg_index, Tensor) or neg_index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"neg_index must be an integer tensor (LongTensor), got {type(neg_index).__name__}"
-                        + (f" of dtype {neg_index.dtype}" if isinstance(neg_index, Tensor) else ""))
+        raise TypeError(
+            f"neg_index must be an integer tensor (LongTensor), got {type(neg_index).__name__}"
+            + (f" of dtype {neg_index.dtype}" if isinstance(neg_index, Tensor) else "")
+        )
     if neg_index.shape != (b,):
         raise ValueError(f"neg_index must have shape (B,) = ({b},), got {tuple(neg_index.shape)}")
     lo, hi = int(neg_index.min()), int(neg_index.max())

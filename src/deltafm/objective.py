@@ -114,18 +114,24 @@ class DeltaFMObjective:
         """λ at ``progress`` images seen (0 when negatives are off)."""
         return 0.0 if self.negative_sampler is None else self.lam_schedule(progress)
 
-    def drop_labels(self, labels: Tensor | None, generator: torch.Generator | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def drop_labels(
+        self, labels: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Per-sample label dropout: returns (cond, dropped_mask)."""
         if labels is None:
             return None, None
         if self.num_classes is not None:
             bad = (labels < 0) | (labels >= self.num_classes)
             if bool(bad.any()):
-                raise ValueError(f"labels must be class ids in [0, {self.num_classes - 1}], got {labels[bad][:5].tolist()}")
+                raise ValueError(
+                    f"labels must be class ids in [0, {self.num_classes - 1}], got {labels[bad][:5].tolist()}"
+                )
         if self.label_dropout == 0.0:
             return labels, torch.zeros_like(labels, dtype=torch.bool)
         gen_dev = generator.device if generator is not None else labels.device
-        dropped = (torch.rand(labels.shape[0], generator=generator, device=gen_dev) < self.label_dropout).to(labels.device)
+        dropped = (torch.rand(labels.shape[0], generator=generator, device=gen_dev) < self.label_dropout).to(
+            labels.device
+        )
         return torch.where(dropped, torch.full_like(labels, self.num_classes), labels), dropped
 
     def _negative_targets(self, sample: PathSample, labels: Tensor | None, generator) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,517 @@
+"""Typed training configuration: YAML file + ``key.sub=value`` overrides -> :class:`Config`.
+
+A config has seven sections, each a dataclass (``model``, ``data``, ``objective``, ``optim``, ``train``,
+``sample``, ``log``). :func:`load_config` reads a YAML file, applies command-line overrides such as
+``optim.lr=2e-4`` or ``model.kwargs.base_channels=64`` (each value parsed with ``yaml.safe_load``), and
+checks every key and value against the dataclass types. Unknown keys (typos) and values of the wrong type
+are :class:`ConfigError` naming the dotted key, with the closest valid key suggested.
+
+Units: durations and the EMA half-life are counted in **images seen** (global, over all ranks), so
+changing the batch size or the number of ranks keeps their meaning; logging, sampling and checkpoint
+intervals are counted in optimizer steps. ``train.batch_size`` is the *global* batch (all ranks, all
+accumulation micro-steps together): per rank and micro-step it is ``batch_size / (world_size *
+grad_accum)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "LogConfig",
+    "Config",
+    "load_config",
+    "parse_overrides",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "format_config",
+    "find_preset",
+    "preset_dir",
+    "diff_configs",
+]
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone: ``deltafm.models.build_model(name, in_channels=..., image_size=..., num_classes=..., **kwargs)``.
+
+    ``in_channels``, ``image_size`` and ``num_classes`` come from the dataset; ``kwargs`` are the
+    preset's overrides (e.g. ``{base_channels: 32}`` for a UNet, ``{depth: 4}`` for a SiT).
+    """
+
+    name: str = "unet-s"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Dataset: ``deltafm.data.load_dataset(name, root=root, split=split)``.
+
+    Images are uint8 and normalised to ``p / 127.5 - 1`` in [-1, 1]; latent shards are used as the loader
+    returns them (already in model space, the VAE scale such as 0.18215 applied from the shard metadata).
+    ``image_size`` and ``channels`` apply to the ``folder`` dataset only; ``max_items`` keeps the first
+    items (quick runs).
+    """
+
+    name: str = "fashion-mnist"
+    root: str | None = None
+    split: str = "train"
+    image_size: int | None = None
+    channels: int | None = None
+    max_items: int | None = None
+
+
+@dataclass
+class ObjectiveConfig:
+    """Arguments of :class:`deltafm.objective.DeltaFMObjective` (``lam = 0`` is plain flow matching).
+
+    ``lam`` must satisfy 0 <= lam < 1 (the loss is unbounded below for lam >= 1). ``lam_schedule``, when
+    set, is a mapping of :class:`deltafm.schedules.LambdaSchedule` arguments (``kind``: constant, linear
+    or cosine; ``start``; ``end`` (default: ``lam``); ``duration`` in images seen) and replaces the
+    constant ``lam``.
+    """
+
+    path: str = "linear"
+    time_sampler: str = "uniform"
+    time_kwargs: dict[str, Any] = field(default_factory=dict)
+    lam: float = 0.05
+    lam_schedule: dict[str, Any] | None = None
+    negatives: str = "uniform"
+    gather_negatives: bool = False
+    label_dropout: float = 0.1
+    contrast_unconditional: bool = True
+    negative_time: Literal["anchor", "own"] = "anchor"
+    hard_other_class: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear learning-rate warm-up over ``warmup_images`` and gradient-norm clipping
+    (``grad_clip`` <= 0 or null turns clipping off)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    warmup_images: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. Give exactly one of ``total_images`` and ``steps``.
+
+    EMA: either a per-step ``ema_decay`` (the paper's 0.9999) or ``ema_halflife_images`` (the EMA forgets
+    half its weight every that many images, so its per-step decay is ``0.5 ** (batch_size /
+    halflife)``); ``ema_rampup`` caps the half-life at ``ema_rampup * images_seen`` early in training.
+    """
+
+    seed: int = 0
+    batch_size: int = 256
+    grad_accum: int = 1
+    total_images: int | None = None
+    steps: int | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    threads: int | None = None
+    ema_decay: float | None = 0.9999
+    ema_halflife_images: float | None = None
+    ema_rampup: float | None = None
+    ckpt_every: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids written during training (from the EMA model) and the defaults of ``deltafm sample``.
+
+    ``every`` is in steps (0 = only at the end, -1 = never). ``cfg`` is the guidance scale w (1 = off),
+    applied for t in ``interval`` (t = 0 noise, t = 1 data). ``bias_correction`` applies the ΔFM
+    correction v_FM = (1 - lam) v + lam * u_bar with the stored mean target.
+    """
+
+    every: int = 0
+    num: int = 64
+    solver: Literal["euler", "heun", "midpoint", "rk4", "dopri5", "sde"] = "euler"
+    steps: int = 50
+    cfg: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    bias_correction: bool = False
+    seed: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class LogConfig:
+    """Logging: ``every`` steps to the JSONL file, TensorBoard and the progress bar.
+
+    MFU is ``flops_per_sample * 3 * images_per_second / peak``; ``peak_flops`` (FLOP/s per rank) is
+    measured by a short matmul at start when null.
+    """
+
+    every: int = 10
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_flops: float | None = None
+
+
+@dataclass
+class Config:
+    """The full training configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> Config:
+        """Check relations between values; raise :class:`ConfigError` naming the key. Returns self."""
+        _validate(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _keys_of(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _all_dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(_all_dotted_keys(tp, key + "."))
+        else:
+            out.append(key)
+    return out
+
+
+def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        by_leaf = {v.rsplit(".", 1)[-1]: v for v in valid}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a parsed YAML value to the annotated type, or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"config key '{key}' may not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': bad value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                value = float(value.replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        for k in value:
+            if not isinstance(k, str):
+                raise ConfigError(f"config key '{key}' has a non-string key {k!r}")
+        return dict(value)
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    valid = _keys_of(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in valid:
+            raise _unknown_key_error(f"{prefix}{k}", [f"{prefix}{n}" for n in _all_dotted_keys(cls)])
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults)."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    for k in data:
+        if k not in _keys_of(Config):
+            raise _unknown_key_error(str(k), _all_dotted_keys(Config) + _keys_of(Config))
+    return _build(Config, data).validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of the config (tuples become lists), suitable for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def format_config(cfg: Config) -> str:
+    """The resolved config as YAML text (what ``--dry-run`` prints)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; each value is read with ``yaml.safe_load`` (``[0, 1]``, ``null``,
+    ``true``, ``3e-4`` all work)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {e}") from None
+        out.append((key, value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict (creating mappings on the way); returns a new dict.
+
+    Keys are checked later by :func:`config_from_dict`, except that a path through a non-mapping value is
+    an error here.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for key, value in overrides:
+        parts = key.split(".")
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def preset_dir() -> Path:
+    """The ``configs/`` folder of the source tree (or of the current directory)."""
+    here = Path(__file__).resolve().parents[3] / "configs"
+    if here.is_dir():
+        return here
+    return Path.cwd() / "configs"
+
+
+def find_preset(name: str) -> Path:
+    """Path of ``configs/NAME.yaml``; a ConfigError listing the presets when it does not exist."""
+    folder = preset_dir()
+    path = folder / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"no preset '{name}' in {folder}{hint} (available: {', '.join(names) or 'none'})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or start from ``base`` or the defaults), apply overrides, validate."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse config {path}: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, parse_overrides(list(overrides or [])))
+    return config_from_dict(data)
+
+
+def diff_configs(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ between two configs, with (key, a_value, b_value)."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("kwargs", "time_kwargs", "lam_schedule"):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    fa, fb = flat(config_to_dict(a)), flat(config_to_dict(b))
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation of values
+# ----------------------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def _validate(cfg: Config) -> None:
+    o, op, t, s, lg = cfg.objective, cfg.optim, cfg.train, cfg.sample, cfg.log
+    _require(math.isfinite(o.lam) and 0.0 <= o.lam < 1.0, "objective.lam",
+             f"must satisfy 0 <= lam < 1 (the ΔFM loss is unbounded below for lam >= 1), got {o.lam}")
+    if o.lam_schedule is not None:
+        unknown = sorted(set(o.lam_schedule) - {"kind", "start", "end", "duration"})
+        if unknown:
+            raise _unknown_key_error(f"objective.lam_schedule.{unknown[0]}",
+                                     [f"objective.lam_schedule.{k}" for k in ("kind", "start", "end", "duration")])
+        for k in ("start", "end"):
+            v = o.lam_schedule.get(k)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                _require(0.0 <= v < 1.0, f"objective.lam_schedule.{k}", f"must satisfy 0 <= lam < 1, got {v}")
+    _require(0.0 <= o.label_dropout < 1.0, "objective.label_dropout", f"must be in [0, 1), got {o.label_dropout}")
+    _require(op.lr > 0 and math.isfinite(op.lr), "optim.lr", f"must be a positive number, got {op.lr}")
+    _require(all(0.0 <= b < 1.0 for b in op.betas), "optim.betas", f"must be in [0, 1), got {list(op.betas)}")
+    _require(op.eps > 0, "optim.eps", "must be positive")
+    _require(op.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(op.warmup_images >= 0, "optim.warmup_images", "must be >= 0")
+    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
+             f"({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    _require((t.total_images is None) != (t.steps is None), "train.total_images",
+             "or train.steps: give exactly one of them (the other null)")
+    if t.total_images is not None:
+        _require(t.total_images >= 1, "train.total_images", "must be >= 1")
+    if t.steps is not None:
+        _require(t.steps >= 1, "train.steps", "must be >= 1")
+    _require(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 or null")
+    _require(not (t.ema_decay is not None and t.ema_halflife_images is not None), "train.ema_decay",
+             "and train.ema_halflife_images are exclusive: set one to null")
+    if t.ema_decay is not None:
+        _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    if t.ema_halflife_images is not None:
+        _require(t.ema_halflife_images > 0, "train.ema_halflife_images", "must be positive")
+    if t.ema_rampup is not None:
+        _require(t.ema_rampup > 0, "train.ema_rampup", "must be positive")
+    _require(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1 (steps)")
+    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+             f"must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
+    _require(s.every >= -1, "sample.every", "must be >= -1")
+    _require(s.num >= 1, "sample.num", "must be >= 1")
+    _require(s.steps >= 1, "sample.steps", "must be >= 1")
+    _require(s.batch_size >= 1, "sample.batch_size", "must be >= 1")
+    lo, hi = s.interval
+    _require(0.0 <= lo <= hi <= 1.0, "sample.interval", f"must satisfy 0 <= lo <= hi <= 1, got {[lo, hi]}")
+    _require(lg.every >= 1, "log.every", "must be >= 1")
+    _require(lg.peak_flops is None or lg.peak_flops > 0, "log.peak_flops", "must be positive or null")

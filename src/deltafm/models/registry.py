@@ -2,8 +2,10 @@
 
 SiT sizes follow the DiT/SiT papers (depth / hidden / heads): S 12/384/6, B 12/768/12, L 24/1024/16,
 XL 28/1152/16, each with patch 2, 4 or 8. Two small presets for CPU work: T 6/192/3 and N 4/128/4.
-UNet presets (ADM-style, see ``unet.py``): ``unet-t`` (tests), ``unet-s`` (default for 28×28
-Fashion-MNIST on CPU), ``unet-b``.
+UNet presets (ADM-style, see ``unet.py``; params and forward FLOPs for 28×28×1, 10 classes):
+``unet-t`` base 16, 1 block/level, no attention (0.29M, 94 MFLOP; tests), ``unet-s`` base 32,
+1 block/level, attention at 7×7 (1.19M, 380 MFLOP; default for Fashion-MNIST on CPU), ``unet-b``
+base 64, 2 blocks/level, attention at 14×14 and 7×7 (7.3M, 2.4 GFLOP).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 _PRESETS.update(
     {
         "unet-t": (UNet, dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=())),
-        "unet-s": (UNet, dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(2,))),
+        "unet-s": (UNet, dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,))),
         "unet-b": (
             UNet,
             dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(1, 2)),

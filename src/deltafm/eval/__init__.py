@@ -1,0 +1,60 @@
+"""Evaluation: feature extractors and sample-quality metrics (FD, IS, precision/recall, class accuracy).
+
+* :mod:`deltafm.eval.metrics`: the metrics on arrays, and reference statistics on disk (.npz);
+* :mod:`deltafm.eval.classifier`: the project's small CNN feature classifier (train, save, load);
+* :mod:`deltafm.eval.inception`: Inception-v3 in the FID convention, weights from a local file only;
+* :mod:`deltafm.eval.features`: the extractor protocol, batched extraction, ``get_extractor(spec)``,
+  ``reference_statistics`` and ``evaluate_samples``;
+* :mod:`deltafm.eval.cli`: ``deltafm eval train-classifier | ref-stats | eval``.
+
+See docs/EVAL.md.
+"""
+
+from deltafm.eval.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier, train_classifier
+from deltafm.eval.features import (
+    FeatureExtractor,
+    evaluate_samples,
+    extract,
+    get_extractor,
+    images_to_model,
+    reference_statistics,
+)
+from deltafm.eval.inception import FIDInceptionV3, load_inception
+from deltafm.eval.metrics import (
+    ClassAccuracy,
+    ReferenceStats,
+    class_accuracy,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+    inception_score,
+    load_reference_stats,
+    precision_recall,
+    save_reference_stats,
+)
+
+__all__ = [
+    "ClassAccuracy",
+    "Classifier",
+    "ClassifierConfig",
+    "FIDInceptionV3",
+    "FeatureExtractor",
+    "ReferenceStats",
+    "class_accuracy",
+    "evaluate_samples",
+    "extract",
+    "feature_statistics",
+    "frechet_distance",
+    "frechet_distance_from_features",
+    "get_extractor",
+    "images_to_model",
+    "inception_score",
+    "load_classifier",
+    "load_inception",
+    "load_reference_stats",
+    "precision_recall",
+    "reference_statistics",
+    "save_classifier",
+    "save_reference_stats",
+    "train_classifier",
+]

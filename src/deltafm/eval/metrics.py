@@ -1,0 +1,388 @@
+"""Sample-quality metrics on feature vectors and class predictions.
+
+Everything here works on plain arrays (numpy, or torch tensors that are converted), so the
+metrics do not care which network produced the features (see :mod:`deltafm.eval.features`).
+
+* **Fréchet distance (FD / FID).** Fit a Gaussian to each feature set,
+  N(μ₁, Σ₁) and N(μ₂, Σ₂); the squared 2-Wasserstein distance between them is
+
+      FD = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁ Σ₂)^{1/2}).
+
+  With Inception-v3 pool3 features this is the FID of Heusel et al. (2017).
+* **Inception Score (IS).** For class probabilities p(y|x):
+  IS = exp(E_x KL(p(y|x) ‖ p(y))), p(y) = E_x p(y|x), averaged over ``splits`` disjoint chunks.
+  It lies in [1, K] for K classes: 1 for identical predictions, K for confident predictions spread
+  evenly over the K classes.
+* **Precision and recall (k-NN manifolds,** Kynkäänniemi et al. 2019). Each real feature r_i gets a
+  ball of radius ρ_i = distance to its k-th nearest other real feature; the union of the balls is the
+  estimated real manifold. Precision = fraction of generated features inside the real manifold;
+  recall = fraction of real features inside the generated manifold (built the same way).
+* **Class accuracy.** Fraction of generated samples that a classifier assigns to the class they were
+  generated for, overall and per class.
+
+Reference statistics are stored as ``.npz`` files with ``mu``, ``sigma`` (the names used by the
+ADM / pytorch-fid tools), optionally ``features`` (for precision/recall), and ``meta`` (a JSON
+string; never pickled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+
+__all__ = [
+    "ClassAccuracy",
+    "ReferenceStats",
+    "class_accuracy",
+    "feature_statistics",
+    "frechet_distance",
+    "frechet_distance_from_features",
+    "inception_score",
+    "load_reference_stats",
+    "precision_recall",
+    "save_reference_stats",
+]
+
+
+def _as_numpy(x: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance
+# --------------------------------------------------------------------------------------------
+
+
+def feature_statistics(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a feature set, in float64.
+
+    μ = (1/N) Σ_n f_n and Σ = 1/(N−1) Σ_n (f_n − μ)(f_n − μ)ᵀ (the unbiased estimate, as in the
+    FID reference code, which uses ``np.cov``).
+
+    Args:
+        feats: (N, D) features, N ≥ 2.
+
+    Returns:
+        ``(mu, sigma)`` with shapes (D,) and (D, D).
+    """
+    f = _as_numpy(feats)
+    if f.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {f.shape}")
+    if f.shape[0] < 2:
+        raise ValueError("need at least 2 feature vectors for a covariance")
+    mu = f.mean(axis=0)
+    centred = f - mu
+    sigma = centred.T @ centred / (f.shape[0] - 1)
+    return mu, sigma
+
+
+def _trace_sqrt_product_sqrtm(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
+    """tr((Σ₁Σ₂)^{1/2}) with ``scipy.linalg.sqrtm`` in the FID convention.
+
+    If the square root is not finite (Σ₁Σ₂ singular or nearly so), ε·I is added to both covariances
+    and the root recomputed. A complex result is accepted only when the imaginary part of its diagonal
+    is negligible (< 1e-3, the FID convention), and then dropped.
+    """
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if imag > 1e-3:
+            raise ValueError(f"matrix square root has a large imaginary component ({imag:.3g})")
+        covmean = covmean.real
+    return float(np.trace(covmean))
+
+
+def _trace_sqrt_product_eigh(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr((Σ₁Σ₂)^{1/2}) through symmetric eigendecompositions.
+
+    Σ₁Σ₂ is similar to the PSD matrix M = Σ₁^{1/2} Σ₂ Σ₁^{1/2}, so the wanted trace is Σ_i √λ_i(M).
+    Eigenvalues that round-off makes slightly negative are clipped to 0. No complex arithmetic.
+    """
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+
+
+def frechet_distance(
+    mu1: ArrayLike,
+    sigma1: ArrayLike,
+    mu2: ArrayLike,
+    sigma2: ArrayLike,
+    eps: float = 1e-6,
+    method: str = "sqrtm",
+) -> float:
+    """Fréchet distance between N(μ₁, Σ₁) and N(μ₂, Σ₂).
+
+        FD = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁ Σ₂)^{1/2})
+
+    Args:
+        mu1, sigma1: mean (D,) and covariance (D, D) of the first set.
+        mu2, sigma2: same for the second set.
+        eps: diagonal offset used when the matrix square root is not finite (``method="sqrtm"``).
+        method: ``"sqrtm"`` (the FID convention, ``scipy.linalg.sqrtm`` of Σ₁Σ₂) or ``"eigh"``
+            (symmetric eigendecompositions; exact for PSD inputs and free of complex parts).
+
+    Returns:
+        The distance as a Python float. Round-off can make it slightly negative (≈ −1e-10) for
+        identical inputs; it is not clipped.
+    """
+    m1, m2 = _as_numpy(mu1).reshape(-1), _as_numpy(mu2).reshape(-1)
+    s1, s2 = np.atleast_2d(_as_numpy(sigma1)), np.atleast_2d(_as_numpy(sigma2))
+    if m1.shape != m2.shape:
+        raise ValueError(f"mean shapes differ: {m1.shape} vs {m2.shape}")
+    d = m1.shape[0]
+    if s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"covariances must be ({d}, {d}), got {s1.shape} and {s2.shape}")
+    if method == "sqrtm":
+        tr_covmean = _trace_sqrt_product_sqrtm(s1, s2, eps)
+    elif method == "eigh":
+        tr_covmean = _trace_sqrt_product_eigh(s1, s2)
+    else:
+        raise ValueError(f"unknown method {method!r}; use 'sqrtm' or 'eigh'")
+    diff = m1 - m2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def frechet_distance_from_features(feats1: ArrayLike, feats2: ArrayLike, **kw: Any) -> float:
+    """FD between the Gaussians fitted to two feature sets (see :func:`frechet_distance`)."""
+    mu1, s1 = feature_statistics(feats1)
+    mu2, s2 = feature_statistics(feats2)
+    return frechet_distance(mu1, s1, mu2, s2, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference statistics on disk
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceStats:
+    """Cached statistics of a reference (real-data) feature set.
+
+    Attributes:
+        mu: (D,) feature mean.
+        sigma: (D, D) feature covariance.
+        features: optional (N, D) float32 features, needed for precision/recall.
+        meta: free-form metadata (dataset, split, extractor id, count, ...).
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_reference_stats(
+    path: str | os.PathLike,
+    mu: ArrayLike,
+    sigma: ArrayLike,
+    features: ArrayLike | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write ``mu``, ``sigma`` (float64), optional ``features`` (float32) and ``meta`` (JSON) to .npz."""
+    arrays: dict[str, np.ndarray] = {"mu": _as_numpy(mu), "sigma": _as_numpy(sigma)}
+    if features is not None:
+        arrays["features"] = _as_numpy(features, np.float32)
+    arrays["meta"] = np.array(json.dumps(meta or {}, sort_keys=True))
+    with open(path, "wb") as fh:  # a file handle keeps numpy from appending ".npz" to the name
+        np.savez(fh, **arrays)
+
+
+def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
+    """Read statistics written by :func:`save_reference_stats` (or any .npz with ``mu``/``sigma``).
+
+    Loaded with ``allow_pickle=False``: object arrays are refused.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        missing = {"mu", "sigma"} - set(data.files)
+        if missing:
+            raise KeyError(f"{path}: missing {sorted(missing)} (has {sorted(data.files)})")
+        meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+        feats = data["features"] if "features" in data.files else None
+        return ReferenceStats(
+            mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), features=feats, meta=meta
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Inception Score
+# --------------------------------------------------------------------------------------------
+
+
+def inception_score(probs: ArrayLike, splits: int = 10) -> tuple[float, float]:
+    """Inception Score of class probabilities, mean and standard deviation over ``splits`` chunks.
+
+    For each chunk S: IS_S = exp( (1/|S|) Σ_{x∈S} Σ_y p(y|x) [log p(y|x) − log p_S(y)] ),
+    p_S(y) = (1/|S|) Σ_{x∈S} p(y|x), with 0·log 0 = 0. The N rows are cut in order into ``splits``
+    nearly equal consecutive chunks (as the reference code does), so shuffle beforehand if the rows
+    are sorted by class.
+
+    Args:
+        probs: (N, K) rows summing to 1 (e.g. softmax of classifier logits).
+        splits: number of chunks, 1 ≤ splits ≤ N.
+
+    Returns:
+        ``(mean, std)`` of IS over the chunks (std is 0 for one chunk).
+    """
+    p = _as_numpy(probs)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be (N, K), got shape {p.shape}")
+    if not 1 <= splits <= p.shape[0]:
+        raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+    if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        raise ValueError("probs must be non-negative rows summing to 1 (pass softmax(logits))")
+    tiny = np.finfo(np.float64).tiny
+    scores = []
+    for chunk in np.array_split(p, splits, axis=0):
+        marginal = chunk.mean(axis=0, keepdims=True)
+        kl = chunk * (np.log(np.maximum(chunk, tiny)) - np.log(np.maximum(marginal, tiny)))
+        scores.append(math.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# --------------------------------------------------------------------------------------------
+# Precision and recall (k-NN manifolds)
+# --------------------------------------------------------------------------------------------
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (len(a), len(b)) as ‖a‖² + ‖b‖² − 2abᵀ, clipped at 0."""
+    d = (a * a).sum(1, keepdim=True) + b_sq[None, :] - 2.0 * (a @ b.T)
+    return d.clamp_min_(0.0)
+
+
+def _knn_radii_sq(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """Squared distance from each row of x to its k-th nearest *other* row (self excluded)."""
+    if x.shape[0] <= k:
+        raise ValueError(f"need more than k={k} points for k-NN radii, got {x.shape[0]}")
+    x_sq = (x * x).sum(1)
+    out = torch.empty(x.shape[0], dtype=x.dtype)
+    for start in range(0, x.shape[0], batch_size):
+        d = _sq_dists(x[start : start + batch_size], x, x_sq)
+        rows = torch.arange(d.shape[0])
+        d[rows, rows + start] = 0.0  # the point itself, exactly; it is the 1st of the k+1 smallest
+        out[start : start + batch_size] = torch.topk(d, k + 1, dim=1, largest=False).values[:, k]
+    return out
+
+
+def _coverage(query: torch.Tensor, support: torch.Tensor, radii_sq: torch.Tensor, batch_size: int) -> float:
+    """Fraction of query rows inside at least one ball B(support_i, radius_i) (closed balls)."""
+    s_sq = (support * support).sum(1)
+    inside = 0
+    for start in range(0, query.shape[0], batch_size):
+        d = _sq_dists(query[start : start + batch_size], support, s_sq)
+        inside += int((d <= radii_sq[None, :]).any(dim=1).sum())
+    return inside / query.shape[0]
+
+
+def precision_recall(
+    real_feats: ArrayLike,
+    fake_feats: ArrayLike,
+    k: int = 3,
+    batch_size: int = 1024,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) with k-NN manifolds.
+
+    Manifold of a set X: ∪_i B(x_i, ρ_k(x_i)), ρ_k(x_i) the distance from x_i to its k-th nearest
+    neighbour in X \\ {x_i}.
+
+        precision = (1/M) Σ_j 1[fake_j ∈ manifold(real)]
+        recall    = (1/N) Σ_i 1[real_i ∈ manifold(fake)]
+
+    Distances are computed in row blocks of ``batch_size``, so memory is O(batch_size · max(N, M))
+    (10k × 10k features need ~80 MB per block in float64, not 800 MB).
+
+    Args:
+        real_feats: (N, D) reference features.
+        fake_feats: (M, D) generated features.
+        k: neighbourhood size (3 in the paper).
+        batch_size: rows per distance block.
+        dtype: computation dtype (float64 keeps the distance of a point to itself at ~0).
+
+    Returns:
+        ``(precision, recall)``, each in [0, 1].
+    """
+    real = torch.as_tensor(_as_numpy(real_feats), dtype=dtype)
+    fake = torch.as_tensor(_as_numpy(fake_feats), dtype=dtype)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, D) and (M, D), got {tuple(real.shape)}, {tuple(fake.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    real_r = _knn_radii_sq(real, k, batch_size)
+    fake_r = _knn_radii_sq(fake, k, batch_size)
+    precision = _coverage(fake, real, real_r, batch_size)
+    recall = _coverage(real, fake, fake_r, batch_size)
+    return precision, recall
+
+
+# --------------------------------------------------------------------------------------------
+# Class accuracy
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassAccuracy:
+    """Overall and per-class accuracy.
+
+    Attributes:
+        overall: (1/N) Σ_n 1[pred_n = target_n].
+        per_class: class id → accuracy over the samples whose target is that class (NaN if none).
+        counts: class id → number of samples with that target.
+    """
+
+    overall: float
+    per_class: dict[int, float]
+    counts: dict[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (NaN per-class entries become ``None``)."""
+        return {
+            "overall": self.overall,
+            "per_class": {str(c): (None if math.isnan(a) else a) for c, a in self.per_class.items()},
+            "counts": {str(c): n for c, n in self.counts.items()},
+        }
+
+
+def class_accuracy(
+    pred_labels: ArrayLike, target_labels: ArrayLike, num_classes: int | None = None
+) -> ClassAccuracy:
+    """Accuracy of predicted labels against the labels the samples were generated for.
+
+    Args:
+        pred_labels: (N,) integer predictions (e.g. argmax of classifier logits).
+        target_labels: (N,) integer target classes.
+        num_classes: report classes 0..num_classes−1 (default: max label + 1).
+    """
+    pred = _as_numpy(pred_labels, np.int64).reshape(-1)
+    target = _as_numpy(target_labels, np.int64).reshape(-1)
+    if pred.shape != target.shape:
+        raise ValueError(f"shapes differ: {pred.shape} vs {target.shape}")
+    if pred.size == 0:
+        raise ValueError("empty label arrays")
+    k = int(num_classes) if num_classes is not None else int(max(pred.max(), target.max())) + 1
+    correct = pred == target
+    per_class: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for c in range(k):
+        mask = target == c
+        counts[c] = int(mask.sum())
+        per_class[c] = float(correct[mask].mean()) if counts[c] else float("nan")
+    return ClassAccuracy(overall=float(correct.mean()), per_class=per_class, counts=counts)

@@ -3,12 +3,15 @@ and determinism of a tiny end-to-end run."""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import pytest
 import torch
 
 from deltafm.models.mlp import ConditionalMLP, build_toy_mlp
+from deltafm.solvers import sample_ode
 from deltafm.toy.datasets import DATASETS, Checkerboard, PaperGaussians, Rings, get_dataset
 from deltafm.toy.metrics import (
     bayes_rate,
@@ -16,9 +19,12 @@ from deltafm.toy.metrics import (
     class_accuracy,
     exact_w2,
     field_overlap,
+    path_deviation,
     sliced_w2,
     straightness,
 )
+from deltafm.toy.oracle import GaussianOracle
+from deltafm.toy.study import preset_config, run_study, train_runs
 
 
 def _grid(bounds, m):
@@ -29,14 +35,22 @@ def _grid(bounds, m):
     return torch.cartesian_prod(xs, ys), hx * hy
 
 
+@functools.cache
+def _grid_density(name):
+    """(grid, cell area, p(x | k) on the grid) for a dataset with default parameters (cached)."""
+    ds = get_dataset(name)
+    grid, da = _grid(ds.bounds, 200)
+    return grid, da, ds.log_prob_all(grid).exp()
+
+
 # -- datasets -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_class_densities_integrate_to_one(name):
     ds = get_dataset(name)
-    grid, da = _grid(ds.bounds, 200)
-    mass = ds.log_prob_all(grid).exp().sum(0) * da
+    _, da, dens = _grid_density(name)
+    mass = dens.sum(0) * da
     assert mass.shape == (ds.num_classes,)
     assert torch.allclose(mass, torch.ones_like(mass), atol=2e-3), mass
 
@@ -47,8 +61,7 @@ def test_samples_match_densities_on_quadrants(name):
     ds = get_dataset(name)
     g = torch.Generator().manual_seed(0)
     n = 4000
-    grid, da = _grid(ds.bounds, 200)
-    lp = ds.log_prob_all(grid).exp()
+    grid, da, lp = _grid_density(name)
     quad_grid = (grid[:, 0] > 0).long() * 2 + (grid[:, 1] > 0).long()
     for k in range(ds.num_classes):
         x = ds.sample_class(torch.full((n,), k, dtype=torch.long), g)
@@ -227,3 +240,122 @@ def test_reference_mlp_adds_embedding_to_input():
     h = torch.cat([x, t[:, None]], 1) + m.embed.weight[c]
     assert torch.allclose(m(x, t, c), m.net(h))
     assert [type(layer).__name__ for layer in m.net] == ["Linear", "Tanh", "Linear", "Tanh", "Linear"]
+
+
+def test_path_deviation():
+    line = torch.linspace(0, 1, 11)[:, None, None] * torch.tensor([[2.0, 1.0]])
+    assert float(path_deviation(line)[0]) == pytest.approx(0.0, abs=1e-12)
+    # (0,0) -> (1,0) -> (1,1) at h = 1/2: velocities (2,0), (0,2), mean (1,1): S = 2·(1/2)·2 = 2
+    bent = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[1.0, 1.0]]])
+    assert float(path_deviation(bent)[0]) == pytest.approx(2.0)
+
+
+# -- the closed-form (oracle) fields ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["paper", "8gaussians"])
+def test_oracle_fm_field_transports_source_to_each_class_exactly(name):
+    """The ODE of the exact Gaussian FM field maps x0 to μ_k + (s_k/s0)(x0 − μ0) at t = 1."""
+    ds = get_dataset(name)
+    oracle = GaussianOracle(ds)
+    n = 64
+    x0 = ds.sample_source(n * ds.num_classes, torch.Generator().manual_seed(0)).double()
+    y = torch.arange(ds.num_classes).repeat_interleave(n)
+    res = sample_ode(lambda x, t: oracle(x, t, y), x0, steps=200, method="rk4")
+    expect = ds.means[y] + (ds.std / oracle.src_std) * (x0 - oracle.src_mean)
+    assert torch.allclose(res.x, expect, atol=1e-6)
+
+
+def test_oracle_fm_field_is_the_conditional_mean_of_the_target():
+    """E[v(x_t)] = E[u] and E[(u − v(x_t)) x_t] = 0 (the residual of E[u | x_t] is orthogonal to x_t),
+    per class and for the null class (the mixture); Monte-Carlo with 4-sigma tolerances."""
+    ds = PaperGaussians()
+    oracle = GaussianOracle(ds)
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    for cls in (0, 1, None):
+        if cls is None:
+            x1, _ = ds.sample(n, g)
+            cond = torch.full((n,), ds.num_classes)
+        else:
+            cond = torch.full((n,), cls)
+            x1 = ds.sample_class(cond, g)
+        x1, x0 = x1.double(), ds.sample_source(n, g).double()
+        t = torch.rand(n, generator=g, dtype=torch.float64) * 0.98 + 0.01
+        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+        u = x1 - x0
+        r = u - oracle.fm_velocity(xt, t, cond)
+        for stat in (r, r * (xt - xt.mean(0))):
+            assert (stat.mean(0).abs() < 4 * stat.std(0) / math.sqrt(n)).all(), (cls, stat.mean(0))
+
+
+def test_oracle_delta_field_is_the_affine_map():
+    ds = PaperGaussians()
+    x, t, y = torch.randn(10, 2).double(), torch.rand(10).double(), torch.randint(0, 2, (10,))
+    fm, delta = GaussianOracle(ds), GaussianOracle(ds, lam=0.5)
+    u_bar = ds.means.mean(0) - ds.source_mean  # uniform negatives: mean target over the whole data
+    assert torch.allclose(delta(x, t, y), (fm(x, t, y) - 0.5 * u_bar) / 0.5)
+    dc = GaussianOracle(ds, lam=0.5, negatives="different_class")
+    other = ds.means[1 - y] - ds.source_mean  # different-class negatives: the other class's mean
+    assert torch.allclose(dc(x, t, y), (fm(x, t, y) - 0.5 * other) / 0.5)
+
+
+# -- the study --------------------------------------------------------------------------------------
+
+
+def _tiny(**kw):
+    small = dict(steps=8, eval_per_class=16, nfe=[1, 2], overlap_points=16, overlap_times=[0.5],
+                 trajectories_per_class=4)
+    return preset_config("tiny", **{**small, **kw})
+
+
+def _strip_timing(m):
+    m = json.loads(json.dumps(m))
+    m.pop("timing", None)
+    for r in m["training"].values():
+        r.pop("seconds")
+    return m
+
+
+def test_study_is_deterministic_per_seed():
+    a = run_study(_tiny(seed=3), progress=False, figures=False)
+    b = run_study(_tiny(seed=3), progress=False, figures=False)
+    c = run_study(_tiny(seed=4), progress=False, figures=False)
+    assert _strip_timing(a) == _strip_timing(b)
+    assert _strip_timing(a)["variants"] != _strip_timing(c)["variants"]
+    names = {v.name for v in _tiny().variants}
+    assert set(a["variants"]) == names
+    fm = a["variants"]["fm"]["solvers"]
+    assert set(fm["euler"]) == {"1", "2"} and set(fm["heun"]) == {"2"}  # Heun needs 2 NFE per step
+    assert fm["heun"]["2"]["nfe"] == 2 and fm["euler"]["2"]["nfe"] == 2
+    # the bias correction changes the samples of a ΔFM model
+    assert a["variants"]["dfm0.5"]["solvers"] != a["variants"]["dfm0.5_corr"]["solvers"]
+
+
+def test_runs_share_initial_weights_and_data():
+    cfg = _tiny(steps=0)
+    runs = train_runs(cfg, get_dataset("paper"), progress=False)
+    ref = runs["fm"].model.state_dict()
+    for r in runs.values():
+        assert all(torch.equal(ref[k], v) for k, v in r.model.state_dict().items())
+    cfg = _tiny(steps=3)
+    runs = train_runs(cfg, get_dataset("paper"), progress=False)
+    # the objectives saw the same data and source: identical running means
+    m = [r.objective.mean_target.state_dict() for r in runs.values()]
+    assert all(torch.equal(m[0]["sum_x1"], x["sum_x1"]) and torch.equal(m[0]["sum_x0"], x["sum_x0"]) for x in m)
+
+
+def test_cli_writes_outputs(tmp_path, capsys):
+    from deltafm.toy.cli import main
+
+    rc = main(["--preset", "tiny", "--out", str(tmp_path / "a"), "--steps", "5", "--eval-per-class", "12",
+               "--no-progress"])
+    assert rc == 0
+    for f in ("metrics.json", "results.md", "trajectories.png", "fields.png", "metrics_vs_nfe.png",
+              "overlap_vs_t.png"):
+        assert (tmp_path / "a" / f).is_file(), f
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["config"]["steps"] == 5 and m["config"]["preset"] == "tiny"
+    assert "| FM |" in (tmp_path / "a" / "results.md").read_text()
+    assert main(["--preset", "nope", "--out", str(tmp_path / "b")]) == 2
+    assert main(["--out", str(tmp_path / "c"), "--steps", "0"]) == 2

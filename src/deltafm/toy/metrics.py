@@ -12,6 +12,8 @@ overlap of class velocity fields, and trajectory straightness.
   (point, class pair) where the angle between v_i(x) and v_j(x) is below a threshold, and the mean
   angle in degrees.
 * :func:`straightness`: ‖x_T − x_0‖ / Σ_k ‖x_{k+1} − x_k‖ per trajectory (1 = a straight line).
+* :func:`path_deviation`: the straightness of Liu et al. (rectified flow),
+  S = ∫_0^1 ‖ẋ_t − (x_1 − x_0)‖² dt on the discrete path (0 = straight, at constant speed).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "bayes_rate",
     "field_overlap",
     "straightness",
+    "path_deviation",
     "binomial_tolerance",
 ]
 
@@ -122,3 +125,18 @@ def straightness(trajectory: Sequence[Tensor] | Tensor) -> Tensor:
     length = (traj[1:] - traj[:-1]).norm(dim=-1).sum(0)
     chord = (traj[-1] - traj[0]).norm(dim=-1)
     return torch.where(length > 0, chord / length.clamp_min(1e-300), torch.ones_like(chord))
+
+
+def path_deviation(trajectory: Sequence[Tensor] | Tensor, times: Tensor | None = None) -> Tensor:
+    """Per-sample Σ_k h_k ‖(x_{k+1} − x_k)/h_k − (x_T − x_0)/(t_T − t_0)‖² for states (T + 1, B, d) at
+    ``times`` (default: a uniform grid on [0, 1]); the discrete ∫ ‖ẋ_t − (x_1 − x_0)‖² dt."""
+    traj = torch.stack(list(trajectory)) if not isinstance(trajectory, Tensor) else trajectory
+    traj = traj.detach().double()
+    steps = traj.shape[0] - 1
+    if steps < 1:
+        raise ValueError("a trajectory needs at least two states")
+    ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) if times is None else times.double().cpu()
+    h = (ts[1:] - ts[:-1]).reshape(-1, *([1] * (traj.dim() - 1)))
+    vel = (traj[1:] - traj[:-1]) / h
+    mean_vel = (traj[-1] - traj[0]) / (ts[-1] - ts[0])
+    return ((vel - mean_vel) ** 2).sum(-1).mul(h.squeeze(-1)).sum(0)

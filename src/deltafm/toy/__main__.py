@@ -1,0 +1,7 @@
+"""``python -m deltafm.toy ...`` = ``deltafm toy ...``."""
+
+import sys
+
+from deltafm.toy.cli import main
+
+sys.exit(main())

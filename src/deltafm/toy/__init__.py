@@ -1,10 +1,14 @@
 """Toy 2-D study of ΔFM: class-conditional datasets with exact densities, metrics, and the
 ``deltafm toy`` runner that trains FM and ΔFM side by side and measures how the class flows separate.
 
-Submodules: :mod:`~deltafm.toy.datasets`, :mod:`~deltafm.toy.metrics`, :mod:`~deltafm.toy.study`,
-:mod:`~deltafm.toy.plots`, :mod:`~deltafm.toy.cli`.
+Submodules: :mod:`~deltafm.toy.datasets`, :mod:`~deltafm.toy.metrics`, :mod:`~deltafm.toy.oracle`,
+:mod:`~deltafm.toy.study`, :mod:`~deltafm.toy.plots`, :mod:`~deltafm.toy.cli`.  Quick use::
+
+    from deltafm.toy import preset_config, run_study
+    metrics = run_study(preset_config("paper-fig3", seed=0), out_dir="runs/toy")
 """
 
 from deltafm.toy.datasets import DATASETS, ToyDataset, get_dataset
+from deltafm.toy.study import PRESETS, ToyConfig, preset_config, run_study
 
-__all__ = ["DATASETS", "ToyDataset", "get_dataset"]
+__all__ = ["DATASETS", "PRESETS", "ToyConfig", "ToyDataset", "get_dataset", "preset_config", "run_study"]

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw model weights")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     s.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype for the model")
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,8 +121,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from deltafm.sampling import generate, labels_for, load_for_sampling, to_uint8_nhwc, write_outputs
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    try:
+        return _sample(args)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from deltafm.sampling import generate, labels_for, load_for_sampling, to_uint8_nhwc, write_outputs
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -182,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DISPATCH:
         return _dispatch(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides may come before or after the options
+        args.overrides = list(args.overrides) + [r for r in rest if "=" in r and not r.startswith("-")]
+        rest = [r for r in rest if not ("=" in r and not r.startswith("-"))]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 0

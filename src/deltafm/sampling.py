@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +209,7 @@ def load_for_sampling(ckpt: str | Path, ema: bool = True, device: torch.device |
     from deltafm.train.config import config_from_dict
     from deltafm.train.loop import DataInfo, build_model_for, build_objective
 
-    path = resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt, lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     c = load_checkpoint(path, weights_only=True)
     if c.config is None or "data" not in c.state:
         raise CheckpointError(f"checkpoint {path} has no config/data record; was it written by deltafm train?")
@@ -219,7 +220,7 @@ def load_for_sampling(ckpt: str | Path, ema: bool = True, device: torch.device |
     used_ema = False
     if ema:
         if c.ema is None:
-            print(f"note: {path} has no EMA weights; using the model weights", flush=True)
+            print(f"note: {path} has no EMA weights; using the model weights", file=sys.stderr, flush=True)
         else:
             weights, used_ema = c.ema, True
     try:

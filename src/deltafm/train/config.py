@@ -351,9 +351,16 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for short lists ([0.9, 0.999])."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def format_config(cfg: Config) -> str:
-    """The resolved config as YAML text (what ``--dry-run`` prints)."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    """The resolved config as YAML text (what ``--dry-run`` prints); it loads back to the same config."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:

@@ -311,11 +311,13 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> TrainR
     """Run (or continue) training; see the module docstring. ``resume``: None, "auto" or a path."""
     cfg.validate()
     out_dir = Path(out_dir)
+    threads_before = torch.get_num_threads()
     di = init_distributed(cfg.train.device)
     try:
         return _train(cfg, out_dir, resume, di)
     finally:
         shutdown_distributed()
+        torch.set_num_threads(threads_before)
 
 
 def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> TrainResult:

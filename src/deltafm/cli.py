@@ -1,10 +1,11 @@
-"""The ``deltafm`` command line: ``train``, ``sample``, ``eval`` and ``toy``.
+"""The ``deltafm`` command line: ``train``, ``sample``, ``eval``, ``compare`` and ``toy``.
 
     deltafm train --preset fmnist-unet-deltafm [key.sub=value ...] [--out DIR] [--resume auto|PATH] [--dry-run]
     deltafm train --config configs/X.yaml optim.lr=2e-4 train.steps=500
     torchrun --standalone --nproc_per_node=2 -m deltafm train --preset digits-tiny
     deltafm sample --ckpt runs/X --num 100 --solver heun --steps 20 --cfg 1.5 --out samples/X
     deltafm eval ...   (see ``deltafm eval --help``)
+    deltafm compare ... (see ``deltafm compare --help``)
     deltafm toy ...    (see ``deltafm toy --help``)
 
 Errors on bad input (unknown config key, missing data, bad checkpoint, ...) print one ``error:`` line and
@@ -23,6 +24,7 @@ __all__ = ["main", "build_parser"]
 _DISPATCH = {
     "toy": ("deltafm.toy.cli", "2-D toy study: FM vs ΔFM velocity fields and metrics"),
     "eval": ("deltafm.eval.cli", "evaluate samples: classifier FD, class accuracy"),
+    "compare": ("deltafm.eval.compare", "FM vs ΔFM side by side: train, sample, evaluate, report"),
 }
 
 
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deltafm",
         description="Contrastive Flow Matching (ΔFM): train, sample, evaluate. Docs: docs/TRAINING.md",
     )
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,toy}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,compare,toy}")
 
     t = sub.add_parser("train", help="train a model from a YAML config (+ key=value overrides)",
                        description="Train a model. Config = YAML file or preset, then key.sub=value overrides "

@@ -491,7 +491,7 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
                 for g in opt.param_groups:
                     g["lr"] = lr
                 x, y = next(data)
-                sums = torch.zeros(3, dtype=torch.float64)
+                sums = torch.zeros(3, dtype=torch.float64, device=device)
                 for i in range(t_cfg.grad_accum):
                     xm, ym = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
                     last = i == t_cfg.grad_accum - 1
@@ -500,20 +500,22 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
                         with _autocast(device, amp_dtype):
                             out = objective(model, xm, ym, generator=gen, progress=images)
                         scaler.scale(out.loss / t_cfg.grad_accum).backward()
-                    sums += torch.stack([out.parts["loss"].double().cpu(), out.parts["positive"].double().cpu(),
-                                         out.parts["negative"].double().cpu()]) / t_cfg.grad_accum
+                    parts = torch.stack([out.parts[k].to(device) for k in ("loss", "positive", "negative")])
+                    sums += parts.double() / t_cfg.grad_accum
                 scaler.unscale_(opt)
-                gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-                bad = (not math.isfinite(float(sums[0]))) or (
-                    t_cfg.precision != "fp16" and not math.isfinite(float(gnorm)))
-                flags = torch.tensor([float(sums[0]), float(sums[1]), float(sums[2]), float(bad),
-                                      float(stop.signum is not None)], dtype=torch.float64, device=device)
+                gnorm = torch.nn.utils.clip_grad_norm_(params, clip).double()
+                bad = ~torch.isfinite(sums[0])
+                if t_cfg.precision != "fp16":  # under fp16 the GradScaler skips steps with inf gradients
+                    bad = bad | ~torch.isfinite(gnorm)
+                stop_flag = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=device)
+                # one host sync per step: losses, the non-finite flag and the stop flag, summed over ranks
+                flags = torch.cat([sums, bad.double()[None], stop_flag[None]])
                 all_reduce_sum(flags)
-                flags = flags.cpu()
+                flags, gnorm_f = flags.cpu(), float(gnorm)
                 if flags[3] > 0:
                     raise NonFiniteLossError(
                         f"non-finite loss or gradient at step {step + 1} (images {images}): "
-                        f"loss={float(sums[0])}, grad_norm={float(gnorm)} on rank {di.rank}; the optimizer step was "
+                        f"loss={float(sums[0])}, grad_norm={gnorm_f} on rank {di.rank}; the optimizer step was "
                         f"not taken. Last good checkpoint: {last_ckpt or 'none yet'}. Try a lower optim.lr, "
                         "train.precision=fp32, or optim.grad_clip."
                     )
@@ -539,7 +541,7 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
                     ips = window["images"] / max(window["time"], 1e-9)
                     loss, pos, neg = (window["sums"] / n).tolist()
                     metrics = {"loss": loss, "positive": pos, "negative": neg, "lam": objective.lam_at(images),
-                               "lr": lr, "grad_norm": float(gnorm), "images_per_s": ips,
+                               "lr": lr, "grad_norm": gnorm_f, "images_per_s": ips,
                                "s_per_step": window["time"] / n}
                     m = mfu(flops, ips, peak * di.world_size)
                     if m is not None:

@@ -559,6 +559,8 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
                 if stop_now:
                     status = "interrupted"
                     save("signal")
+                    if bar is not None:
+                        bar.close()
                     say(f"\ninterrupted by signal at step {step}: checkpoint {last_ckpt}; "
                         f"continue with --resume auto")
                     logger.event(step, images, "interrupted")
@@ -568,6 +570,8 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
             else:
                 if last_saved_step != step:
                     save("final")
+                if bar is not None:
+                    bar.close()
                 if cfg.sample.every >= 0:
                     grid_path = _sample_grid(cfg, raw, ema, objective, info, out_dir, step, device, di)
                 logger.event(step, images, "done")

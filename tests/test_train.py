@@ -232,6 +232,25 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(run, tmp_path, capsys):
     assert (copy / "checkpoints" / "step_00000006.invalid-0" / "model.safetensors").read_bytes() == b"\x00" * 10
 
 
+def test_latent_training_and_sampling(tmp_path, capsys):
+    from deltafm.data import write_latent_shards
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(96, 4, 8, 8, generator=g) * 5.0  # raw VAE-like latents
+    write_latent_shards(tmp_path / "lat", z, torch.arange(96) % 3, shard_size=50, scale_factor=0.2, num_classes=3)
+    cfg = _cfg("model.name=SiT-N/4", "data.name=latents", f"data.root={tmp_path / 'lat'}", "train.batch_size=16",
+               "train.steps=2", "sample.every=0")
+    res = _train(cfg, tmp_path / "run")
+    assert res.step == 2 and res.sample_grid is None  # no PNG grids for latents
+    st = load_checkpoint(res.checkpoint).state
+    assert st["data"]["kind"] == "latents" and st["data"]["channels"] == 4 and st["data"]["latent_scale"] == 0.2
+    assert cli(["sample", "--ckpt", str(tmp_path / "run"), "--num", "5", "--steps", "2", "--threads", "1",
+                "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    with np.load(tmp_path / "s" / "latents.npz") as f:
+        assert f["arr_0"].shape == (5, 4, 8, 8) and f["arr_0"].dtype == np.float32
+        assert f["labels"].tolist() == [0, 1, 2, 0, 1]
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = DeltaFMObjective.__call__
     calls = {"n": 0}

@@ -419,8 +419,10 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
     if di.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(format_config(cfg))
-        if ckpt is not None and ckpt.path.parent.resolve() == (out_dir / "checkpoints").resolve():
-            set_aside_newer(out_dir / "checkpoints", step, lambda m: say(f"warning: {m}"))
+        if resume is not None and (ckpt is None or ckpt.path.parent.resolve() == (out_dir / "checkpoints").resolve()):
+            # step folders newer than the one resumed from (or all, for a fresh start) were skipped as invalid
+            set_aside_newer(out_dir / "checkpoints", step if ckpt is not None else -1,
+                            lambda m: say(f"warning: {m}"))
     barrier()
     logger = RunLogger(out_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, enabled=di.is_main)
 

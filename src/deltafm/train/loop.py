@@ -312,7 +312,10 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> TrainR
     cfg.validate()
     out_dir = Path(out_dir)
     threads_before = torch.get_num_threads()
-    di = init_distributed(cfg.train.device)
+    try:
+        di = init_distributed(cfg.train.device)
+    except RuntimeError as e:
+        raise SetupError(f"cannot start on train.device={cfg.train.device!r}: {e}") from None
     try:
         return _train(cfg, out_dir, resume, di)
     finally:

@@ -485,7 +485,7 @@ def _forwards(units: dict[str, dict[str, Any]]) -> int:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: two compare processes may share OUT
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
@@ -714,8 +714,12 @@ def _train_to(c: CompareConfig, arm: ArmSpec, seed: int, images: int, run_dir: P
 
 
 def run_arm_seed(c: CompareConfig, arm: ArmSpec, seed: int, out: Path, ev: Evaluator | None, get_ev: Any,
-                 log: _Log) -> dict[str, Any]:
-    """Train (or continue) one arm for one seed and compute its missing units; returns its record."""
+                 log: _Log, train_only: bool = False) -> dict[str, Any]:
+    """Train (or continue) one arm for one seed and compute its missing units; returns its record.
+
+    ``train_only``: only make sure the run is trained to the end (checkpoints at every evaluation point
+    are kept), without loading the classifier or evaluating anything.
+    """
     from deltafm.sampling import load_for_sampling
     from deltafm.train.config import config_to_dict
 
@@ -735,6 +739,14 @@ def run_arm_seed(c: CompareConfig, arm: ArmSpec, seed: int, out: Path, ev: Evalu
     rec["train"].update(batch_size=full_cfg.train.batch_size, lam=full_cfg.objective.lam,
                         negatives=full_cfg.objective.negatives, model=full_cfg.model.name,
                         total_images=c.total_images)
+    if train_only:
+        final = _ckpt_at(run_dir, c.total_images // full_cfg.train.batch_size)
+        if final is None:
+            _train_to(c, arm, seed, c.total_images, run_dir, rec, log)
+            _write_json(res_path, rec)
+        else:
+            log(f"skip training {arm.name} seed {seed}: {final} exists")
+        return rec
     extractor_id = ev.extractor_id if ev is not None else _cached_extractor_id(out, c)
     units = plan_units(c, arm, extractor_id or "")
     done = rec["units"]
@@ -850,8 +862,11 @@ def collect_results(c: CompareConfig, out: Path, classifier_info: dict[str, Any]
 
 def run_compare(c: CompareConfig, out: str | Path, *, arms: list[str] | None = None, device: str = "cpu",
                 threads: int | None = None, classifier: str | None = None, report: bool = True,
-                quiet: bool = False) -> dict[str, Any]:
-    """Run (or continue) the study into ``out``; returns the collected results (also in results.json)."""
+                quiet: bool = False, train_only: bool = False) -> dict[str, Any]:
+    """Run (or continue) the study into ``out``; returns the collected results (also in results.json).
+
+    ``train_only`` trains the selected arms without evaluating (a later call evaluates their kept
+    checkpoints)."""
     import torch
 
     out = Path(out)
@@ -886,7 +901,7 @@ def run_compare(c: CompareConfig, out: str | Path, *, arms: list[str] | None = N
                     continue
                 if threads:
                     torch.set_num_threads(threads)
-                run_arm_seed(c, a, seed, out, holder.get("ev"), get_ev, log)
+                run_arm_seed(c, a, seed, out, holder.get("ev"), get_ev, log, train_only=train_only)
     finally:
         torch.set_num_threads(before)
     info = holder["ev"].info() if "ev" in holder else None
@@ -945,6 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the per-arm configs, then exit")
     p.add_argument("--report-only", action="store_true", help="collect existing results and write the report")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train the arms (all evaluation checkpoints are kept); evaluate with a later call")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -977,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(out / "results.json", out / "report"))
             return 0
         run_compare(c, out, arms=args.arms, device=device, threads=args.threads, classifier=args.classifier,
-                    report=not args.no_report, quiet=args.quiet)
+                    report=not (args.no_report or args.train_only), quiet=args.quiet, train_only=args.train_only)
     except (CompareError, ConfigError, CheckpointError, SetupError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -336,6 +336,9 @@ def test_evaluate_samples_and_cli_on_digits(tmp_path, one_thread):
     assert result["precision"] == 1.0 and result["recall"] == 1.0
     assert result["class_accuracy"]["overall"] == pytest.approx(out["class_accuracy"]["overall"])
     assert result["reference"]["split"] == "test" and result["reference"]["count"] == len(test.labels)
+    # bad input: one error line, exit status 2
+    assert main(["--no-progress", "eval", "--samples", str(samples), "--ref", str(ref_path),
+                 "--extractor", f"classifier:{tmp_path / 'nope.safetensors'}"]) == 2
 
 
 def test_extract_batches_agree():

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_accuracy",
     "file_sha256",
     "load_classifier",
+    "load_split",
     "save_classifier",
     "train_classifier",
 ]
@@ -153,7 +154,6 @@ class TrainRecipe:
     seed: int = 0
     widths: tuple[int, int, int] = (32, 64, 128)
     dropout: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _as_uint8_nchw(images: Any) -> torch.Tensor:

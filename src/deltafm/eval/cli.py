@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deltafm eval", description="Sample-quality metrics (FD, IS, precision/recall, class accuracy)."
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -145,13 +145,23 @@ def _eval(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``deltafm eval``; prints a JSON summary of what it did. Returns the exit code."""
+    """Entry point of ``deltafm eval``; prints a JSON summary of what it did.
+
+    Returns 0 on success; on bad input (missing file, hash mismatch, wrong layout, statistics from another
+    extractor, unknown dataset) prints one ``error:`` line to stderr and returns 2.
+    """
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     handler = {"train-classifier": _train_classifier, "ref-stats": _ref_stats, "eval": _eval, "score": _eval}
-    result = handler[args.command](args)
+    try:
+        result = handler[args.command](args)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=2))
     return 0

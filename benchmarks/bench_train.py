@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import random
 import statistics
@@ -61,8 +62,9 @@ class _Scale(torch.nn.Module):
         return self.w * x
 
 
-def objective_overhead(batch: int, reps: int, precision: str) -> dict:
-    """Median time of an FM and a ΔFM objective step around a trivial model, interleaved."""
+def objective_overhead(batch: int, rounds: int, precision: str) -> dict:
+    """Median times of FM and ΔFM objective steps around a trivial model, interleaved, and the median of
+    the paired differences (``extra``, ms): the cost of the ΔFM term itself."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(batch, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 10, (batch,), generator=g)
     models = {"fm": _Scale(), "dfm": _Scale()}
@@ -73,10 +75,12 @@ def objective_overhead(batch: int, reps: int, precision: str) -> dict:
     }
     gens = {k: torch.Generator().manual_seed(1) for k in models}
     times: dict[str, list[float]] = {"fm": [], "dfm": []}
-    for r in range(10 * reps):
+    for r in range(20 + rounds):
         for k in (("fm", "dfm") if r % 2 == 0 else ("dfm", "fm")):
             times[k].append(_step(models[k], opts[k], objs[k], x, y, gens[k], DTYPES[precision]))
-    return {k: 1000 * statistics.median(v[10:]) for k, v in times.items()}
+    fm, dfm = times["fm"][20:], times["dfm"][20:]
+    return {"fm": 1000 * statistics.median(fm), "dfm": 1000 * statistics.median(dfm),
+            "extra": 1000 * statistics.median(d - f for d, f in zip(dfm, fm))}
 
 
 def _bootstrap_ci(ratios: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -142,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     peak_dtype = DTYPES[args.precision] or torch.float32
     peak = measure_matmul_peak("cpu", peak_dtype, seconds=1.0)
     peak32 = measure_matmul_peak("cpu", torch.float32, seconds=0.5) if peak_dtype != torch.float32 else peak
-    over = objective_overhead(args.batch, args.reps, args.precision)
-    print(f"objective alone (trivial model): FM {over['fm']:.2f} ms, ΔFM {over['dfm']:.2f} ms", flush=True)
+    over = objective_overhead(args.batch, 1000, args.precision)
+    print(f"objective alone (trivial model): FM {over['fm']:.2f} ms, ΔFM {over['dfm']:.2f} ms, "
+          f"paired extra {over['extra']:.2f} ms", flush=True)
     rows = []
     for preset in args.presets:
         r = bench(preset, args.batch, args.reps, args.warmup, args.precision, peak)
@@ -163,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.machine()} CPU, {threads} torch thread(s), torch {torch.__version__}, "
         f"{args.precision} autocast, batch {args.batch}, {args.reps} interleaved rounds after {args.warmup} warm-up. "
         f"Matmul peak measured in the same run: {peak / 1e9:.0f} GFLOP/s ({args.precision}), "
-        f"{peak32 / 1e9:.0f} GFLOP/s (fp32).",
+        f"{peak32 / 1e9:.0f} GFLOP/s (fp32). Load average at start: {load:.1f} on {os.cpu_count()} cores "
+        "(other jobs share the machine: absolute times are pessimistic, the interleaved ratio is not).",
         "",
         "| model | params | fwd MFLOP/img | FM ms/step | ΔFM ms/step | ΔFM/FM (95% CI) | ΔFM term / FM step "
         "| ΔFM img/s | MFU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    extra = over["dfm"] - over["fm"]
+    extra = over["extra"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['flops'] / 1e6:.0f} | {r['fm_ms']:.1f} | "
@@ -181,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "FM = `DeltaFMObjective(lam=0, negatives='none')`; ΔFM = lam 0.05 with uniform in-batch negatives; same "
         "weights, batches and optimizer. The ratio is the median of per-round ΔFM/FM step-time ratios (steps "
         "alternate FM/ΔFM/ΔFM/FM). \"ΔFM term / FM step\": the extra time of the ΔFM objective measured "
-        f"around a trivial model v = w·x (FM {over['fm']:.2f} ms, ΔFM {over['dfm']:.2f} ms per step of "
-        f"{args.batch}), divided by the full FM step: the overhead without the noise of the full-step timing. "
+        f"around a trivial model v = w·x (median of 1000 paired differences: {over['extra']:.2f} ms per step "
+        f"of {args.batch}; FM {over['fm']:.2f} ms, ΔFM {over['dfm']:.2f} ms), divided by the full FM step: the "
+        "overhead without the noise of the full-step timing. "
         "MFU = 3 x forward FLOPs x img/s / measured matmul peak.",
         END,
     ]

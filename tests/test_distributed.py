@@ -103,6 +103,15 @@ def test_torchrun_trains_and_resumes_with_two_processes(ddp_run):
     assert c.state["sampler"]["batch_in_epoch"] == 6
 
 
+def test_a_rank_zero_error_stops_every_rank(ddp_run):
+    """An occupied run folder is detected on rank 0 only; the other rank must stop too, not hang."""
+    before = sorted(p.name for p in (ddp_run / "checkpoints").iterdir())
+    done = _torchrun(ddp_run, "train.steps=6")
+    assert done.returncode != 0
+    assert "already holds checkpoints" in done.stderr
+    assert sorted(p.name for p in (ddp_run / "checkpoints").iterdir()) == before
+
+
 def test_resume_on_one_process_keeps_images_seen(ddp_run, tmp_path, capsys):
     cfg = load_config(find_preset("digits-tiny"), OPTS + ["train.steps=8", "train.threads=1"])
     with torch.random.fork_rng(devices=[]):

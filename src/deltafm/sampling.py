@@ -210,7 +210,7 @@ def load_for_sampling(ckpt: str | Path, ema: bool = True, device: torch.device |
     from deltafm.train.loop import DataInfo, build_model_for, build_objective
 
     path = resolve_checkpoint(ckpt, lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
-    c = load_checkpoint(path, weights_only=True)
+    c = load_checkpoint(path, weights_only=True, verify=False)  # resolve_checkpoint verified it
     if c.config is None or "data" not in c.state:
         raise CheckpointError(f"checkpoint {path} has no config/data record; was it written by deltafm train?")
     cfg = config_from_dict(c.config)

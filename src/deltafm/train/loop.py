@@ -43,6 +43,7 @@ from deltafm.schedules import LambdaSchedule
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
+    PickleCheckpointError,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -347,8 +348,19 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
                     float(ds.latent_shift))
     raw = build_model_for(cfg, info)
     objective = build_objective(cfg, info.num_classes)
-    ckpt_path = broadcast_object(str(p) if (p := _resolve_resume(out_dir, resume, di)) else None)
-    ckpt: Checkpoint | None = load_checkpoint(ckpt_path) if ckpt_path else None
+    # rank 0 picks (and verifies) the checkpoint; its verdict, or its error, is shared with every rank
+    found, err = None, None
+    if di.is_main:
+        try:
+            p = _resolve_resume(out_dir, resume, di)
+            found = str(p) if p is not None else None
+        except (SetupError, CheckpointError) as e:
+            err = (type(e).__name__, str(e))
+    found, err = broadcast_object((found, err))
+    if err is not None:
+        kinds = {"SetupError": SetupError, "PickleCheckpointError": PickleCheckpointError}
+        raise kinds.get(err[0], CheckpointError)(err[1])
+    ckpt: Checkpoint | None = load_checkpoint(found, verify=False) if found else None  # verified above
     if ckpt is not None:
         try:
             raw.load_state_dict(ckpt.model)
@@ -385,7 +397,10 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
                 ema = EMA(raw, t_cfg.ema_decay, t_cfg.ema_halflife_images, t_cfg.ema_rampup)
             else:
                 ema.load_state_dict(ckpt.ema)
-        opt.load_state_dict(st["optimizer"])
+        try:
+            opt.load_state_dict(st["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot restore the optimizer state of {ckpt.path}: {e}") from None
         if st.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(st["scaler"])
         try:

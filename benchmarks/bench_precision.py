@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,9 @@ import torch
 from deltafm.objective import DeltaFMObjective
 from deltafm.train.config import find_preset, load_config
 from deltafm.train.loop import DataInfo, build_model_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import _step  # noqa: E402  (one timed step, shared with the ΔFM-vs-FM benchmark)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -42,17 +44,6 @@ def _variants(is_conv: bool, with_compile: bool) -> list[tuple[str, torch.dtype 
     if with_compile:
         out.append(("bf16 + compile", torch.bfloat16, is_conv, True))
     return out
-
-
-def _step(model, opt, objective, x, y, gen, amp) -> float:
-    t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-        out = objective(model, x, y, generator=gen)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
 
 
 def bench(preset: str, batch: int, reps: int, warmup: int, with_compile: bool) -> dict:

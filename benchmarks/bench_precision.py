@@ -42,7 +42,7 @@ def _variants(is_conv: bool, with_compile: bool) -> list[tuple[str, torch.dtype 
     if is_conv:
         out += [("fp32 + channels_last", None, True, False), ("bf16 + channels_last", torch.bfloat16, True, False)]
     if with_compile:
-        out.append(("bf16 + compile", torch.bfloat16, is_conv, True))
+        out.append(("bf16 + compile", torch.bfloat16, False, True))
     return out
 
 

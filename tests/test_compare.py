@@ -82,6 +82,18 @@ def test_steps_to_match_known_answer():
     assert acc["x"] == pytest.approx(1 + 2 / 3) and acc["ratio"] == pytest.approx(4 / (5 / 3))
 
 
+def test_match_against_a_plateaued_baseline_uses_its_own_first_crossing():
+    # the baseline reaches its final value 10 already at NFE 2 (then stays flat within noise)
+    base = [(1, 30.0), (2, 10.0), (4, 9.0), (8, 10.0)]
+    other = [(1, 20.0), (2, 8.0), (4, 7.0), (8, 7.0)]
+    m = nfe_to_match(base, other)
+    assert m["x_ref"] == pytest.approx(2.0)
+    assert m["x"] == pytest.approx(2 ** (10 / 12)) and m["ratio"] == pytest.approx(2 ** (1 - 10 / 12))
+    assert nfe_to_match(base, base)["ratio"] == pytest.approx(1.0)
+    flat = steps_to_match([(1, 5.0), (2, 5.0)], [(1, 6.0), (2, 4.0)])
+    assert (flat["x_ref"], flat["ratio"], flat["rel"]) == (1.0, pytest.approx(1 / 1.5), "<=")
+
+
 def test_nfe_to_match_known_answer():
     base = [(1, 50.0), (2, 40.0), (4, 30.0), (8, 20.0), (16, 15.0), (32, 12.0)]
     other = [(1, 45.0), (2, 30.0), (4, 18.0), (8, 11.0), (16, 10.0), (32, 9.0)]
@@ -272,7 +284,16 @@ def _units(out: Path, arm: str) -> dict:
 @pytest.mark.slow
 def test_compare_end_to_end_skip_and_exact_resume(tmp_path):
     out = tmp_path / "cmp"
+    # --train-only: checkpoints at both evaluation points, no units, no classifier
+    assert main(["--config", str(TINY), "--out", str(out), "--quiet", "--train-only", "--arms", "dfm-diff"]) == 0
+    ckpts = out / "runs" / "dfm-diff" / "seed0" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000010", "step_00000020"]
+    assert _units(out, "dfm-diff") == {} and not (out / "classifier").exists()
+
     assert main(["--config", str(TINY), "--out", str(out), "--quiet"]) == 0
+    # dfm-diff was evaluated from its kept checkpoints, without training again
+    events = [json.loads(x) for x in (out / "runs" / "dfm-diff" / "seed0" / "log.jsonl").read_text().splitlines()]
+    assert [e["message"] for e in events if e["kind"] == "event" and e["message"] in ("start", "resume")] == ["start"]
     res = json.loads((out / "results.json").read_text())
     assert {(r["arm"], r["status"]) for r in res["runs"]} == {("fm", "done"), ("dfm", "done"), ("dfm-diff", "done")}
     assert (len(_units(out, "fm")), len(_units(out, "dfm")), len(_units(out, "dfm-diff"))) == (13, 22, 2)

@@ -5,18 +5,22 @@
         --update docs/RESULTS.md        # replaces the block between <!-- BEGIN compare:NAME --> and <!-- END ... -->
 
 **Steps-to-match.** For a baseline variant B (FM) and another variant A (ΔFM) trained with the same seed,
-the target is B's value at the end of training, y* = y_B(I_total). A's curve y_A(I) (metric against
-images seen, evaluated at I_1 < I_2 < ... ) reaches it first at
+the target is B's value at the end of training, y* = y_B(I_total). A curve y(I) (metric against images
+seen, evaluated at I_1 < I_2 < ... ) first reaches it at
 
-    I_A = I_{k−1} + (y* − y_A(I_{k−1})) (I_k − I_{k−1}) / (y_A(I_k) − y_A(I_{k−1}))
+    I(y*) = I_{k−1} + (y* − y(I_{k−1})) (I_k − I_{k−1}) / (y(I_k) − y(I_{k−1}))
 
-with k the first index where y_A(I_k) is at least as good as y* (linear interpolation between the two
-evaluations around the crossing). The ratio I_total / I_A says how many times fewer images A needs
-(> 1: A is faster). If A is already as good at I_1, only I_A ≤ I_1 is known and the ratio is a lower
-bound (reported as "≥"); if A never gets there, the ratio is below I_total / I_last (reported "<").
+with k the first index where y(I_k) is at least as good as y* (linear interpolation between the two
+evaluations around the crossing). The ratio I_B(y*) / I_A(y*) says how many times fewer images A needs
+(> 1: A is faster). I_B(y*) is B's *own* first crossing of its final value: I_total when B's curve
+improves to the end, earlier when it has flattened (then the ratio does not credit A for B's plateau,
+and B against itself is exactly 1). If A is already as good at I_1, only I_A ≤ I_1 is known and the
+ratio is a lower bound (reported as "≥"); if A never gets there, the ratio is below I_B / I_last
+(reported "<").
 
 **NFE-to-match.** The same with NFE in place of images: the target is B's value at the largest NFE of
-the sweep (per solver), and the interpolation is linear in log NFE (the grid is geometric).
+the sweep (per solver), and the interpolation is linear in log NFE (the grid is geometric). Sample-based
+FD is noisy, so on a flat stretch of B's curve the crossing points (and the ratio) move by the noise.
 
 Ratios are computed per seed (A and B share the seed) and summarised as mean ± sample standard
 deviation over the seeds where the crossing was interpolated, with every per-seed value listed.
@@ -119,29 +123,36 @@ def match_ratio(x_ref: float, reach: Reach, x_last: float | None = None) -> tupl
     return x_ref / reach.x, ("=" if reach.kind == "interpolated" else ">=")
 
 
-def steps_to_match(base: Sequence[tuple[float, float]], other: Sequence[tuple[float, float]],
-                   lower_is_better: bool = True) -> dict[str, Any]:
-    """Images (or steps) ``other`` needs to reach ``base``'s final value; curves are (x, y) pairs.
-
-    Returns ``{"target", "x_ref", "x", "kind", "ratio", "rel"}`` (ratio = x_ref / x; rel its relation).
-    """
+def _to_match(base: Sequence[tuple[float, float]], other: Sequence[tuple[float, float]], lower_is_better: bool,
+              log_x: bool) -> dict[str, Any]:
     base = sorted(base)
     other = sorted(other)
-    x_ref, target = base[-1]
-    reach = first_reach([p[0] for p in other], [p[1] for p in other], target, lower_is_better)
-    ratio, rel = match_ratio(x_ref, reach, other[-1][0])
-    return {"target": target, "x_ref": x_ref, "x": reach.x, "kind": reach.kind, "ratio": ratio, "rel": rel}
+    target = base[-1][1]
+    own = first_reach([p[0] for p in base], [p[1] for p in base], target, lower_is_better, log_x)
+    assert own.x is not None  # the last point reaches its own value
+    reach = first_reach([p[0] for p in other], [p[1] for p in other], target, lower_is_better, log_x)
+    ratio, rel = match_ratio(own.x, reach, other[-1][0])
+    if own.kind == "at_first":  # the baseline's own crossing is only bounded above: so is the ratio
+        rel = {"=": "<=", ">=": "~", "<": "<"}[rel]
+    return {"target": target, "x_ref": own.x, "x": reach.x, "kind": reach.kind, "ratio": ratio, "rel": rel}
+
+
+def steps_to_match(base: Sequence[tuple[float, float]], other: Sequence[tuple[float, float]],
+                   lower_is_better: bool = True) -> dict[str, Any]:
+    """Images (or steps) ``other`` needs to reach ``base``'s final value, relative to what ``base`` needs.
+
+    Curves are (x, y) pairs. Returns ``{"target", "x_ref", "x", "kind", "ratio", "rel"}``: x_ref is
+    base's own first crossing of its final value, ratio = x_ref / x, rel its relation to the truth
+    (``=``, ``>=``, ``<``, ``<=``, or ``~`` when both curves start at or below the target).
+    """
+    return _to_match(base, other, lower_is_better, log_x=False)
 
 
 def nfe_to_match(base: Sequence[tuple[float, float]], other: Sequence[tuple[float, float]],
                  lower_is_better: bool = True) -> dict[str, Any]:
-    """NFE ``other`` needs to reach ``base``'s value at its largest NFE (log-NFE interpolation)."""
-    base = sorted(base)
-    other = sorted(other)
-    x_ref, target = base[-1]
-    reach = first_reach([p[0] for p in other], [p[1] for p in other], target, lower_is_better, log_x=True)
-    ratio, rel = match_ratio(x_ref, reach, other[-1][0])
-    return {"target": target, "x_ref": x_ref, "x": reach.x, "kind": reach.kind, "ratio": ratio, "rel": rel}
+    """NFE ``other`` needs to reach ``base``'s value at its largest NFE, relative to the NFE ``base`` itself
+    needs for it (log-NFE interpolation)."""
+    return _to_match(base, other, lower_is_better, log_x=True)
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
@@ -183,7 +194,7 @@ def format_ratio(per_seed: Sequence[dict[str, Any]]) -> str:
         if r is None:
             parts.append("never")
         else:
-            parts.append({"=": "", ">=": "≥", "<": "<"}[m["rel"]] + f"{r:.2f}")
+            parts.append({"=": "", ">=": "≥", "<": "<", "<=": "≤", "~": "~"}[m["rel"]] + f"{r:.2f}")
     s = summarize(exact)
     head = "–" if s["n"] == 0 else (f"{s['mean']:.2f}" if s["n"] == 1 else f"{s['mean']:.2f} ± {s['std']:.2f}")
     return f"{head} ({s['n']}/{len(per_seed)} interpolated; per seed: {', '.join(parts)})"
@@ -533,9 +544,9 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
                               fig_dir / f"{name}-curves-ablations.png", f"{name}: ablation arms (mean ± sd)")
         if f2:
             lines += [f"![ablations vs images]({link(f2.name)})", ""]
-        lines += ["Steps-to-match: images the baseline needs for its final value, divided by the images the "
-                  "variant needs to reach that value (> 1: the variant is faster; ≥: already reached at the "
-                  "first evaluation; <: never reached within the budget).", ""]
+        lines += ["Steps-to-match: images the baseline needs to first reach its final value, divided by the "
+                  "images the variant needs to reach that value (> 1: the variant is faster; ≥: already reached "
+                  "at the first evaluation; <: never reached within the budget).", ""]
         rows = []
         for v in others:
             b = r.baseline_of(v)
@@ -552,6 +563,30 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
             rows.append(cells)
         lines += _table(["variant", "baseline", "target FD", "steps-to-match (FD)", "target acc",
                          "steps-to-match (acc)"], rows) + [""]
+
+    # ---- one-seed comparison of every arm (λ, negatives, batch size) ------------------------------
+    seed0 = st["seeds"][0]
+    rows = []
+    for v in present:
+        if seed0 not in r.final(v, "fd"):
+            continue
+        arm = r.arms[r.variant_arm[v]]
+        b = r.baseline_of(v)
+        fd, acc = r.final(v, "fd")[seed0], r.final(v, "class_acc")[seed0]
+        bfd = r.final(b, "fd").get(seed0) if b in present else None
+        cb, co = r.curve(b, seed0, "fd"), r.curve(v, seed0, "fd")
+        stm = "–"
+        if v != b and cb and co and cb[-1][0] == st["total_images"]:
+            m = steps_to_match(cb, co)
+            stm = "never" if m["ratio"] is None else {"=": "", ">=": "≥", "<": "<", "<=": "≤", "~": "~"}[m["rel"]] + \
+                f"{m['ratio']:.2f}"
+        rows.append([v, f"{arm.get('lam', '?')}", str(arm.get("negatives", "?")), str(arm.get("batch_size", "?")),
+                     _fmt(fd), _fmt(acc), b, "–" if v == b or bfd is None else _fmt(fd - bfd), stm])
+    if len(rows) > 1:
+        lines += [f"### All arms on seed {seed0} (λ, negatives, batch size; paired with the baseline of the same "
+                  f"batch size)", ""]
+        lines += _table(["variant", "λ", "negatives", "batch", "final FD", "final acc", "baseline", "ΔFD",
+                         "steps-to-match (FD)"], rows) + [""]
 
     # ---- NFE --------------------------------------------------------------------------------------
     solvers = [s for s in ev["sweep"]["solvers"]
@@ -590,8 +625,9 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
                     cells.append(format_ratio(per))
                 rows.append(cells)
         if rows:
-            lines += ["NFE-to-match: the baseline's largest NFE divided by the NFE the variant needs to reach the "
-                      "baseline's value there (log-NFE interpolation).", ""]
+            lines += ["NFE-to-match: the NFE the baseline needs to first reach its value at its largest NFE, divided "
+                      "by the NFE the variant needs to reach that value (log-NFE interpolation; > 1: the variant "
+                      "needs fewer evaluations).", ""]
             lines += _table(["variant", "baseline", "solver", "NFE-to-match (FD)", "NFE-to-match (acc)"], rows)
             lines += [""]
 

@@ -167,6 +167,8 @@ def summarize(values: Sequence[float | None]) -> dict[str, Any]:
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
+    if abs(x) < 1e-9:  # round-off of a zero spread
+        return "0"
     if abs(x) >= 100:
         return f"{x:.0f}"
     if abs(x) >= 10:
@@ -277,9 +279,15 @@ def _mean_band(curves: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.
     return np.array(xs, dtype=float), np.array(mean), np.array(std)
 
 
-def _style(i: int) -> dict[str, Any]:
+def _style(r: _Results, variant: str) -> dict[str, Any]:
+    """The same colour and marker for a variant in every figure (by its position in the study)."""
+    import matplotlib
+
+    i = r.variants().index(variant)
     markers = "os^vD<>p*hx+"
-    return {"marker": markers[i % len(markers)], "markersize": 4, "linewidth": 1.4}
+    colors = matplotlib.colormaps["tab20" if len(r.variants()) > 10 else "tab10"].colors
+    return {"marker": markers[i % len(markers)], "color": colors[i % len(colors)], "markersize": 4,
+            "linewidth": 1.4}
 
 
 def _plot_curves(r: _Results, variants: list[str], path: Path, title: str) -> Path | None:
@@ -287,14 +295,14 @@ def _plot_curves(r: _Results, variants: list[str], path: Path, title: str) -> Pa
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     drawn = False
     for ax, metric in zip(axes, ("fd", "class_acc")):
-        for i, v in enumerate(variants):
+        for v in variants:
             curves = [r.curve(v, s, metric) for s in r.by_seed(v)]
             curves = [c for c in curves if c]
             if not curves:
                 continue
             x, m, s = _mean_band(curves)
-            ax.plot(x / 1e3, m, label=f"{v} (n={len(curves)})", **_style(i))
-            ax.fill_between(x / 1e3, m - s, m + s, alpha=0.15)
+            ax.plot(x / 1e3, m, label=f"{v} (n={len(curves)})", **_style(r, v))
+            ax.fill_between(x / 1e3, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
             drawn = True
         ax.set_xlabel("images seen (thousands)")
         ax.set_ylabel(METRICS[metric][0])
@@ -322,14 +330,14 @@ def _plot_nfe(r: _Results, variants: list[str], solvers: list[str], path: Path, 
     for j, solver in enumerate(solvers):
         for row, metric in enumerate(("fd", "class_acc")):
             ax = axes[row][j]
-            for i, v in enumerate(variants):
+            for v in variants:
                 curves = [r.sweep(v, s, solver, metric) for s in r.by_seed(v)]
                 curves = [c for c in curves if c]
                 if not curves:
                     continue
                 x, m, s = _mean_band(curves)
-                ax.plot(x, m, label=v, **_style(i))
-                ax.fill_between(x, m - s, m + s, alpha=0.15)
+                ax.plot(x, m, label=v, **_style(r, v))
+                ax.fill_between(x, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
                 drawn = True
             ax.set_xscale("log", base=2)
             if metric == "fd":
@@ -370,13 +378,13 @@ def _plot_along(r: _Results, variants: list[str], path: Path, title: str) -> Pat
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     drawn = False
     for ax, (view, label) in zip(axes, _VIEWS.items()):
-        for i, v in enumerate(variants):
+        for v in variants:
             curves = _along_curves(r, v, view)
             if not curves:
                 continue
             x, m, s = _mean_band(curves)
-            ax.plot(x, m, label=v, **_style(i))
-            ax.fill_between(x, m - s, m + s, alpha=0.15)
+            ax.plot(x, m, label=v, **_style(r, v))
+            ax.fill_between(x, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
             drawn = True
         ax.set_xlabel("t (0 = noise, 1 = data)")
         ax.set_ylabel("classifier accuracy of x̂1")
@@ -399,14 +407,14 @@ def _plot_cfg(r: _Results, variants: list[str], path: Path, title: str) -> Path 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     drawn = False
     for ax, metric in zip(axes, ("fd", "class_acc")):
-        for i, v in enumerate(variants):
+        for v in variants:
             curves = [r.cfg(v, s, metric) for s in r.by_seed(v)]
             curves = [c for c in curves if c]
             if not curves:
                 continue
             x, m, s = _mean_band(curves)
-            ax.plot(x, m, label=v, **_style(i))
-            ax.fill_between(x, m - s, m + s, alpha=0.15)
+            ax.plot(x, m, label=v, **_style(r, v))
+            ax.fill_between(x, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
             drawn = True
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel(METRICS[metric][0])
@@ -453,9 +461,10 @@ def _variant_desc(r: _Results, v: str) -> str:
 
 
 def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figures",
-                 samples_dir: Path | None = None) -> str:
+                 samples_dir: Path | None = None, heading_level: int = 3) -> str:
     """Markdown report of a results dict; figures are written into ``fig_dir`` and linked as
-    ``link_prefix/<file>``. Returns the markdown."""
+    ``link_prefix/<file>``; section headings have ``heading_level`` #'s. Returns the markdown."""
+    h = "#" * heading_level
     r = _Results(data)
     st = r.study
     ev = st["eval"]
@@ -470,10 +479,11 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
 
     # ---- setup ------------------------------------------------------------------------------------
     cls = data.get("classifier") or {}
-    lines += [f"### Setup ({name})", ""]
+    lines += [f"{h} Setup ({name})", ""]
     if st.get("description"):
         lines += [st["description"].strip(), ""]
     seeds_done = sorted({run["seed"] for run in r.runs})
+    has_cfg = any("cfg" in a.get("stages", ["cfg"]) for a in st["arms"])
     lines += [
         f"- Base training config: `{st['base']}`; study config: `{st.get('source')}`; overrides for every arm: "
         + (", ".join(f"`{k}={v}`" for k, v in st.get("overrides", {}).items()) or "none") + ".",
@@ -482,8 +492,8 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
         f"- Curve sampler: {ev['curve']['solver']}, NFE {ev['curve']['nfe']}, {ev['curve']['num']} samples "
         f"(balanced classes), EMA weights, sample seed {ev['sample_seed']}, amp {ev['amp']}.",
         f"- Sweep: {', '.join(ev['sweep']['solvers'])} at NFE {ev['sweep']['nfe']} with {ev['sweep']['num']} "
-        f"samples; CFG: w in {ev['cfg']['scales']} ({ev['cfg']['solver']}, NFE {ev['cfg']['nfe']}, "
-        f"{ev['cfg']['num']} samples).",
+        "samples" + (f"; CFG: w in {ev['cfg']['scales']} ({ev['cfg']['solver']}, NFE {ev['cfg']['nfe']}, "
+                     f"{ev['cfg']['num']} samples)" if has_cfg else "") + ".",
     ]
     if cls:
         ref = cls.get("reference", {})
@@ -504,7 +514,7 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
     lines += _table(["arm", "variants", "λ", "negatives", "batch", "seeds run", "train min/run"], rows) + [""]
 
     # ---- final quality ----------------------------------------------------------------------------
-    lines += [f"### Final quality ({name}, {ev['curve']['solver']} NFE {ev['curve']['nfe']}, "
+    lines += [f"{h} Final quality ({name}, {ev['curve']['solver']} NFE {ev['curve']['nfe']}, "
               f"{ev['curve']['num']} samples, mean ± sd over seeds)", ""]
     rows = []
     for v in present:
@@ -532,7 +542,7 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
 
     # ---- curves and steps-to-match ----------------------------------------------------------------
     f = _plot_curves(r, main, fig_dir / f"{name}-curves.png", f"{name}: metric vs images seen (mean ± sd)")
-    lines += [f"### Metric against images seen ({name})", ""]
+    lines += [f"{h} Metric against images seen ({name})", ""]
     if f:
         lines += [f"![metric vs images]({link(f.name)})", ""]
     others = [v for v in present if v != r.baseline_of(v) and r.baseline_of(v) in present]
@@ -583,7 +593,7 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
         rows.append([v, f"{arm.get('lam', '?')}", str(arm.get("negatives", "?")), str(arm.get("batch_size", "?")),
                      _fmt(fd), _fmt(acc), b, "–" if v == b or bfd is None else _fmt(fd - bfd), stm])
     if len(rows) > 1:
-        lines += [f"### All arms on seed {seed0} (λ, negatives, batch size; paired with the baseline of the same "
+        lines += [f"{h} All arms on seed {seed0} (λ, negatives, batch size; paired with the baseline of the same "
                   f"batch size)", ""]
         lines += _table(["variant", "λ", "negatives", "batch", "final FD", "final acc", "baseline", "ΔFD",
                          "steps-to-match (FD)"], rows) + [""]
@@ -594,7 +604,7 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
     if solvers:
         sweep_v = [v for v in main if any(r.by_seed(v)[s]["sweep"] for s in r.by_seed(v))]
         f = _plot_nfe(r, sweep_v, solvers, fig_dir / f"{name}-nfe.png", f"{name}: metric vs NFE (mean ± sd)")
-        lines += [f"### Metric against NFE ({name})", ""]
+        lines += [f"{h} Metric against NFE ({name})", ""]
         if f:
             lines += [f"![metric vs NFE]({link(f.name)})", ""]
         for solver in solvers:
@@ -636,7 +646,7 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
     if along_v:
         f = _plot_along(r, along_v, fig_dir / f"{name}-along.png",
                         f"{name}: classifier accuracy of the predicted clean sample x̂1 along t (mean ± sd)")
-        lines += [f"### Class separation along the path: Fig. 4 analogue ({name})", ""]
+        lines += [f"{h} Class separation along the path: Fig. 4 analogue ({name})", ""]
         if f:
             lines += [f"![accuracy of x-hat along t]({link(f.name)})", ""]
         lines += ["Accuracy of the classifier on x̂1 = path.velocity_to_data(v, x_t, t) (clipped to [−1, 1]), "
@@ -662,7 +672,7 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
     cfg_v = [v for v in present if any(run["cfg"] for run in r.by_seed(v).values())]
     if cfg_v:
         f = _plot_cfg(r, cfg_v, fig_dir / f"{name}-cfg.png", f"{name}: classifier-free guidance (mean ± sd)")
-        lines += [f"### Classifier-free guidance ({name}; {ev['cfg']['solver']} NFE {ev['cfg']['nfe']}, "
+        lines += [f"{h} Classifier-free guidance ({name}; {ev['cfg']['solver']} NFE {ev['cfg']['nfe']}, "
                   f"{ev['cfg']['num']} samples)", ""]
         if f:
             lines += [f"![cfg]({link(f.name)})", ""]
@@ -679,18 +689,19 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
         lines += _table(["variant"] + [f"w={w:g}" for w in ws], rows) + [""]
 
     # ---- sample grids -----------------------------------------------------------------------------
-    if samples_dir is not None and samples_dir.is_dir():
-        grids = []
-        for v in main:
-            src = samples_dir / v / f"seed{min(r.by_seed(v)) if r.by_seed(v) else 0}.png"
-            if src.is_file():
-                dst = fig_dir / f"{name}-samples-{v}.png"
-                shutil.copyfile(src, dst)
-                grids.append((v, dst))
-        if grids:
-            lines += [f"### Samples ({name}, first seed, curve sampler; one column per class)", ""]
-            lines += [" ".join(f"![{v}]({link(p.name)})" for v, p in grids), "",
-                      " · ".join(f"{i + 1}: {v}" for i, (v, _) in enumerate(grids)), ""]
+    # copied from OUT/samples when there, else the copies already in fig_dir are linked
+    grids = []
+    for v in main:
+        src = (samples_dir / v / f"seed{min(r.by_seed(v))}.png") if samples_dir is not None else None
+        dst = fig_dir / f"{name}-samples-{v}.png"
+        if src is not None and src.is_file():
+            shutil.copyfile(src, dst)
+        if dst.is_file():
+            grids.append((v, dst))
+    if grids:
+        lines += [f"{h} Samples ({name}, first seed, curve sampler; one row per class)", ""]
+        lines += [" ".join(f"![{v}]({link(p.name)})" for v, p in grids), "",
+                  " · ".join(f"{i + 1}: {v}" for i, (v, _) in enumerate(grids)), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -706,17 +717,22 @@ def update_section(md_path: Path, name: str, content: str) -> None:
 
 
 def write_report(results_path: str | Path, out_dir: str | Path, fig_dir: str | Path | None = None,
-                 link_prefix: str | None = None, update: str | Path | None = None) -> Path:
-    """Write ``out_dir/REPORT.md`` (and figures) from a results.json; optionally update a markdown block."""
+                 link_prefix: str | None = None, update: str | Path | None = None,
+                 heading_level: int = 3) -> Path:
+    """Write ``out_dir/REPORT.md`` (and figures) from a results.json; optionally update a markdown block
+    (whose section headings get ``heading_level`` #'s; REPORT.md always uses 3)."""
     results_path, out_dir = Path(results_path), Path(out_dir)
     data = json.loads(results_path.read_text())
     fig = Path(fig_dir) if fig_dir is not None else out_dir / "figures"
     prefix = link_prefix if link_prefix is not None else "figures"
-    md = build_report(data, fig, prefix, samples_dir=results_path.parent / "samples")
+    samples = results_path.parent / "samples"
+    md = build_report(data, fig, prefix, samples_dir=samples)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "REPORT.md"
     path.write_text(f"## FM vs ΔFM: {data['study']['name']}\n\n{md}")
     if update is not None:
+        if heading_level != 3:
+            md = build_report(data, fig, prefix, samples_dir=samples, heading_level=heading_level)
         update_section(Path(update), data["study"]["name"], md)
     return path
 
@@ -729,11 +745,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--figures", type=Path, help="folder for the PNGs (default OUT/figures)")
     p.add_argument("--link-prefix", help="how the markdown links the figures (default 'figures')")
     p.add_argument("--update", type=Path, help="markdown file whose compare:NAME block is replaced")
+    p.add_argument("--heading-level", type=int, default=3, help="#'s of the section headings in the --update block")
     p.add_argument("--copy-results", type=Path, help="also copy results.json to this path")
     args = p.parse_args(argv)
     try:
         path = write_report(args.results, args.out or args.results.parent / "report", args.figures,
-                            args.link_prefix, args.update)
+                            args.link_prefix, args.update, args.heading_level)
         if args.copy_results is not None:
             args.copy_results.parent.mkdir(parents=True, exist_ok=True)
             if args.copy_results.resolve() != args.results.resolve():

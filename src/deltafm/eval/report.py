@@ -290,6 +290,15 @@ def _style(r: _Results, variant: str) -> dict[str, Any]:
             "linewidth": 1.4}
 
 
+def _draw_band(ax: Any, r: _Results, variant: str, curves: list[list[tuple[float, float]]], label: str,
+               xscale: float = 1.0) -> None:
+    """Mean over seeds as a line, ±1 standard deviation as a shaded band, in the variant's style."""
+    x, m, s = _mean_band(curves)
+    style = _style(r, variant)
+    ax.plot(x / xscale, m, label=label, **style)
+    ax.fill_between(x / xscale, m - s, m + s, alpha=0.15, color=style["color"])
+
+
 def _plot_curves(r: _Results, variants: list[str], path: Path, title: str) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -300,9 +309,7 @@ def _plot_curves(r: _Results, variants: list[str], path: Path, title: str) -> Pa
             curves = [c for c in curves if c]
             if not curves:
                 continue
-            x, m, s = _mean_band(curves)
-            ax.plot(x / 1e3, m, label=f"{v} (n={len(curves)})", **_style(r, v))
-            ax.fill_between(x / 1e3, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
+            _draw_band(ax, r, v, curves, f"{v} (n={len(curves)})", xscale=1e3)
             drawn = True
         ax.set_xlabel("images seen (thousands)")
         ax.set_ylabel(METRICS[metric][0])
@@ -335,9 +342,7 @@ def _plot_nfe(r: _Results, variants: list[str], solvers: list[str], path: Path, 
                 curves = [c for c in curves if c]
                 if not curves:
                     continue
-                x, m, s = _mean_band(curves)
-                ax.plot(x, m, label=v, **_style(r, v))
-                ax.fill_between(x, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
+                _draw_band(ax, r, v, curves, v)
                 drawn = True
             ax.set_xscale("log", base=2)
             if metric == "fd":
@@ -382,9 +387,7 @@ def _plot_along(r: _Results, variants: list[str], path: Path, title: str) -> Pat
             curves = _along_curves(r, v, view)
             if not curves:
                 continue
-            x, m, s = _mean_band(curves)
-            ax.plot(x, m, label=v, **_style(r, v))
-            ax.fill_between(x, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
+            _draw_band(ax, r, v, curves, v)
             drawn = True
         ax.set_xlabel("t (0 = noise, 1 = data)")
         ax.set_ylabel("classifier accuracy of x̂1")
@@ -412,9 +415,7 @@ def _plot_cfg(r: _Results, variants: list[str], path: Path, title: str) -> Path 
             curves = [c for c in curves if c]
             if not curves:
                 continue
-            x, m, s = _mean_band(curves)
-            ax.plot(x, m, label=v, **_style(r, v))
-            ax.fill_between(x, m - s, m + s, alpha=0.15, color=_style(r, v)["color"])
+            _draw_band(ax, r, v, curves, v)
             drawn = True
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel(METRICS[metric][0])

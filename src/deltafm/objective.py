@@ -134,16 +134,21 @@ class DeltaFMObjective:
         )
         return torch.where(dropped, torch.full_like(labels, self.num_classes), labels), dropped
 
-    def _negative_targets(self, sample: PathSample, labels: Tensor | None, generator) -> tuple[Tensor, Tensor]:
-        """(neg_index into the pool, the aligned negative targets ũ (B, ...))."""
+    def _negative_targets(self, sample: PathSample, labels: Tensor | None, generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(neg_index into the pool, the index the loss uses, the pool of negative targets).
+
+        With ``own`` time (or the linear path, where both agree) the pool is the targets u of the
+        (gathered) batch, indexed by neg_index; with ``anchor`` time ũ_i is built at the anchor's t,
+        so the pool is already aligned with the anchors and the loss indexes it with 0..B−1.
+        """
         assert self.negative_sampler is not None
         idx, _, gathered = self.negative_sampler(sample.u, labels, generator)
         if self.negative_time == "own" or isinstance(self.path, LinearPath):
-            pool = gathered.get("targets", sample.u)
-            return idx, pool.index_select(0, idx)
+            return idx, idx, gathered.get("targets", sample.u)
         x1_pool, _ = self.negative_sampler.gather(sample.x1)
         x0_pool, _ = self.negative_sampler.gather(sample.x0)
-        return idx, self.path.target(x1_pool.index_select(0, idx), x0_pool.index_select(0, idx), sample.t)
+        aligned = self.path.target(x1_pool.index_select(0, idx), x0_pool.index_select(0, idx), sample.t)
+        return idx, torch.arange(idx.shape[0], device=idx.device), aligned
 
     def __call__(
         self,
@@ -178,10 +183,9 @@ class DeltaFMObjective:
             negative = torch.zeros_like(positive)
             per_sample = positive
         else:
-            neg_index, neg_targets = self._negative_targets(sample, labels, generator)
-            arange = torch.arange(b, device=pred.device)
+            neg_index, loss_index, pool = self._negative_targets(sample, labels, generator)
             parts = contrastive_flow_matching_parts(
-                pred.float(), target.float(), arange, lam, negatives=neg_targets.float(), check_finite=False
+                pred.float(), target.float(), loss_index, lam, negatives=pool.float(), check_finite=False
             )
             positive, negative, per_sample = parts.positive, parts.negative, parts.loss
             if not self.contrast_unconditional and dropped is not None:

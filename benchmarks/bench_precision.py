@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from deltafm.objective import DeltaFMObjective
+from deltafm.train.builders import DataInfo, build_model_for
 from deltafm.train.config import find_preset, load_config
-from deltafm.train.loop import DataInfo, build_model_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import _step  # noqa: E402  (one timed step, shared with the ΔFM-vs-FM benchmark)

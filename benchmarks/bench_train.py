@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from deltafm.objective import DeltaFMObjective
+from deltafm.train.builders import DataInfo, build_model_for
 from deltafm.train.config import find_preset, load_config
 from deltafm.train.logging import measure_matmul_peak
-from deltafm.train.loop import DataInfo, build_model_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"

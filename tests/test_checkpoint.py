@@ -226,3 +226,36 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
         with pytest.raises(PickleCheckpointError, match="refusing to load"):
             verify_checkpoint(target)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------ the run state
+
+
+def test_the_run_state_owns_the_checkpoint_keys_and_round_trips(tmp_path):
+    from deltafm.train.state import CHECKPOINT_KEYS, RunState, capture_rng, restore_rng
+
+    assert CHECKPOINT_KEYS == ("step", "images_seen", "world_size", "config", "data", "optimizer", "scaler",
+                               "sampler", "rng", "mean_target", "lam", "reason")
+    m = _model()
+    opt_state = _state(m, 3)["optimizer"]
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(5)
+    random.random(), np.random.rand(), torch.rand(1)
+    st = RunState(step=3, images_seen=30, world_size=1, config={"train": {"seed": 0}}, data={"name": "d"},
+                  optimizer=opt_state, sampler={"epoch": 0, "batch_in_epoch": 3}, rng=[capture_rng(gen, cpu)],
+                  mean_target={"count": torch.arange(3.0, dtype=torch.float64)}, lam=0.05, reason="periodic")
+    draws = (random.random(), float(np.random.rand()), torch.rand(2), torch.rand(2, generator=gen))
+    path = save_checkpoint(tmp_path, 3, m.state_dict(), st.to_checkpoint())
+    assert list(json.loads((path / "state.json").read_text())) == list(CHECKPOINT_KEYS)  # the on-disk order
+    back = RunState.from_checkpoint(load_checkpoint(path).state)
+    assert _eq(back.to_checkpoint(), st.to_checkpoint())
+    # the saved streams continue exactly where they were captured
+    gen2 = torch.Generator()
+    restore_rng(back.rng_of(0, 1), gen2, cpu)
+    again = (random.random(), float(np.random.rand()), torch.rand(2), torch.rand(2, generator=gen2))
+    assert draws[:2] == again[:2] and torch.equal(draws[2], again[2]) and torch.equal(draws[3], again[3])
+    assert back.rng_of(0, 2) is None  # another world size: streams are re-derived
+    # a weights-only load (for sampling) has no optimizer or scaler; older states may lack keys
+    light = RunState.from_checkpoint(load_checkpoint(path, weights_only=True).state)
+    assert light.optimizer is None and light.scaler is None and light.step == 3 and light.lam == 0.05
+    assert RunState.from_checkpoint({"step": 2, "images_seen": 20}).mean_target is None

@@ -14,25 +14,12 @@ import torch
 from torch import nn
 
 from deltafm.eval.along_path import noised_accuracy, predicted_clean, trajectory_accuracy
-from deltafm.eval.compare import (
-    CompareError,
-    load_compare_config,
-    main,
-    nfe_to_steps,
-    plan_units,
-    resolve_train_config,
-)
-from deltafm.eval.report import (
-    build_report,
-    first_reach,
-    format_ratio,
-    match_ratio,
-    nfe_to_match,
-    steps_to_match,
-    summarize,
-    update_section,
-    write_report,
-)
+from deltafm.solvers import nfe_to_steps
+from deltafm.study.cli import main
+from deltafm.study.plan import plan_units, resolve_train_config
+from deltafm.study.ratios import first_reach, format_ratio, match_ratio, nfe_to_match, steps_to_match, summarize
+from deltafm.study.report import build_report, update_section, write_report
+from deltafm.study.spec import CompareError, load_compare_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "compare" / "digits-tiny.yaml"

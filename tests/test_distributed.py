@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deltafm.seeding import derive_seed, make_generator
 from deltafm.train.checkpoint import list_checkpoints, load_checkpoint
 from deltafm.train.config import find_preset, load_config
 from deltafm.train.distributed import (
@@ -19,9 +20,7 @@ from deltafm.train.distributed import (
     all_reduce_sum,
     available_cores,
     broadcast_object,
-    derive_seed,
     init_distributed,
-    make_generator,
     set_threads,
 )
 from deltafm.train.loop import train

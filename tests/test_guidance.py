@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import deltafm
-from deltafm.guidance import BiasCorrection, GuidedVelocity, MeanTarget
+from deltafm.correction import BiasCorrection, MeanTarget
+from deltafm.guidance import GuidedVelocity
 
 
 class ClassField(torch.nn.Module):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from deltafm.data import load_dataset
 from deltafm.eval import metrics as M
 from deltafm.eval.classifier import (
     Classifier,
@@ -16,12 +17,12 @@ from deltafm.eval.classifier import (
     evaluate_accuracy,
     file_sha256,
     load_classifier,
-    load_split,
     save_classifier,
     train_classifier,
 )
-from deltafm.eval.features import evaluate_samples, extract, get_extractor, images_to_model, reference_statistics
+from deltafm.eval.features import evaluate_samples, extract, get_extractor, reference_statistics
 from deltafm.eval.inception import FIDInceptionV3, load_inception
+from deltafm.pixels import images_to_model
 
 
 @pytest.fixture
@@ -295,7 +296,7 @@ def test_classifier_save_load_hash_and_tamper(tmp_path):
 def test_classifier_trains_on_digits(one_thread):
     """8x8 digits, the project's recipe, 15 epochs (a few seconds). Floor 0.90: logistic regression
     on the raw pixels of the same split reaches 0.96, so a working CNN clears 0.90 with margin."""
-    train, test = load_split("digits", "train"), load_split("digits", "test")
+    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
     model = train_classifier(train, epochs=15, seed=0, dataset_test=test, progress=False)
     assert model.meta["recipe"]["hflip"] is False  # flips change digit identity
     assert model.meta["test_accuracy"] == evaluate_accuracy(model, test.images, test.labels)
@@ -309,7 +310,7 @@ def test_evaluate_samples_and_cli_on_digits(tmp_path, one_thread):
     model = Classifier(ClassifierConfig(widths=(8, 16, 32))).eval()
     cls_path = tmp_path / "cls.safetensors"
     save_classifier(model, cls_path)
-    test = load_split("digits", "test")
+    test = load_dataset("digits", split="test")
 
     ref = reference_statistics(model, test.images, progress=False)
     out = evaluate_samples(model, test.images, ref, labels=test.labels, progress=False)
@@ -354,7 +355,7 @@ def test_classifier_fashion_mnist_accuracy_floor(one_thread):
     """Real data: the recipe for 2 epochs on the Fashion-MNIST training split must reach 0.88 on the
     test split, the accuracy /work/shared/DATA.md records for a plain 2-epoch CNN (our recipe adds
     BatchNorm and a cosine schedule, so it should not do worse). The 15-epoch model is in docs/EVAL.md."""
-    train, test = load_split("fashion-mnist", "train"), load_split("fashion-mnist", "test")
+    train, test = load_dataset("fashion-mnist", split="train"), load_dataset("fashion-mnist", split="test")
     model = train_classifier(train, epochs=2, seed=0, dataset_test=test, progress=False)
     assert model.meta["test_accuracy"] >= 0.88
 

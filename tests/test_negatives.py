@@ -92,7 +92,10 @@ def test_sampler_object_and_validation():
     targets = torch.randn(6, 3)
     labels = torch.tensor([0, 1, 0, 1, 2, 2])
     g = torch.Generator().manual_seed(0)
-    idx, offset, gathered = NegativeSampler("different_class")(targets, labels, g)
+    sampler = NegativeSampler("different_class")
+    pool = sampler.pool({"u": targets}, labels)
+    offset, gathered = pool.offset, {k: v for k, v in pool.tensors.items() if v is not targets}
+    idx = sampler(targets, labels, g)
     assert offset == 0 and gathered == {} and not bool((labels[idx] == labels).any())
     with pytest.raises(ValueError, match="unknown"):
         NegativeSampler("random")

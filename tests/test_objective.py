@@ -129,8 +129,9 @@ def _gather_worker(rank, world, init_file, out):
     pool, offset = deltafm.gather_across_ranks(x)
     labels = torch.tensor([rank, rank, rank])
     sampler = deltafm.NegativeSampler("different_class", gather=True)
-    idx, off2, gathered = sampler(x, labels, torch.Generator().manual_seed(rank))
-    out[rank] = (pool.clone(), offset, idx.clone(), off2, gathered["labels"].clone())
+    gathered = sampler.pool({"u": x}, labels)
+    idx = sampler.indices(gathered, labels, torch.Generator().manual_seed(rank))
+    out[rank] = (pool.clone(), offset, idx.clone(), gathered.offset, gathered.labels.clone())
     dist.destroy_process_group()
 
 

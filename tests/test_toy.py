@@ -12,7 +12,9 @@ import torch
 
 from deltafm.models.mlp import ConditionalMLP, build_toy_mlp
 from deltafm.solvers import sample_ode
+from deltafm.toy.config import preset_config
 from deltafm.toy.datasets import DATASETS, Checkerboard, PaperGaussians, Rings, get_dataset
+from deltafm.toy.evaluate import steps_within
 from deltafm.toy.metrics import (
     bayes_rate,
     binomial_tolerance,
@@ -24,7 +26,8 @@ from deltafm.toy.metrics import (
     straightness,
 )
 from deltafm.toy.oracle import GaussianOracle
-from deltafm.toy.study import preset_config, run_study, train_runs
+from deltafm.toy.study import run_study
+from deltafm.toy.train import train_runs
 
 
 def _grid(bounds, m):
@@ -330,6 +333,16 @@ def test_study_is_deterministic_per_seed():
     assert fm["heun"]["2"]["nfe"] == 2 and fm["euler"]["2"]["nfe"] == 2
     # the bias correction changes the samples of a ΔFM model
     assert a["variants"]["dfm0.5"]["solvers"] != a["variants"]["dfm0.5_corr"]["solvers"]
+
+
+def test_steps_within_nfe_budget():
+    """The study runs the most steps whose cost fits the NFE budget (the row keeps the budget's key)."""
+    assert [steps_within("heun", n) for n in (1, 2, 3, 4)] == [None, 1, 1, 2]
+    assert [steps_within("rk4", n) for n in (3, 4, 9)] == [None, 1, 2]
+    assert steps_within("euler", 5) == 5
+    for bad in ("dopri5", "sde", "nope"):
+        with pytest.raises(ValueError):
+            steps_within(bad, 4)
 
 
 def test_runs_share_initial_weights_and_data():

@@ -10,15 +10,18 @@ The core (this namespace) imports only torch and numpy-free modules; the trainin
 models, data and evaluation live in subpackages imported on demand.
 """
 
-from .guidance import BiasCorrection, GuidedVelocity, MeanTarget, bias_correct, cfg_combine, to_delta_optimum
+from .correction import BiasCorrection, MeanTarget, bias_correct, to_delta_optimum
+from .guidance import GuidedVelocity, cfg_combine
 from .losses import (
     LossParts,
     check_lambda,
     contrastive_flow_matching_loss,
     contrastive_flow_matching_parts,
+    contrastive_loss_parts,
     flow_matching_loss,
 )
 from .negatives import (
+    NegativePool,
     NegativeSampler,
     derangement_negatives,
     different_class_negatives,
@@ -38,7 +41,7 @@ from .paths import (
     to_reference_time,
 )
 from .schedules import LambdaSchedule
-from .solvers import SolverResult, sample_ode, sample_sde
+from .solvers import SOLVERS, SolverResult, nfe_to_steps, sample_ode, sample_sde, solve
 from .timesteps import LogitNormalTime, ModeTime, UniformTime, get_time_sampler, time_grid
 
 __version__ = "0.1.0"
@@ -54,10 +57,12 @@ __all__ = [
     "LossParts",
     "MeanTarget",
     "ModeTime",
+    "NegativePool",
     "NegativeSampler",
     "ObjectiveOutput",
     "PathSample",
     "ProbPath",
+    "SOLVERS",
     "SolverResult",
     "UniformTime",
     "VPPath",
@@ -66,6 +71,7 @@ __all__ = [
     "check_lambda",
     "contrastive_flow_matching_loss",
     "contrastive_flow_matching_parts",
+    "contrastive_loss_parts",
     "derangement_negatives",
     "different_class_negatives",
     "flow_matching_loss",
@@ -74,8 +80,10 @@ __all__ = [
     "get_path",
     "get_time_sampler",
     "hard_negatives",
+    "nfe_to_steps",
     "sample_ode",
     "sample_sde",
+    "solve",
     "time_grid",
     "to_delta_optimum",
     "to_reference_time",

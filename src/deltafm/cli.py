@@ -24,11 +24,13 @@ __all__ = ["main", "build_parser"]
 _DISPATCH = {
     "toy": ("deltafm.toy.cli", "2-D toy study: FM vs ΔFM velocity fields and metrics"),
     "eval": ("deltafm.eval.cli", "evaluate samples: classifier FD, class accuracy"),
-    "compare": ("deltafm.eval.compare", "FM vs ΔFM side by side: train, sample, evaluate, report"),
+    "compare": ("deltafm.study.cli", "FM vs ΔFM side by side: train, sample, evaluate, report"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deltafm.solvers import SOLVERS
+
     p = argparse.ArgumentParser(
         prog="deltafm",
         description="Contrastive Flow Matching (ΔFM): train, sample, evaluate. Docs: docs/TRAINING.md",
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(ADM evaluation layout). Defaults come from the checkpoint's sample section.")
     s.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its newest valid checkpoint)")
     s.add_argument("--num", type=int, default=None, help="number of samples (default: sample.num)")
-    s.add_argument("--solver", choices=["euler", "heun", "midpoint", "rk4", "dopri5", "sde"], default=None)
+    s.add_argument("--solver", choices=list(SOLVERS), default=None)
     s.add_argument("--steps", type=int, default=None, help="solver steps (NFE per sample for euler/sde)")
     s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale w (1 = off)")
     s.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
@@ -137,7 +139,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from deltafm.sampling import generate, labels_for, load_for_sampling, to_uint8_nhwc, write_outputs
+    from deltafm.generate import generate, labels_for
+    from deltafm.images import write_outputs
+    from deltafm.pixels import to_uint8_nhwc
+    from deltafm.solvers import get_solver
+    from deltafm.train.restore import load_for_sampling
+
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,16 +163,15 @@ def _sample(args: argparse.Namespace) -> int:
     lo, hi = interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--guidance-interval must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
-    lam = lm.objective.lam_at(lm.images_seen)
+    get_solver(solver)
+    lam = lm.lam
     correction = None
     if bc:
         if lam <= 0:
             print("note: the model was trained with lam = 0 (plain FM): bias correction is the identity, skipped",
                   file=sys.stderr)
-        elif not lm.objective.mean_target.initialized:
-            raise ValueError(f"checkpoint {lm.checkpoint} stores no mean target: cannot apply the bias correction")
         else:
-            correction = lm.objective.bias_correction(lam=lam)
+            correction = lm.correction("to_fm")
     labels = labels_for(num, lm.data.num_classes, args.class_id)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     x = generate(lm.model, labels=labels, shape=(lm.data.channels, lm.data.image_size, lm.data.image_size),
@@ -207,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from deltafm.train.builders import SetupError
     from deltafm.train.checkpoint import CheckpointError
     from deltafm.train.config import ConfigError
-    from deltafm.train.loop import NonFiniteLossError, SetupError
+    from deltafm.train.loop import NonFiniteLossError
 
     try:
         if args.command == "train":

@@ -12,6 +12,12 @@ For a batch of predicted velocities ``pred`` = v_θ(x_t, t, y) and targets ``tar
 ``∂loss_i/∂pred_i = 2/D · [(1 − λ) pred_i − u_i + λ u_{j(i)}]``, which vanishes at
 pred = (u_i − λ u_j)/(1 − λ): in expectation, (v_FM − λ ū)/(1 − λ).
 
+Two forms: :func:`contrastive_loss_parts` takes the negative targets already aligned with the
+anchors (``negative_target[i]`` = u_{j(i)}) and reads no tensor values, so it never synchronises a
+GPU with the host (the training objective uses it); :func:`contrastive_flow_matching_parts` /
+:func:`contrastive_flow_matching_loss` take an index j and a pool, validate them (range, finiteness:
+host synchronisations) and gather ``pool[j]`` before calling the aligned form.
+
 The reduction is the mean over the non-batch dimensions, then ``mean`` / ``sum`` over the
 batch, or ``none`` for the (B,) vector — the same as the reference code.
 """
@@ -27,6 +33,7 @@ __all__ = [
     "LossParts",
     "check_lambda",
     "flow_matching_loss",
+    "contrastive_loss_parts",
     "contrastive_flow_matching_loss",
     "contrastive_flow_matching_parts",
 ]
@@ -86,6 +93,23 @@ def flow_matching_loss(pred: Tensor, target: Tensor, reduction: str = "mean", ch
     return _reduce(_per_sample_mse(pred, target), reduction)
 
 
+def contrastive_loss_parts(pred: Tensor, target: Tensor, negative_target: Tensor, lam: float = 0.05) -> LossParts:
+    """Per-sample ΔFM loss from aligned negatives: ``negative_target[i]`` is anchor i's ũ.
+
+    positive_i = (1/D)‖pred_i − u_i‖², negative_i = (1/D)‖pred_i − ũ_i‖², loss_i = positive_i − λ negative_i.
+    Checks shapes and λ only (nothing that reads tensor values), so it is safe in a hot loop.
+    """
+    lam = check_lambda(lam)
+    if pred.shape != target.shape or negative_target.shape != target.shape:
+        raise ValueError(
+            f"pred, target and negative_target must have the same shape, got {tuple(pred.shape)}, "
+            f"{tuple(target.shape)} and {tuple(negative_target.shape)}"
+        )
+    positive = _per_sample_mse(pred, target)
+    negative = _per_sample_mse(pred, negative_target)
+    return LossParts(loss=positive - lam * negative, positive=positive, negative=negative)
+
+
 def contrastive_flow_matching_parts(
     pred: Tensor,
     target: Tensor,
@@ -132,9 +156,8 @@ def contrastive_flow_matching_parts(
     lo, hi = int(neg_index.min()), int(neg_index.max())
     if lo < 0 or hi >= m:
         raise ValueError(f"neg_index out of range: values must lie in [0, {m - 1}], got min {lo}, max {hi}")
-    positive = _per_sample_mse(pred, target)
-    negative = _per_sample_mse(pred, pool.index_select(0, neg_index.to(device=pool.device, dtype=torch.long)))
-    return LossParts(loss=positive - lam * negative, positive=positive, negative=negative)
+    negative_target = pool.index_select(0, neg_index.to(device=pool.device, dtype=torch.long))
+    return contrastive_loss_parts(pred, target, negative_target, lam)
 
 
 def contrastive_flow_matching_loss(

@@ -20,6 +20,8 @@ negatives depend on the anchor's target, so the correction is then only approxim
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -31,6 +33,7 @@ __all__ = [
     "different_class_negatives",
     "hard_negatives",
     "gather_across_ranks",
+    "NegativePool",
     "NegativeSampler",
 ]
 
@@ -103,7 +106,8 @@ def different_class_negatives(
     maps to position r (if r < start_y) or r + count_y.
 
     If the pool holds a single class, ``fallback="uniform"`` draws among the other items (same
-    class, as the reference code allows), ``fallback="error"`` raises ValueError.
+    class, as the reference code allows), ``fallback="error"`` raises ValueError (the only case that
+    reads tensor values; the default path never synchronises a GPU with the host).
     """
     if fallback not in ("uniform", "error"):
         raise ValueError(f"fallback must be 'uniform' or 'error', got {fallback!r}")
@@ -118,14 +122,17 @@ def different_class_negatives(
     end = torch.searchsorted(sorted_labels, labels, right=True)
     count = end - start
     n_other = m - count
-    if bool((n_other == 0).any()):
-        if fallback == "error":
-            raise ValueError("different_class negatives: the pool holds a single class")
-        return uniform_negatives(b, generator, device, pool_size=m, offset=offset)
+    if fallback == "error" and bool((n_other == 0).any()):  # a value check: a host sync, only when asked
+        raise ValueError("different_class negatives: the pool holds a single class")
     u = torch.rand(b, generator=generator, device=_gen_device(generator, device), dtype=torch.float64).to(device)
     r = torch.minimum((u * n_other).long(), n_other - 1)
     pos = torch.where(r < start, r, r + count)
-    return order[pos]
+    picked = order[pos.clamp(0, m - 1)]
+    # single-class pool (n_other = 0 for every anchor): uniform over the other items, from the same draw u,
+    # chosen with torch.where so that no tensor value decides the control flow (no host sync)
+    k = 1 + torch.minimum((u * (m - 1)).long(), torch.full_like(r, m - 2))
+    same_class = (_anchor_positions(b, offset, device) + k) % m
+    return torch.where(n_other > 0, picked, same_class)
 
 
 def hard_negatives(
@@ -176,13 +183,30 @@ def gather_across_ranks(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(parts, dim=0), rank * x.shape[0]
 
 
+@dataclass
+class NegativePool:
+    """The items negatives are drawn from: per-sample tensors of the local or gathered batch.
+
+    ``tensors`` maps names ("u", "x1", "x0", ...) to (M, ...) tensors; ``labels`` is (M,) or None;
+    this rank's anchors sit at positions ``offset .. offset + B − 1``.
+    """
+
+    tensors: dict[str, Tensor]
+    labels: Tensor | None
+    offset: int
+    size: int
+
+
 class NegativeSampler:
     """Chooses negatives for a batch, from the local batch or the batch gathered across ranks.
 
-    ``sampler(targets, labels, generator)`` returns ``(neg_index, pool_offset, gathered)`` where
-    ``neg_index`` (B,) indexes the pool, ``pool_offset`` is this rank's position in it and
-    ``gathered`` is a dict of the gathered tensors (empty when the pool is the local batch).
-    Use :meth:`gather` to gather any per-sample tensor (x1, x0, targets) the same way.
+    Two steps, so that the caller gathers once and indexes once:
+
+    * :meth:`pool` gathers the per-sample tensors the caller needs (one all-gather for all of them,
+      one more for the labels when the rule needs labels) into a :class:`NegativePool`;
+    * :meth:`indices` draws j(i) (B,), positions in that pool.
+
+    ``sampler(targets, labels, generator)`` does both for a pool of ``targets`` and returns the indices.
     """
 
     def __init__(
@@ -197,38 +221,58 @@ class NegativeSampler:
         self.fallback = fallback
         self.other_class_only = other_class_only
 
-    def gather(self, x: Tensor) -> tuple[Tensor, int]:
-        """Gather ``x`` across ranks if this sampler uses a gathered pool, else return it as is."""
-        return gather_across_ranks(x) if self.gather_enabled else (x, 0)
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the rule reads class labels (different-class, or hard negatives among other classes)."""
+        return self.kind == "different_class" or self.other_class_only
+
+    def pool(self, tensors: dict[str, Tensor], labels: Tensor | None = None) -> NegativePool:
+        """The pool of ``tensors`` (all of one shape and dtype) and of ``labels`` (when the rule needs them)."""
+        names = list(tensors)
+        first = tensors[names[0]]
+        pool_labels = labels if self.needs_labels else None
+        if not self.gather_enabled:
+            return NegativePool(dict(tensors), pool_labels, 0, first.shape[0])
+        stacked = tensors[names[0]][:, None] if len(names) == 1 else torch.stack([tensors[n] for n in names], 1)
+        gathered, offset = gather_across_ranks(stacked)
+        out = {n: gathered[:, k] for k, n in enumerate(names)}
+        if pool_labels is not None:
+            pool_labels, _ = gather_across_ranks(pool_labels)
+        return NegativePool(out, pool_labels, offset, gathered.shape[0])
+
+    def indices(
+        self,
+        pool: NegativePool,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        targets: Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> Tensor:
+        """j(i) for the B anchors (positions in ``pool``); ``targets`` (the anchors' u) and a pool entry
+        "u" are needed for hard negatives."""
+        b = batch_size if batch_size is not None else (labels.shape[0] if labels is not None else targets.shape[0])
+        device = next(iter(pool.tensors.values())).device
+        if self.kind == "uniform":
+            return uniform_negatives(b, generator, device, pool_size=pool.size, offset=pool.offset)
+        if self.kind == "derangement":
+            return derangement_negatives(b, generator, device)
+        if self.kind == "different_class":
+            if labels is None:
+                raise ValueError("different_class negatives need class labels")
+            return different_class_negatives(labels, generator, pool.labels, pool.offset, self.fallback)
+        if targets is None or "u" not in pool.tensors:
+            raise ValueError("hard negatives need the anchors' targets and a pool of targets 'u'")
+        return hard_negatives(targets, labels, self.other_class_only, pool.tensors["u"], pool.labels, pool.offset)
 
     def __call__(
         self,
         targets: Tensor,
         labels: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, int, dict[str, Tensor]]:
-        b = targets.shape[0]
-        gathered: dict[str, Tensor] = {}
-        pool_targets, offset = self.gather(targets)
-        if self.gather_enabled:
-            gathered["targets"] = pool_targets
-        m = pool_targets.shape[0]
-        pool_labels = None
-        if labels is not None and (self.kind == "different_class" or self.other_class_only):
-            pool_labels, _ = self.gather(labels)
-            if self.gather_enabled:
-                gathered["labels"] = pool_labels
-        if self.kind == "uniform":
-            idx = uniform_negatives(b, generator, targets.device, pool_size=m, offset=offset)
-        elif self.kind == "derangement":
-            idx = derangement_negatives(b, generator, targets.device)
-        elif self.kind == "different_class":
-            if labels is None:
-                raise ValueError("different_class negatives need class labels")
-            idx = different_class_negatives(labels, generator, pool_labels, offset, self.fallback)
-        else:
-            idx = hard_negatives(targets, labels, self.other_class_only, pool_targets, pool_labels, offset)
-        return idx, offset, gathered
+    ) -> Tensor:
+        """Indices j(i) into the (local or gathered) pool of ``targets``."""
+        pool = self.pool({"u": targets}, labels)
+        return self.indices(pool, labels, generator, targets=targets, batch_size=targets.shape[0])
 
     def __repr__(self) -> str:
         return f"NegativeSampler(kind={self.kind!r}, gather={self.gather_enabled})"

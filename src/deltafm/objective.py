@@ -6,15 +6,20 @@ One call does, for a batch of data x1 (B, ...) with labels y::
     x_t = α_t x1 + σ_t x0,  u = α̇_t x1 + σ̇_t x0
     c  = y, with each label replaced by the null id (= num_classes) with prob. label_dropout
     v  = model(x_t, t, c)                   (one forward pass)
-    j  = negatives(u, y)                    (indices into the local or gathered batch)
+    pool = gather(u) or gather(x1, x0)       (once; the local batch unless negatives are gathered)
+    j  = negatives(pool, y)                 (indices into the pool)
     ũ  = α̇_t x1[j] + σ̇_t x0[j]             (negative_time="anchor", paper Eq. 6)
        or u[j]                              (negative_time="own", reference code; same for linear)
-    loss = mean_i [ (1/D)‖v_i − u_i‖² − λ (1/D)‖v_i − ũ_i‖² ]
+    loss = mean_i [ (1/D)‖v_i − u_i‖² − λ (1/D)‖v_i − ũ_i‖² ]   (aligned form: no host sync)
 
 Label dropout is per sample and done here, so the loss knows which samples are unconditional;
 ``contrast_unconditional=False`` drops the negative term for them (the reference contrasts them).
 The running means of x1 and x0 (:class:`~deltafm.guidance.MeanTarget`) are updated on every
-call, for the bias correction at sampling time.
+call, for the bias correction at sampling time; :meth:`DeltaFMObjective.sampling_correction` decides
+which map and which λ a model trained with this objective is sampled with.
+
+Class-id range checks read tensor values (a host sync on a GPU); they run unless the caller is inside
+:func:`deltafm.checks.validation_disabled` (the training loop validates its data once instead).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .guidance import BiasCorrection, MeanTarget
-from .losses import contrastive_flow_matching_parts, flow_matching_loss
+from .checks import validation_enabled
+from .correction import BiasCorrection, MeanTarget
+from .losses import check_lambda, contrastive_loss_parts, flow_matching_loss
 from .negatives import NEGATIVE_KINDS, NegativeSampler
 from .paths import LinearPath, PathSample, ProbPath, get_path
 from .schedules import LambdaSchedule, as_schedule
@@ -120,7 +126,7 @@ class DeltaFMObjective:
         """Per-sample label dropout: returns (cond, dropped_mask)."""
         if labels is None:
             return None, None
-        if self.num_classes is not None:
+        if self.num_classes is not None and validation_enabled():
             bad = (labels < 0) | (labels >= self.num_classes)
             if bool(bad.any()):
                 raise ValueError(
@@ -134,21 +140,25 @@ class DeltaFMObjective:
         )
         return torch.where(dropped, torch.full_like(labels, self.num_classes), labels), dropped
 
-    def _negative_targets(self, sample: PathSample, labels: Tensor | None, generator) -> tuple[Tensor, Tensor, Tensor]:
-        """(neg_index into the pool, the index the loss uses, the pool of negative targets).
+    def _negative_targets(self, sample: PathSample, labels: Tensor | None, generator) -> tuple[Tensor, Tensor]:
+        """(j, ũ): indices into the pool and the negative targets aligned with the anchors.
 
-        With ``own`` time (or the linear path, where both agree) the pool is the targets u of the
-        (gathered) batch, indexed by neg_index; with ``anchor`` time ũ_i is built at the anchor's t,
-        so the pool is already aligned with the anchors and the loss indexes it with 0..B−1.
+        With ``own`` time (or the linear path, where both agree) ũ_i = u_{j(i)} from a pool of targets;
+        with ``anchor`` time ũ_i = α̇_t x1_{j(i)} + σ̇_t x0_{j(i)} at the anchor's t, from a pool of
+        (x1, x0). The pool is gathered once (hard negatives also need the pool's targets u).
         """
-        assert self.negative_sampler is not None
-        idx, _, gathered = self.negative_sampler(sample.u, labels, generator)
-        if self.negative_time == "own" or isinstance(self.path, LinearPath):
-            return idx, idx, gathered.get("targets", sample.u)
-        x1_pool, _ = self.negative_sampler.gather(sample.x1)
-        x0_pool, _ = self.negative_sampler.gather(sample.x0)
-        aligned = self.path.target(x1_pool.index_select(0, idx), x0_pool.index_select(0, idx), sample.t)
-        return idx, torch.arange(idx.shape[0], device=idx.device), aligned
+        sampler = self.negative_sampler
+        assert sampler is not None
+        own = self.negative_time == "own" or isinstance(self.path, LinearPath)
+        wanted = {"u": sample.u} if own else {"x1": sample.x1, "x0": sample.x0}
+        if sampler.kind == "hard":
+            wanted["u"] = sample.u
+        pool = sampler.pool(wanted, labels)
+        idx = sampler.indices(pool, labels, generator, targets=sample.u, batch_size=sample.u.shape[0])
+        if own:
+            return idx, pool.tensors["u"].index_select(0, idx)
+        x1, x0 = pool.tensors["x1"].index_select(0, idx), pool.tensors["x0"].index_select(0, idx)
+        return idx, self.path.target(x1, x0, sample.t)
 
     def __call__(
         self,
@@ -183,10 +193,8 @@ class DeltaFMObjective:
             negative = torch.zeros_like(positive)
             per_sample = positive
         else:
-            neg_index, loss_index, pool = self._negative_targets(sample, labels, generator)
-            parts = contrastive_flow_matching_parts(
-                pred.float(), target.float(), loss_index, lam, negatives=pool.float(), check_finite=False
-            )
+            neg_index, negative_target = self._negative_targets(sample, labels, generator)
+            parts = contrastive_loss_parts(pred.float(), target.float(), negative_target.float(), lam)
             positive, negative, per_sample = parts.positive, parts.negative, parts.loss
             if not self.contrast_unconditional and dropped is not None:
                 per_sample = torch.where(dropped, positive, per_sample)
@@ -213,6 +221,42 @@ class DeltaFMObjective:
             null_class=self.num_classes,
             correct_null=self.contrast_unconditional,
         )
+
+    def sampling_correction(
+        self,
+        map: str = "to_fm",
+        images_seen: float = 0.0,
+        lam: float | None = None,
+        other_classes: bool | None = None,
+    ) -> BiasCorrection | None:
+        """The one rule for the affine map a model trained with this objective is sampled with.
+
+        * ``none``: None (the raw field);
+        * ``to_fm`` (the bias correction): λ = ``lam`` if given, else λ at ``images_seen`` (the λ the
+          model was last trained with); None when λ = 0 (the map is the identity);
+        * ``to_delta`` (an FM model mapped post hoc to the ΔFM optimum): needs ``lam`` in (0, 1).
+
+        ``other_classes`` overrides whether ū is the mean of the *other* classes (different-class
+        negatives; default: this objective's negatives). Raises ValueError when no mean target is
+        stored (nothing to build ū from).
+        """
+        if map == "none":
+            return None
+        if map not in ("to_fm", "to_delta"):
+            raise ValueError(f"map must be 'none', 'to_fm' or 'to_delta', got {map!r}")
+        if map == "to_fm":
+            lam = self.lam_at(images_seen) if lam is None else check_lambda(lam)
+            if lam <= 0:
+                return None
+        elif lam is None or not 0.0 < check_lambda(lam):
+            raise ValueError(f"map 'to_delta' needs 0 < lam < 1, got {lam}")
+        if not self.mean_target.initialized:
+            raise ValueError("no mean target is stored (it is estimated during training): cannot build ū "
+                             f"for map {map!r}")
+        corr = self.bias_correction(direction=map, lam=lam)
+        if other_classes is not None:
+            corr.other_classes = other_classes
+        return corr
 
     def state_dict(self) -> dict[str, Tensor]:
         """The objective's learned state (the running means for the bias correction)."""

@@ -31,12 +31,91 @@ from torch import Tensor
 from .paths import ProbPath, get_path
 from .timesteps import time_grid
 
-__all__ = ["SolverResult", "sample_ode", "sample_sde", "ODE_METHODS", "FIXED_STEP_METHODS"]
+__all__ = [
+    "SolverResult",
+    "SolverSpec",
+    "SOLVERS",
+    "solver_names",
+    "get_solver",
+    "nfe_to_steps",
+    "solve",
+    "sample_ode",
+    "sample_sde",
+    "ODE_METHODS",
+    "FIXED_STEP_METHODS",
+]
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
-FIXED_STEP_METHODS = ("euler", "midpoint", "heun", "rk4")
-ODE_METHODS = (*FIXED_STEP_METHODS, "dopri5")
-_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A sampler's name, family (``ode`` / ``sde``), velocity evaluations per step and fewest steps.
+
+    ``nfe_per_step`` is None for the adaptive ``dopri5`` (its NFE depends on the tolerances).
+    """
+
+    name: str
+    kind: str
+    nfe_per_step: int | None
+    min_steps: int = 1
+
+
+#: The one registry of samplers: the CLI choices, the config check, the study and the toy read it.
+SOLVERS: dict[str, SolverSpec] = {
+    s.name: s
+    for s in (
+        SolverSpec("euler", "ode", 1),
+        SolverSpec("heun", "ode", 2),
+        SolverSpec("midpoint", "ode", 2),
+        SolverSpec("rk4", "ode", 4),
+        SolverSpec("dopri5", "ode", None),
+        SolverSpec("sde", "sde", 1, min_steps=2),
+    )
+}
+FIXED_STEP_METHODS = tuple(n for n, s in SOLVERS.items() if s.kind == "ode" and s.nfe_per_step is not None)
+ODE_METHODS = tuple(n for n, s in SOLVERS.items() if s.kind == "ode")
+
+
+def solver_names(fixed_nfe: bool = False) -> tuple[str, ...]:
+    """Names of the registered samplers (``fixed_nfe``: only those with a known NFE per step)."""
+    return tuple(n for n, s in SOLVERS.items() if not fixed_nfe or s.nfe_per_step is not None)
+
+
+def get_solver(name: str) -> SolverSpec:
+    """The :class:`SolverSpec` of ``name``; ValueError listing the known names otherwise."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def nfe_to_steps(solver: str, nfe: int) -> int | None:
+    """Steps of ``solver`` that cost exactly ``nfe`` velocity evaluations, or None when impossible
+    (NFE not a multiple of the per-step cost, fewer steps than the solver needs, adaptive solver)."""
+    spec = get_solver(solver)
+    per = spec.nfe_per_step
+    if per is None or nfe < 1 or nfe % per:
+        return None
+    steps = nfe // per
+    return steps if steps >= spec.min_steps else None
+
+
+def solve(
+    velocity: Velocity,
+    x0: Tensor,
+    solver: str,
+    steps: int,
+    path: ProbPath | str = "linear",
+    generator: torch.Generator | None = None,
+) -> SolverResult:
+    """Integrate from noise ``x0`` (t = 0) to data (t = 1) with a registered sampler.
+
+    ODE solvers go through :func:`sample_ode`; ``sde`` through :func:`sample_sde` on ``path`` with
+    noise from ``generator``.
+    """
+    if get_solver(solver).kind == "sde":
+        return sample_sde(velocity, x0, steps=steps, path=path, generator=generator)
+    return sample_ode(velocity, x0, steps=steps, method=solver)
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """Data for deltafm: in-memory image / latent datasets, their loaders, and a resumable batch order.
 
-Normalisation is defined once, in :mod:`deltafm.data.datasets`: uint8 pixels p -> p / 127.5 − 1 ∈ [−1, 1]
-(inverse ``model_to_uint8``), latents unchanged. See docs/DATA.md.
+Normalisation is defined once, in :mod:`deltafm.pixels`: uint8 pixels p -> p / 127.5 − 1 ∈ [−1, 1]
+(inverse ``model_to_uint8``), latents unchanged. The one dataset builder is :func:`load_dataset`
+(:mod:`deltafm.data.registry`). See docs/DATA.md.
 
 Loaders needing optional packages (PIL for folders, scikit-learn for digits) import them only when used.
 """
 
-from deltafm.data.datasets import DATASETS, ImageDataset, load_dataset, model_to_uint8, uint8_to_model
+from deltafm.data.datasets import ImageDataset
 from deltafm.data.idx import (
     FASHION_MNIST_ROOT,
     IdxFormatError,
@@ -15,7 +16,9 @@ from deltafm.data.idx import (
     write_idx,
 )
 from deltafm.data.latents import SD_VAE_SCALE, LatentShardWriter, load_latent_shards, write_latent_shards
+from deltafm.data.registry import DATASETS, load_dataset
 from deltafm.data.sampler import EpochBatchSampler, batches, epoch_seed
+from deltafm.pixels import model_to_uint8, uint8_to_model
 
 __all__ = [
     "DATASETS",

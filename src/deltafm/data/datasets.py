@@ -1,48 +1,27 @@
-"""The in-memory dataset type, the one place where pixel normalisation is defined, and the registry.
+"""The in-memory dataset type that every loader returns.
 
-Normalisation (the only definition in the package)::
+Items go to model space with the package's one normalisation (:mod:`deltafm.pixels`)::
 
     images:  uint8 p ∈ {0, …, 255}  ->  x = p / 127.5 − 1 ∈ [−1, 1]           (:func:`uint8_to_model`)
              inverse for saving:     p = round((x + 1) · 127.5) clipped to [0, 255]  (:func:`model_to_uint8`)
     latents: float, already in model space (the shard loader applied (z − shift) · scale, see latents.py);
              passed through unchanged.
 
-The inverse is exact on the image of the forward map: ``model_to_uint8(uint8_to_model(p)) == p`` for all
-256 values (the float32 rounding error is ~1e-5, far below the 0.5 of the rounding).
-
-Registry: :func:`load_dataset` with names ``fashion-mnist``, ``mnist``, ``digits``, ``folder``,
-``latents``. Loaders are imported lazily so that ``import deltafm.data`` needs neither PIL nor sklearn.
+Loaders (idx, digits, folder, latents) import this module; the registry that picks a loader by name is
+:mod:`deltafm.data.registry`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = [
-    "DATASETS",
-    "ImageDataset",
-    "load_dataset",
-    "model_to_uint8",
-    "uint8_to_model",
-]
+from deltafm.pixels import model_to_uint8, uint8_to_model
 
-
-def uint8_to_model(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Map uint8 pixels p ∈ [0, 255] to model space x = p / 127.5 − 1 ∈ [−1, 1]."""
-    if x.dtype != torch.uint8:
-        raise TypeError(f"expected a uint8 tensor, got {x.dtype}")
-    return x.to(dtype) / 127.5 - 1.0
-
-
-def model_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`uint8_to_model` for saving: p = round((x + 1) · 127.5), clipped to [0, 255]."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+__all__ = ["ImageDataset"]
 
 
 @dataclass
@@ -169,89 +148,3 @@ class ImageDataset:
     def class_counts(self) -> torch.Tensor:
         """Number of items per class, (num_classes,)."""
         return torch.bincount(self.labels.cpu(), minlength=self.num_classes)
-
-
-# ----------------------------------------------------------------------------------------- registry
-
-#: Known dataset names and one line on each.
-DATASETS: dict[str, str] = {
-    "fashion-mnist": "Fashion-MNIST IDX files (default root /usr/share/datasets/fashion-mnist), 28x28 gray",
-    "mnist": "MNIST IDX files at root (required), 28x28 gray",
-    "digits": "scikit-learn's bundled 8x8 digits (no files needed)",
-    "folder": "image folder at root, one subfolder per class (image_size and channels options)",
-    "latents": "safetensors latent shards at root (see deltafm.data.latents)",
-}
-
-
-def _split_dir(root: Path, split: str) -> Path:
-    """``root/split`` if that folder exists, else ``root`` itself."""
-    sub = root / split
-    return sub if sub.is_dir() else root
-
-
-def load_dataset(
-    name: str,
-    root: str | os.PathLike | None = None,
-    split: str = "train",
-    image_size: int | None = None,
-    channels: int | None = None,
-    max_items: int | None = None,
-) -> ImageDataset:
-    """Load a dataset by name into memory.
-
-    Args:
-        name: one of :data:`DATASETS`.
-        root: data folder. Defaults: Fashion-MNIST -> /usr/share/datasets/fashion-mnist; digits needs none;
-            mnist, folder and latents require it. For folder and latents, ``root/split`` is used when that
-            folder exists, else ``root``.
-        split: "train" or "test" (digits: also "all").
-        image_size: folder only: resize the shorter side and center-crop to this size.
-        channels: folder only: 1 (grayscale) or 3 (RGB, default).
-        max_items: keep only the first ``max_items`` items (quick runs and tests).
-
-    Raises:
-        ValueError: unknown name (lists the known ones), or an option the dataset does not take.
-        FileNotFoundError: data files missing (the message says what is expected and how to get it).
-    """
-    key = name.lower().replace("_", "-")
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    if key != "folder" and (image_size is not None or channels is not None):
-        raise ValueError(f"dataset {key!r} takes no image_size/channels options (only 'folder' does)")
-    if key in ("mnist", "folder", "latents") and root is None:
-        raise ValueError(f"dataset {key!r} needs a root folder (data.root=DIR)")
-
-    if key == "fashion-mnist":
-        from deltafm.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_idx_dataset
-
-        ds = load_idx_dataset(
-            FASHION_MNIST_ROOT if root is None else root,
-            split,
-            name="fashion-mnist",
-            class_names=FASHION_MNIST_CLASSES,
-        )
-    elif key == "mnist":
-        from deltafm.data.idx import load_idx_dataset
-
-        ds = load_idx_dataset(root, split, name="mnist", class_names=tuple(str(d) for d in range(10)))
-    elif key == "digits":
-        from deltafm.data.digits import load_digits_dataset
-
-        ds = load_digits_dataset(split)
-    elif key == "folder":
-        from deltafm.data.folder import load_image_folder
-
-        ds = load_image_folder(
-            _split_dir(Path(root), split),
-            image_size=image_size,
-            channels=3 if channels is None else channels,
-        )
-    else:
-        from deltafm.data.latents import load_latent_shards
-
-        ds = load_latent_shards(_split_dir(Path(root), split))
-    if max_items is not None:
-        if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
-        ds = ds.subset(slice(0, max_items))
-    return ds

@@ -1,10 +1,14 @@
 """Evaluation: feature extractors and sample-quality metrics (FD, IS, precision/recall, class accuracy).
 
+Only metrics and the networks that feed them live here; the FM-vs-ΔFM study that uses them is
+:mod:`deltafm.study`, pixel normalisation is :mod:`deltafm.pixels`.
+
 * :mod:`deltafm.eval.metrics`: the metrics on arrays, and reference statistics on disk (.npz);
 * :mod:`deltafm.eval.classifier`: the project's small CNN feature classifier (train, save, load);
 * :mod:`deltafm.eval.inception`: Inception-v3 in the FID convention, weights from a local file only;
 * :mod:`deltafm.eval.features`: the extractor protocol, batched extraction, ``get_extractor(spec)``,
-  ``reference_statistics`` and ``evaluate_samples``;
+  ``reference_statistics`` and ``evaluate_samples`` (the one scoring function);
+* :mod:`deltafm.eval.along_path`: classifier accuracy of the predicted clean sample along t;
 * :mod:`deltafm.eval.cli`: ``deltafm eval train-classifier | ref-stats | eval``.
 
 See docs/EVAL.md.
@@ -16,7 +20,6 @@ from deltafm.eval.features import (
     evaluate_samples,
     extract,
     get_extractor,
-    images_to_model,
     reference_statistics,
 )
 from deltafm.eval.inception import FIDInceptionV3, load_inception
@@ -47,7 +50,6 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_features",
     "get_extractor",
-    "images_to_model",
     "inception_score",
     "load_classifier",
     "load_inception",

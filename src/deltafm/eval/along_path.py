@@ -29,7 +29,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from deltafm.guidance import BiasCorrection, GuidedVelocity
+from deltafm.correction import BiasCorrection
+from deltafm.generate import initial_noise
+from deltafm.guidance import GuidedVelocity
 from deltafm.paths import ProbPath, get_path
 
 __all__ = ["predicted_clean", "accuracy_of", "noised_accuracy", "trajectory_accuracy"]
@@ -48,8 +50,6 @@ def accuracy_of(classifier: nn.Module, x: Tensor, labels: Tensor) -> float:
 
 
 def _noise(count: int, shape: Sequence[int], seed: int, start: int = 0) -> Tensor:
-    from deltafm.sampling import initial_noise
-
     return initial_noise(start, count, shape, seed)
 
 
@@ -112,7 +112,7 @@ def trajectory_accuracy(
     """Accuracy of x̂1 along the model's own Euler path x_{k+1} = x_k + h v(x_k, t_k), t_k = k / steps.
 
     Returns ``(times, accuracies)`` with ``steps + 1`` entries: x̂1 at t_0 .. t_{steps−1}, then the final
-    sample at t = 1. The initial noise is the one ``deltafm.sampling.generate`` uses for the same seed.
+    sample at t = 1. The initial noise is the one ``deltafm.generate.generate`` uses for the same seed.
     """
     del num_classes  # conditioning is on the given labels; kept for a uniform signature
     path = get_path(path)

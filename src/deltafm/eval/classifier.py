@@ -39,11 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from deltafm.pixels import uint8_to_model
 
 __all__ = [
     "Classifier",
@@ -52,7 +53,6 @@ __all__ = [
     "evaluate_accuracy",
     "file_sha256",
     "load_classifier",
-    "load_split",
     "save_classifier",
     "train_classifier",
 ]
@@ -204,10 +204,46 @@ def evaluate_accuracy(model: Classifier, images: Any, labels: Any, batch_size: i
     model.eval()
     correct = 0
     for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].float() / 127.5 - 1.0
+        xb = uint8_to_model(x[start : start + batch_size])
         correct += int((model(xb).argmax(1) == y[start : start + batch_size]).sum())
     model.train(was_training)
     return correct / len(x)
+
+
+def _fit(model: Classifier, images: torch.Tensor, labels: torch.Tensor, recipe: TrainRecipe,
+         gen: torch.Generator, desc: str, progress: bool) -> None:
+    """The optimisation of :func:`train_classifier`: ``recipe.epochs`` passes in ``gen``'s order, full
+    batches only, AdamW with warm-up and cosine decay, augmented batches."""
+    r = recipe
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    steps_per_epoch = len(images) // r.batch_size  # drop the last partial batch
+    total = r.epochs * steps_per_epoch
+    warmup = max(1, int(r.warmup_frac * total))
+    model.train()
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress)
+    for epoch in range(r.epochs):
+        order = torch.randperm(len(images), generator=gen)
+        run_loss = run_acc = 0.0
+        for b in range(steps_per_epoch):
+            idx = order[b * r.batch_size : (b + 1) * r.batch_size]
+            x = _augment(uint8_to_model(images[idx]), r.max_shift, r.hflip, gen)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[idx]
+            for group in opt.param_groups:
+                group["lr"] = r.lr * _lr_factor(step, total, warmup)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            run_loss = 0.98 * run_loss + 0.02 * float(loss.detach()) if step > 1 else float(loss.detach())
+            acc = float((out.argmax(1) == y).float().mean())
+            run_acc = 0.98 * run_acc + 0.02 * acc if step > 1 else acc
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}")
+    bar.close()
 
 
 def train_classifier(
@@ -251,41 +287,12 @@ def train_classifier(
         hflip=hflip, seed=seed, widths=widths, dropout=dropout,
     )
     config = ClassifierConfig(images.shape[1], num_classes, widths, dropout)
-    gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier(config)
         model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        steps_per_epoch = len(images) // batch_size  # drop the last partial batch
-        total = epochs * steps_per_epoch
-        warmup = max(1, int(recipe.warmup_frac * total))
-        model.train()
         t0 = time.perf_counter()
-        step = 0
-        bar = tqdm(total=total, desc=f"classifier[{name}]", disable=not progress)
-        for epoch in range(epochs):
-            order = torch.randperm(len(images), generator=gen)
-            run_loss = run_acc = 0.0
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                x = _augment(images[idx].float() / 127.5 - 1.0, max_shift, hflip, gen)
-                x = x.contiguous(memory_format=torch.channels_last)
-                y = labels[idx]
-                for group in opt.param_groups:
-                    group["lr"] = lr * _lr_factor(step, total, warmup)
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                run_loss = 0.98 * run_loss + 0.02 * float(loss.detach()) if step > 1 else float(loss.detach())
-                acc = float((out.argmax(1) == y).float().mean())
-                run_acc = 0.98 * run_acc + 0.02 * acc if step > 1 else acc
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}")
-        bar.close()
+        _fit(model, images, labels, recipe, torch.Generator().manual_seed(seed), f"classifier[{name}]", progress)
         train_seconds = time.perf_counter() - t0
     model = model.to(memory_format=torch.contiguous_format).eval()
     model.meta = {
@@ -385,53 +392,3 @@ def load_classifier(
     model.meta = meta
     model.extractor_id = f"classifier:{digest}"
     return model.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Data (prefers deltafm.data; a tiny IDX reader as a fallback for Fashion-MNIST)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Split:
-    images: np.ndarray
-    labels: np.ndarray
-    name: str
-    num_classes: int = 10
-
-
-def _read_idx_gz(path: Path) -> np.ndarray:
-    """Read a gzipped IDX file (unsigned-byte data) into a numpy array."""
-    import gzip
-
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_split(name: str, split: str) -> Any:
-    """A labelled split with ``.images`` uint8, ``.labels``, ``.name`` and ``.num_classes``.
-
-    Uses ``deltafm.data.load_dataset`` when available; otherwise reads the Fashion-MNIST IDX files from
-    /usr/share/datasets/fashion-mnist (Debian package ``dataset-fashion-mnist``).
-    """
-    try:
-        from deltafm.data import load_dataset
-    except ImportError:
-        try:
-            from deltafm.data.datasets import load_dataset
-        except ImportError:
-            load_dataset = None
-    if load_dataset is not None:
-        return load_dataset(name, split=split)
-    if name != "fashion-mnist":
-        raise ValueError(f"deltafm.data is unavailable; the fallback reader only knows 'fashion-mnist', not {name!r}")
-    root = Path("/usr/share/datasets/fashion-mnist")
-    prefix = {"train": "train", "test": "t10k"}[split]
-    images = _read_idx_gz(root / f"{prefix}-images-idx3-ubyte.gz")
-    labels = _read_idx_gz(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-    return _Split(images[:, None], labels, "fashion-mnist")

@@ -8,8 +8,11 @@ Subcommands::
     deltafm eval eval --samples samples.npz --ref runs/eval/fmnist-test.npz \\
         --extractor classifier:runs/eval/fmnist-cls.safetensors --out metrics.json
 
-Sample files use the ADM layout: uint8 images (N, H, W, C) under ``arr_0``; class labels under
-``labels`` (or ``arr_1``, as ADM's sampler writes them) when present. Also runnable as
+Datasets are read with :func:`deltafm.data.load_dataset`, the builder training uses (``--root`` for a
+dataset in another folder, ``--image-size`` / ``--channels`` for an image folder). Sample files use the
+ADM layout: uint8 images (N, H, W, C) under ``arr_0``; class labels under ``labels`` (or ``arr_1``, as
+ADM's sampler writes them) when present. Scoring is :func:`deltafm.eval.features.evaluate_samples`; the
+FM-vs-ΔFM study scores with ``--fd-method eigh --splits 1 --pr-max match``. Also runnable as
 ``python -m deltafm.eval.cli``.
 """
 
@@ -28,6 +31,28 @@ import torch
 __all__ = ["build_parser", "load_samples", "main"]
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--root", default=None, help="data folder (default: the dataset's; needed for mnist, folder)")
+    p.add_argument("--image-size", type=int, default=None, help="folder datasets: resize and crop to this size")
+    p.add_argument("--channels", type=int, default=None, help="folder datasets: 1 (grayscale) or 3 (RGB)")
+
+
+def _pr_max(text: str) -> int | str | None:
+    """``--pr-max``: a positive integer, ``match`` (as many real rows as samples) or ``none``."""
+    if text.lower() in ("none", "null", "all"):
+        return None
+    if text.lower() == "match":
+        return "match"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'match' or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deltafm eval", description="Sample-quality metrics (FD, IS, precision/recall, class accuracy)."
@@ -38,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-classifier", help="train the feature classifier on a training split")
-    t.add_argument("--dataset", default="fashion-mnist")
+    _add_data_args(t)
     t.add_argument("--epochs", type=int, default=15)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=128)
@@ -47,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output .safetensors path (a .sha256 sidecar is written too)")
 
     r = sub.add_parser("ref-stats", help="feature statistics of a real split -> .npz")
-    r.add_argument("--dataset", default="fashion-mnist")
+    _add_data_args(r)
     r.add_argument("--split", default="test")
     r.add_argument("--extractor", required=True, help="classifier:PATH or inception:PATH")
     r.add_argument("--out", required=True)
@@ -62,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     e.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall")
     e.add_argument("--splits", type=int, default=10, help="Inception Score splits")
-    e.add_argument("--pr-max", type=int, default=10_000, help="subsample both sets to this many rows for P/R")
+    e.add_argument("--pr-max", type=_pr_max, default=10_000,
+                   help="subsample both sets to this many rows for P/R; 'match': as many real rows as samples; "
+                        "'none': no subsampling")
+    e.add_argument("--pr-seed", type=int, default=0, help="seed of the P/R subsampling")
+    e.add_argument("--fd-method", choices=["sqrtm", "eigh"], default="sqrtm",
+                   help="matrix square root of the FD: sqrtm (FID convention) or eigh (symmetric, exact for PSD)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--allow-mismatch", action="store_true", help="accept statistics from another extractor")
     return p
@@ -86,10 +116,17 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def _train_classifier(args: argparse.Namespace) -> dict:
-    from deltafm.eval.classifier import load_split, save_classifier, train_classifier
+def _load(args: argparse.Namespace, split: str):
+    from deltafm.data import load_dataset
 
-    train, test = load_split(args.dataset, "train"), load_split(args.dataset, "test")
+    return load_dataset(args.dataset, root=args.root, split=split, image_size=args.image_size,
+                        channels=args.channels)
+
+
+def _train_classifier(args: argparse.Namespace) -> dict:
+    from deltafm.eval.classifier import save_classifier, train_classifier
+
+    train, test = _load(args, "train"), _load(args, "test")
     model = train_classifier(
         train, epochs=args.epochs, seed=args.seed, dataset_test=test, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, progress=not args.no_progress,
@@ -107,16 +144,17 @@ def _train_classifier(args: argparse.Namespace) -> dict:
 
 
 def _ref_stats(args: argparse.Namespace) -> dict:
-    from deltafm.eval.classifier import load_split
     from deltafm.eval.features import get_extractor, reference_statistics
     from deltafm.eval.metrics import save_reference_stats
 
-    data = load_split(args.dataset, args.split)
+    data = _load(args, args.split)
     images = data.images if args.max_items is None else data.images[: args.max_items]
     extractor = get_extractor(args.extractor, device=args.device)
+    meta = {"dataset": args.dataset, "split": args.split, "extractor_spec": args.extractor}
+    if args.root is not None:
+        meta["root"] = str(args.root)
     stats = reference_statistics(
-        extractor, images, keep_features=not args.no_features,
-        meta={"dataset": args.dataset, "split": args.split, "extractor_spec": args.extractor},
+        extractor, images, keep_features=not args.no_features, meta=meta,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +171,8 @@ def _eval(args: argparse.Namespace) -> dict:
     extractor = get_extractor(args.extractor, device=args.device)
     result = evaluate_samples(
         extractor, images, ref, labels=labels, layout="NHWC", k=args.k, splits=args.splits,
-        pr_max=args.pr_max, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress, allow_mismatch=args.allow_mismatch,
+        pr_max=args.pr_max, seed=args.pr_seed, fd_method=args.fd_method, batch_size=args.batch_size,
+        device=args.device, progress=not args.no_progress, allow_mismatch=args.allow_mismatch,
     )
     result["samples"] = str(args.samples)
     result["ref"] = str(args.ref)

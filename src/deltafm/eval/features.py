@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from deltafm.pixels import images_to_model
+
 __all__ = [
     "Extracted",
     "FeatureExtractor",
     "evaluate_samples",
     "extract",
     "get_extractor",
-    "images_to_model",
     "reference_statistics",
 ]
 
@@ -49,31 +50,6 @@ class FeatureExtractor(Protocol):
     def logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """(N, K) class logits, or ``None`` when the network has no classifier head."""
         ...
-
-
-def images_to_model(images: np.ndarray | torch.Tensor, layout: str = "NCHW") -> torch.Tensor:
-    """uint8 pixels p -> float32 x = p / 127.5 − 1 in [−1, 1], as (N, C, H, W).
-
-    Args:
-        images: uint8 array of shape (N, H, W) (one channel), (N, C, H, W) or (N, H, W, C).
-            Float input is taken to be in model space already and only re-laid out.
-        layout: ``"NCHW"`` or ``"NHWC"`` (the ADM sample layout) for 4-d input.
-    """
-    x = torch.as_tensor(images)
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4:
-        if layout == "NHWC":
-            x = x.permute(0, 3, 1, 2)
-        elif layout != "NCHW":
-            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-    else:
-        raise ValueError(f"images must be 3-d or 4-d, got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x.float() / 127.5 - 1.0
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"expected uint8 pixels or float model-space images, got {x.dtype}")
-    return x.float()
 
 
 @dataclass
@@ -94,7 +70,8 @@ def extract(
     progress: bool = True,
     desc: str = "features",
 ) -> Extracted:
-    """Run ``extractor`` over ``images`` in batches (converting each batch with :func:`images_to_model`).
+    """Run ``extractor`` over ``images`` in batches (each batch converted with
+    :func:`deltafm.pixels.images_to_model`).
 
     Uses ``extractor.features_and_logits(x)`` when it exists (one forward pass for both), else
     ``features`` and ``logits`` separately.
@@ -174,6 +151,22 @@ def reference_statistics(
     return ReferenceStats(mu, sigma, out.features.astype(np.float32) if keep_features else None, full_meta)
 
 
+def _pr_subsets(real: np.ndarray, fake: np.ndarray, pr_max: int | str | None, seed: int):
+    """The real and generated feature rows precision/recall compare: each set subsampled to at most
+    ``pr_max`` rows (``"match"``: the number of generated samples) by a sorted seeded permutation, real
+    first, from one ``np.random.default_rng(seed)``; None keeps both sets whole."""
+    if pr_max is None:
+        return real, fake
+    if pr_max == "match":
+        pr_max = len(fake)
+    if isinstance(pr_max, bool) or not isinstance(pr_max, int) or pr_max < 1:
+        raise ValueError(f"pr_max must be a positive integer, 'match' or None, got {pr_max!r}")
+    g = np.random.default_rng(seed)
+    real = real[np.sort(g.permutation(len(real))[:pr_max])]
+    fake = fake[np.sort(g.permutation(len(fake))[:pr_max])]
+    return real, fake
+
+
 def evaluate_samples(
     extractor: FeatureExtractor,
     images: np.ndarray | torch.Tensor,
@@ -182,22 +175,29 @@ def evaluate_samples(
     layout: str = "NCHW",
     k: int = 3,
     splits: int = 10,
-    pr_max: int | None = 10_000,
+    pr_max: int | str | None = 10_000,
     seed: int = 0,
+    fd_method: str = "sqrtm",
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = True,
     allow_mismatch: bool = False,
 ) -> dict:
-    """All metrics of generated ``images`` against reference statistics ``ref`` (a ``ReferenceStats``).
+    """All metrics of generated ``images`` against reference statistics ``ref`` (a ``ReferenceStats``):
+    the one scoring function of the package (``deltafm eval eval`` and the study both call it).
 
-    Computes FD (always); IS (when the extractor has logits; ``splits`` chunks, reduced to N if fewer
-    samples); precision/recall with k-NN manifolds (when ``ref.features`` exists; both sets subsampled
-    to at most ``pr_max`` rows with a seeded permutation); class accuracy (when ``labels`` are given and
-    the extractor is a classifier whose classes are the dataset's, i.e. not Inception).
+    Computes FD (always; ``fd_method`` "sqrtm" (the FID convention) or "eigh", see
+    :func:`~deltafm.eval.metrics.frechet_distance`); IS (when the extractor has logits; ``splits``
+    chunks, reduced to N if fewer samples); precision/recall with k-NN manifolds (when ``ref.features``
+    exists; both sets subsampled to at most ``pr_max`` rows with a permutation seeded by ``seed``;
+    ``"match"`` = as many real rows as samples, None = no subsampling); class accuracy (when ``labels``
+    are given and the extractor is a classifier whose classes are the dataset's, i.e. not Inception).
+    The settings are recorded in the result (``fd_method``, ``is_splits``, ``pr_k``, ``pr_max``,
+    ``pr_seed``, ``pr_real``, ``pr_fake``).
 
     Raises:
-        ValueError: ``ref`` was computed with a different extractor (unless ``allow_mismatch``).
+        ValueError: ``ref`` was computed with a different extractor (unless ``allow_mismatch``), or a bad
+            ``pr_max``.
     """
     from deltafm.eval.metrics import (
         class_accuracy,
@@ -220,20 +220,17 @@ def evaluate_samples(
         "num_samples": int(n),
         "extractor": extractor.extractor_id,
         "reference": {k_: v for k_, v in ref.meta.items()},
-        "fd": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "fd": frechet_distance(mu, sigma, ref.mu, ref.sigma, method=fd_method),
+        "fd_method": fd_method,
     }
     if out.logits is not None:
         probs = torch.softmax(torch.from_numpy(out.logits), dim=1).numpy()
         is_mean, is_std = inception_score(probs, splits=min(splits, n))
         result.update(inception_score=is_mean, inception_score_std=is_std, is_splits=min(splits, n))
     if ref.features is not None:
-        g = np.random.default_rng(seed)
-        real, fake = ref.features, out.features
-        if pr_max is not None:
-            real = real[np.sort(g.permutation(len(real))[:pr_max])]
-            fake = fake[np.sort(g.permutation(len(fake))[:pr_max])]
+        real, fake = _pr_subsets(ref.features, out.features, pr_max, seed)
         result["precision"], result["recall"] = precision_recall(real, fake, k=k)
-        result.update(pr_k=k, pr_real=int(len(real)), pr_fake=int(len(fake)))
+        result.update(pr_k=k, pr_max=pr_max, pr_seed=seed, pr_real=int(len(real)), pr_fake=int(len(fake)))
     num_classes = getattr(getattr(extractor, "config", None), "num_classes", None)
     if labels is not None and out.logits is not None and num_classes is not None:
         pred = out.logits.argmax(axis=1)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from deltafm.checks import validation_enabled
+
 __all__ = [
     "ClassEmbedder",
     "TimestepEmbedder",
@@ -78,7 +80,9 @@ class ClassEmbedder(nn.Module):
     """Lookup table with ``num_classes + 1`` rows; row ``num_classes`` is the learned null class.
 
     Ids outside ``[0, num_classes]`` raise ValueError (checked in eager mode; skipped while
-    ``torch.compile`` traces, so the check never breaks a graph, and on the meta device).
+    ``torch.compile`` traces, so the check never breaks a graph, on the meta device, and inside
+    :func:`deltafm.checks.validation_disabled`, where the training loop runs its steps: the check reads
+    tensor values, a host sync).
     """
 
     def __init__(self, num_classes: int, dim: int) -> None:
@@ -99,7 +103,8 @@ class ClassEmbedder(nn.Module):
             raise ValueError(f"cond must hold integer class ids, got dtype {cond.dtype}")
         if cond.ndim != 1:
             raise ValueError(f"cond must have shape (B,), got {tuple(cond.shape)}")
-        if not torch.compiler.is_compiling() and cond.numel() > 0 and cond.device.type != "meta":
+        if (validation_enabled() and not torch.compiler.is_compiling() and cond.numel() > 0
+                and cond.device.type != "meta"):
             lo, hi = int(cond.min()), int(cond.max())
             if lo < 0 or hi > self.num_classes:
                 raise ValueError(

@@ -106,6 +106,17 @@ class Level(nn.Module):
         self.attn = nn.ModuleList()
 
 
+def _check_levels(channel_mult: tuple[int, ...], attn_levels: tuple[int, ...]) -> int:
+    """Number of resolution levels; ValueError for an empty ``channel_mult`` or out-of-range attention levels."""
+    levels = len(channel_mult)
+    if levels < 1:
+        raise ValueError("channel_mult needs at least one level")
+    bad_attn = [a for a in attn_levels if not 0 <= a < levels]
+    if bad_attn:
+        raise ValueError(f"attn_levels {bad_attn} out of range for {levels} levels")
+    return levels
+
+
 class UNet(nn.Module):
     """ADM-style class-conditional UNet.
 
@@ -140,12 +151,7 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         h, w = pair(image_size)
-        levels = len(channel_mult)
-        if levels < 1:
-            raise ValueError("channel_mult needs at least one level")
-        bad_attn = [a for a in attn_levels if not 0 <= a < levels]
-        if bad_attn:
-            raise ValueError(f"attn_levels {bad_attn} out of range for {levels} levels")
+        levels = _check_levels(channel_mult, attn_levels)
         self.factor = 2 ** (levels - 1)
         self._check_size(h, w)
         self.config = dict(

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the toy study; returns the exit status (2 on bad arguments)."""
     args = build_parser().parse_args(argv)
-    from deltafm.toy.study import PRESETS, aggregate, preset_config, results_table, run_study, summary_table
+    from deltafm.toy.config import PRESETS, preset_config
+    from deltafm.toy.study import run_study
+    from deltafm.toy.tables import aggregate, results_table, summary_table
 
     if args.list_presets:
         for name in PRESETS:

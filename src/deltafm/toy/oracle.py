@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deltafm.guidance import to_delta_optimum
+from deltafm.correction import to_delta_optimum
 from deltafm.toy.datasets import EightGaussians, PaperGaussians, ToyDataset
 
 __all__ = ["GaussianOracle", "has_oracle"]

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from deltafm.solvers import sample_ode  # noqa: E402
 from deltafm.toy.datasets import ToyDataset  # noqa: E402
+from deltafm.toy.velocity import build_velocity  # noqa: E402
 
 __all__ = ["write_figures", "CLASS_COLORS"]
 
@@ -52,8 +53,6 @@ def _density_contours(ax, dataset: ToyDataset, xlim, ylim) -> None:
 
 @torch.no_grad()
 def _trajectories(cfg, dataset, runs, metrics, out: Path) -> str:
-    from deltafm.toy.study import build_velocity
-
     names = _labels(metrics, cfg.figure_variants)
     if not names:
         return ""
@@ -107,8 +106,6 @@ def _fields(cfg, dataset, runs, metrics, out: Path) -> str:
     """Quivers per class at several t.  ``quiver_mode="direction"``: unit arrows of v_k;
     ``"deviation"``: the class-specific part v_k − mean_j v_j at a scale shared by each column (when
     all classes move almost the same way, as in the paper setting, this is what differs)."""
-    from deltafm.toy.study import build_velocity
-
     names = _labels(metrics, cfg.quiver_variants)
     if not names:
         return ""

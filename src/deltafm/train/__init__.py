@@ -1,5 +1,9 @@
 """The training framework: typed config, loop, checkpoints, EMA, distributed helpers, logs.
 
+The loop (``loop.py``) is made of ``setup.py`` (validate, build, resume), ``step.py`` (one optimizer
+step, one host sync), ``bookkeeping.py`` (logs, grids, checkpoints), ``state.py`` (:class:`RunState`,
+what a checkpoint holds) and ``signals.py``.
+
 Entry points: :func:`deltafm.train.loop.train` (also ``deltafm train``), :func:`load_config`.
 Importing this package needs the ``[train]`` extra (pyyaml); the loop itself is imported lazily.
 """
@@ -16,6 +20,7 @@ from deltafm.train.checkpoint import (
 )
 from deltafm.train.config import Config, ConfigError, config_from_dict, format_config, load_config
 from deltafm.train.ema import EMA
+from deltafm.train.state import RunState
 
 __all__ = [
     "Checkpoint",
@@ -24,6 +29,7 @@ __all__ = [
     "ConfigError",
     "EMA",
     "PickleCheckpointError",
+    "RunState",
     "config_from_dict",
     "find_latest_checkpoint",
     "format_config",

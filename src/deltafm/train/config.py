@@ -4,7 +4,11 @@ A config has seven sections, each a dataclass (``model``, ``data``, ``objective`
 ``sample``, ``log``). :func:`load_config` reads a YAML file, applies command-line overrides such as
 ``optim.lr=2e-4`` or ``model.kwargs.base_channels=64`` (each value parsed with ``yaml.safe_load``), and
 checks every key and value against the dataclass types. Unknown keys (typos) and values of the wrong type
-are :class:`ConfigError` naming the dotted key, with the closest valid key suggested.
+are :class:`ConfigError` naming the dotted key, with the closest valid key suggested (the conversion is
+:mod:`deltafm.typed_config`, shared with the study spec).
+
+Presets (``deltafm train --preset NAME``) are YAML files shipped inside the package, in
+``deltafm/presets/`` (``configs/`` in a source checkout is a link to that folder).
 
 Units: durations and the EMA half-life are counted in **images seen** (global, over all ranks), so
 changing the batch size or the number of ranks keeps their meaning; logging, sampling and checkpoint
@@ -15,15 +19,17 @@ grad_accum)``.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import importlib.resources
 import math
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
+
+from deltafm.solvers import SOLVERS, get_solver
+from deltafm.typed_config import ConfigError, build, dotted_keys, field_names, to_dict, unknown_key_error
 
 __all__ = [
     "ConfigError",
@@ -45,10 +51,6 @@ __all__ = [
     "preset_dir",
     "diff_configs",
 ]
-
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the dotted key."""
 
 
 @dataclass
@@ -153,7 +155,7 @@ class SampleConfig:
 
     every: int = 0
     num: int = 64
-    solver: Literal["euler", "heun", "midpoint", "rk4", "dopri5", "sde"] = "euler"
+    solver: str = "euler"  # a name of deltafm.solvers.SOLVERS
     steps: int = 50
     cfg: float = 1.0
     interval: tuple[float, float] = (0.0, 1.0)
@@ -200,155 +202,20 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _keys_of(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _all_dotted_keys(cls: type, prefix: str = "") -> list[str]:
-    out: list[str] = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(_all_dotted_keys(tp, key + "."))
-        else:
-            out.append(key)
-    return out
-
-
-def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:
-        by_leaf = {v.rsplit(".", 1)[-1]: v for v in valid}
-        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a parsed YAML value to the annotated type, or raise ConfigError naming ``key``."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Union or origin is types.UnionType:
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"config key '{key}' may not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': bad value {value!r}")
-    if origin is Literal:
-        choices = get_args(tp)
-        if value in choices:
-            return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                value = float(value.replace("_", ""))
-            except ValueError:
-                raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-    if origin is tuple:
-        args = get_args(tp)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        (arg,) = get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        for k in value:
-            if not isinstance(k, str):
-                raise ConfigError(f"config key '{key}' has a non-string key {k!r}")
-        return dict(value)
-    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")  # pragma: no cover
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = get_type_hints(cls)
-    valid = _keys_of(cls)
-    kwargs = {}
-    for k, v in data.items():
-        if k not in valid:
-            raise _unknown_key_error(f"{prefix}{k}", [f"{prefix}{n}" for n in _all_dotted_keys(cls)])
-        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict[str, Any] | None) -> Config:
     """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults)."""
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     for k in data:
-        if k not in _keys_of(Config):
-            raise _unknown_key_error(str(k), _all_dotted_keys(Config) + _keys_of(Config))
-    return _build(Config, data).validate()
+        if k not in field_names(Config):
+            raise unknown_key_error(str(k), dotted_keys(Config) + field_names(Config))
+    return build(Config, data).validate()
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of the config (tuples become lists), suitable for YAML or JSON."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return to_dict(cfg)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -406,15 +273,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
 
 
 def preset_dir() -> Path:
-    """The ``configs/`` folder of the source tree (or of the current directory)."""
-    here = Path(__file__).resolve().parents[3] / "configs"
-    if here.is_dir():
-        return here
-    return Path.cwd() / "configs"
+    """The folder of the presets shipped with the package (``deltafm/presets``; ``configs/`` in a checkout)."""
+    return Path(str(importlib.resources.files("deltafm") / "presets"))
 
 
 def find_preset(name: str) -> Path:
-    """Path of ``configs/NAME.yaml``; a ConfigError listing the presets when it does not exist."""
+    """Path of preset ``NAME`` (``deltafm/presets/NAME.yaml``); a ConfigError listing the presets when it
+    does not exist."""
     folder = preset_dir()
     path = folder / (name if name.endswith(".yaml") else f"{name}.yaml")
     if path.is_file():
@@ -479,7 +344,7 @@ def _validate(cfg: Config) -> None:
     if o.lam_schedule is not None:
         unknown = sorted(set(o.lam_schedule) - {"kind", "start", "end", "duration"})
         if unknown:
-            raise _unknown_key_error(f"objective.lam_schedule.{unknown[0]}",
+            raise unknown_key_error(f"objective.lam_schedule.{unknown[0]}",
                                      [f"objective.lam_schedule.{k}" for k in ("kind", "start", "end", "duration")])
         for k in ("start", "end"):
             v = o.lam_schedule.get(k)
@@ -516,7 +381,11 @@ def _validate(cfg: Config) -> None:
              f"must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
     _require(s.every >= -1, "sample.every", "must be >= -1")
     _require(s.num >= 1, "sample.num", "must be >= 1")
-    _require(s.steps >= 1, "sample.steps", "must be >= 1")
+    close = difflib.get_close_matches(s.solver, list(SOLVERS), n=1)
+    _require(s.solver in SOLVERS, "sample.solver", f"must be one of {', '.join(map(repr, SOLVERS))}, got "
+             f"{s.solver!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    _require(s.steps >= get_solver(s.solver).min_steps, "sample.steps",
+             f"must be >= {get_solver(s.solver).min_steps} for solver {s.solver!r}")
     _require(s.batch_size >= 1, "sample.batch_size", "must be >= 1")
     lo, hi = s.interval
     _require(0.0 <= lo <= hi <= 1.0, "sample.interval", f"must satisfy 0 <= lo <= hi <= 1, got {[lo, hi]}")

@@ -4,18 +4,15 @@
 :func:`init_distributed` reads them and starts a process group (NCCL on GPU, gloo on CPU). Without them
 the run is a single process and every helper here is a no-op.
 
-Seeds: every stream of randomness gets its own seed mixed from (seed, rank, stream name) by
-:func:`derive_seed` (numpy's SeedSequence), so ranks and streams are unrelated but reproducible.
+Seeds per rank and stream come from :mod:`deltafm.seeding`.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,8 +22,6 @@ __all__ = [
     "shutdown_distributed",
     "available_cores",
     "set_threads",
-    "derive_seed",
-    "make_generator",
     "all_reduce_sum",
     "broadcast_object",
     "all_gather_object",
@@ -104,21 +99,6 @@ def set_threads(world_size: int, threads: int | None = None, local_world_size: i
     n = threads if threads is not None else max(1, available_cores() // max(1, local))
     torch.set_num_threads(n)
     return n
-
-
-def derive_seed(seed: int, rank: int = 0, stream: str = "") -> int:
-    """A 63-bit seed mixed from (seed, rank, stream) by numpy's SeedSequence."""
-    words = np.random.SeedSequence([int(seed), int(rank), zlib.crc32(stream.encode())]).generate_state(
-        2, dtype=np.uint32
-    )
-    return ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
-
-
-def make_generator(seed: int, rank: int = 0, stream: str = "", device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded with :func:`derive_seed`."""
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(seed, rank, stream))
-    return g
 
 
 def _active() -> bool:

@@ -1,0 +1,97 @@
+"""The dataset registry: one builder, by name, for training, the study and the evaluation CLI.
+
+:func:`load_dataset` with names ``fashion-mnist``, ``mnist``, ``digits``, ``folder``, ``latents``.
+Loaders are imported lazily so that ``import deltafm.data`` needs neither PIL nor sklearn.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deltafm.data.datasets import ImageDataset
+
+__all__ = ["DATASETS", "load_dataset"]
+
+#: Known dataset names and one line on each.
+DATASETS: dict[str, str] = {
+    "fashion-mnist": "Fashion-MNIST IDX files (default root /usr/share/datasets/fashion-mnist), 28x28 gray",
+    "mnist": "MNIST IDX files at root (required), 28x28 gray",
+    "digits": "scikit-learn's bundled 8x8 digits (no files needed)",
+    "folder": "image folder at root, one subfolder per class (image_size and channels options)",
+    "latents": "safetensors latent shards at root (see deltafm.data.latents)",
+}
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    """``root/split`` if that folder exists, else ``root`` itself."""
+    sub = root / split
+    return sub if sub.is_dir() else root
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    max_items: int | None = None,
+) -> ImageDataset:
+    """Load a dataset by name into memory.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        root: data folder. Defaults: Fashion-MNIST -> /usr/share/datasets/fashion-mnist; digits needs none;
+            mnist, folder and latents require it. For folder and latents, ``root/split`` is used when that
+            folder exists, else ``root``.
+        split: "train" or "test" (digits: also "all").
+        image_size: folder only: resize the shorter side and center-crop to this size.
+        channels: folder only: 1 (grayscale) or 3 (RGB, default).
+        max_items: keep only the first ``max_items`` items (quick runs and tests).
+
+    Raises:
+        ValueError: unknown name (lists the known ones), or an option the dataset does not take.
+        FileNotFoundError: data files missing (the message says what is expected and how to get it).
+    """
+    key = name.lower().replace("_", "-")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if key != "folder" and (image_size is not None or channels is not None):
+        raise ValueError(f"dataset {key!r} takes no image_size/channels options (only 'folder' does)")
+    if key in ("mnist", "folder", "latents") and root is None:
+        raise ValueError(f"dataset {key!r} needs a root folder (data.root=DIR)")
+
+    if key == "fashion-mnist":
+        from deltafm.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_idx_dataset
+
+        ds = load_idx_dataset(
+            FASHION_MNIST_ROOT if root is None else root,
+            split,
+            name="fashion-mnist",
+            class_names=FASHION_MNIST_CLASSES,
+        )
+    elif key == "mnist":
+        from deltafm.data.idx import load_idx_dataset
+
+        ds = load_idx_dataset(root, split, name="mnist", class_names=tuple(str(d) for d in range(10)))
+    elif key == "digits":
+        from deltafm.data.digits import load_digits_dataset
+
+        ds = load_digits_dataset(split)
+    elif key == "folder":
+        from deltafm.data.folder import load_image_folder
+
+        ds = load_image_folder(
+            _split_dir(Path(root), split),
+            image_size=image_size,
+            channels=3 if channels is None else channels,
+        )
+    else:
+        from deltafm.data.latents import load_latent_shards
+
+        ds = load_latent_shards(_split_dir(Path(root), split))
+    if max_items is not None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        ds = ds.subset(slice(0, max_items))
+    return ds

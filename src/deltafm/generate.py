@@ -1,0 +1,93 @@
+"""Noise -> solver -> guidance (and correction) -> samples: the engine behind ``deltafm sample``.
+
+For N samples with class labels y (balanced ``i mod K`` by default, or one class), noise x0 ~ N(0, I)
+is drawn **per image** from a generator seeded with (seed, image index), so an image does not depend on
+the batch size or on how many others are drawn. The velocity is the model under classifier-free
+guidance (scale w, on the t-interval [lo, hi]; t = 0 noise, t = 1 data) with an optional affine map
+(the ΔFM bias correction v_FM = (1 − λ) v + λ ū, or the post-hoc map to the ΔFM optimum), integrated
+from t = 0 to t = 1 by any sampler of the registry :data:`deltafm.solvers.SOLVERS`. The SDE sampler's
+noise comes from a generator seeded with (seed, first index of the batch): reproducible for a given seed
+and batch size.
+
+Which map and which λ a trained checkpoint is sampled with is decided by
+:meth:`deltafm.objective.DeltaFMObjective.sampling_correction`; writing images is :mod:`deltafm.images`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .correction import BiasCorrection
+from .guidance import GuidedVelocity
+from .paths import ProbPath
+from .seeding import derive_seed, make_generator
+from .solvers import get_solver, solve
+
+__all__ = ["labels_for", "initial_noise", "generate"]
+
+
+def labels_for(num: int, num_classes: int, class_id: int | None = None) -> Tensor:
+    """Class labels of N samples: ``i mod K`` (balanced, in order), or all ``class_id``."""
+    if class_id is not None:
+        if not 0 <= class_id < num_classes:
+            raise ValueError(f"class {class_id} out of range [0, {num_classes - 1}]")
+        return torch.full((num,), class_id, dtype=torch.long)
+    return torch.arange(num, dtype=torch.long) % num_classes
+
+
+def initial_noise(start: int, count: int, shape: Sequence[int], seed: int) -> Tensor:
+    """x0 of images ``start .. start+count-1``: each from its own generator seeded with (seed, index)."""
+    g = torch.Generator()
+    out = torch.empty(count, *shape)
+    for i in range(count):
+        g.manual_seed(derive_seed(seed, start + i, "sample-noise"))
+        out[i] = torch.randn(*shape, generator=g)
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    *,
+    labels: Tensor,
+    shape: Sequence[int],
+    num_classes: int,
+    solver: str = "euler",
+    steps: int = 50,
+    cfg: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+    correction: BiasCorrection | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    path: ProbPath | str = "linear",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Samples in model space (float32, N×C×H×W, on CPU) for ``labels`` (N,)."""
+    spec = get_solver(solver)
+    device = torch.device(device)
+    n = labels.shape[0]
+    outs = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="img", desc=f"sampling ({solver}, {steps} steps)", dynamic_ncols=True)
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        x0 = initial_noise(start, count, shape, seed).to(device)
+        cond = labels[start:start + count].to(device)
+        vel = GuidedVelocity(model, cond, scale=cfg, interval=interval, null_class=num_classes,
+                             correction=correction, amp_dtype=amp_dtype)
+        gen = make_generator(seed, start, "sample-sde", device) if spec.kind == "sde" else None
+        res = solve(vel, x0, solver, steps, path=path, generator=gen)
+        outs.append(res.x.float().cpu())
+        if bar is not None:
+            bar.update(count)
+    if bar is not None:
+        bar.close()
+    return torch.cat(outs) if outs else torch.empty(0, *shape)

@@ -1,0 +1,120 @@
+"""``deltafm compare`` (also ``python -m deltafm.study``): run a study, print its plan, or write its report.
+
+    deltafm compare --config configs/compare/fmnist-unet.yaml --out runs/compare/fmnist-unet [--seeds 0 1 2]
+    deltafm compare --config ... --out ... [--arms fm dfm-0.05] [--dry-run] [--report-only] [--train-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from deltafm.study.plan import eval_points, forward_passes, plan_units, resolve_train_config, variant_stages
+from deltafm.study.spec import CompareConfig, CompareError, apply_study_overrides, base_path, load_compare_config
+from deltafm.study.spec import validate as validate_study
+
+__all__ = ["build_parser", "describe_plan", "main"]
+
+#: Keys whose differences between an arm and the base are the study's doing, not the arm's.
+_PLAN_IGNORED = ("train.seed", "train.ckpt_every", "train.keep_last", "sample.", "log.", "train.total_images",
+                 "train.steps")
+
+
+def describe_plan(c: CompareConfig, seeds: list[int]) -> str:
+    """The ``--dry-run`` text: per arm its seeds, batch, steps, what differs from the base, its variants and
+    evaluation units; totals of training images and sampling forward passes."""
+    from deltafm.train.config import config_from_dict, diff_configs
+
+    lines = [f"study {c.name}: base {base_path(c)}, seeds {seeds}, {c.total_images} images per run, "
+             f"evaluated at {eval_points(c)}", f"baseline variant: {c.baseline}", ""]
+    base = config_from_dict(apply_study_overrides(c))
+    tot_train = tot_sample = 0
+    for a in c.arms:
+        s = c.arm_seeds(a)
+        cfg = resolve_train_config(c, a, s[0])
+        diff = [(k, x, y) for k, x, y in diff_configs(base, cfg) if not k.startswith(_PLAN_IGNORED)]
+        units = plan_units(c, a)
+        fw = forward_passes(units)
+        tot_train += c.total_images * len(s)
+        tot_sample += fw * len(s)
+        lines.append(f"arm {a.name}: seeds {s}; batch {cfg.train.batch_size}, {c.total_images // cfg.train.batch_size}"
+                     f" steps; differs from base in " + (", ".join(f"{k}={y!r}" for k, _, y in diff) or "nothing"))
+        for v in a.variants:
+            lines.append(f"    variant {v.name}: map {v.map}" + (f" (lam {v.lam})" if v.lam else "")
+                         + f", stages {variant_stages(a, v)}")
+        lines.append(f"    {len(units)} evaluation units per seed, {fw / 1e6:.2f}M sample forward passes per seed")
+    lines.append("")
+    lines.append(f"total: {tot_train / 1e6:.2f}M training images (≈ {3 * tot_train / 1e6:.2f}M forward-equivalents),"
+                 f" {tot_sample / 1e6:.2f}M sampling forward passes")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltafm compare",
+                                description="Train FM and ΔFM arms from one seed and data order, evaluate them "
+                                            "along training and over NFE, write results.json and a report.")
+    p.add_argument("--config", type=Path, required=True, help="study YAML (configs/compare/*.yaml)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/compare/<name>)")
+    p.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds")
+    p.add_argument("--arms", nargs="+", help="run only these arms")
+    p.add_argument("--classifier", help="feature classifier .safetensors (default: eval.classifier, or trained "
+                                        "once into OUT/classifier)")
+    p.add_argument("--threads", type=int, help="torch threads for evaluation (training uses train.threads)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (evaluation)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the per-arm configs, then exit")
+    p.add_argument("--report-only", action="store_true", help="collect existing results and write the report")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train the arms (all evaluation checkpoints are kept); evaluate with a later call")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deltafm.study.run import collect_results, run_compare, write_json
+
+    c = load_compare_config(args.config)
+    if args.seeds:
+        c.seeds = list(args.seeds)
+        validate_study(c)
+    out = args.out or Path("runs") / "compare" / c.name
+    if args.dry_run:
+        print(describe_plan(c, c.seeds))
+        return 0
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.report_only:
+        from deltafm.study.report import write_report
+
+        write_json(out / "results.json", collect_results(c, out))
+        print(write_report(out / "results.json", out / "report"))
+        return 0
+    run_compare(c, out, arms=args.arms, device=device, threads=args.threads, classifier=args.classifier,
+                report=not (args.no_report or args.train_only), quiet=args.quiet, train_only=args.train_only)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``deltafm compare``; 0 on success, 2 on bad input, 1 when interrupted."""
+    args = build_parser().parse_args(argv)
+    from deltafm.train.builders import SetupError
+    from deltafm.train.checkpoint import CheckpointError
+    from deltafm.train.loop import NonFiniteLossError
+    from deltafm.typed_config import ConfigError
+
+    try:
+        return _run(args)
+    except (CompareError, ConfigError, CheckpointError, SetupError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}; run the same command again to continue", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

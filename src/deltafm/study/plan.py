@@ -1,0 +1,114 @@
+"""What a study computes: the training config of each (arm, seed), the evaluation points, and the
+evaluation **units** of an (arm, seed) with the settings that identify them (a unit is redone when its
+settings change), plus a cost estimate in model forward passes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltafm.solvers import nfe_to_steps
+from deltafm.study.spec import ArmSpec, CompareConfig, CompareError, VariantSpec, apply_study_overrides
+
+__all__ = [
+    "METRICS_VERSION",
+    "resolve_train_config",
+    "eval_points",
+    "variant_stages",
+    "plan_units",
+    "forward_passes",
+]
+
+#: Bumped when the computation of a unit's metrics changes (units with another version are redone).
+METRICS_VERSION = 1
+
+
+def resolve_train_config(c: CompareConfig, arm: ArmSpec, seed: int, images: int | None = None):
+    """The training :class:`~deltafm.train.config.Config` of ``arm`` and ``seed``, trained up to ``images``.
+
+    Base config, then the study's and the arm's overrides, then: ``train.seed = seed``,
+    ``train.total_images = images`` (default: the study's total), checkpoints exactly at the evaluation
+    points (``ckpt_every`` = one evaluation interval, all kept), no sample grids, no progress bar.
+    """
+    from deltafm.train.config import ConfigError, apply_overrides, config_from_dict
+
+    data = apply_overrides(apply_study_overrides(c), list(arm.overrides.items()))
+    batch = int(((data.get("train") or {}).get("batch_size")) or 256)
+    if c.eval_every_images % batch:
+        raise CompareError(f"arm {arm.name}: eval_every_images ({c.eval_every_images}) must be a multiple of "
+                           f"its batch size ({batch})")
+    interval_steps = c.eval_every_images // batch
+    points = c.total_images // c.eval_every_images
+    data = apply_overrides(data, [
+        ("train.seed", int(seed)), ("train.total_images", int(images or c.total_images)), ("train.steps", None),
+        ("train.ckpt_every", interval_steps), ("train.keep_last", points + 2), ("sample.every", -1),
+    ])
+    log = data.setdefault("log", {}) or {}
+    log.setdefault("progress_bar", False)
+    log.setdefault("tensorboard", False)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise CompareError(f"arm {arm.name}: {e}") from None
+
+
+def eval_points(c: CompareConfig) -> list[int]:
+    """Images seen at each evaluation of the curve: eval_every, 2·eval_every, ..., total."""
+    return list(range(c.eval_every_images, c.total_images + 1, c.eval_every_images))
+
+
+def variant_stages(arm: ArmSpec, v: VariantSpec) -> list[str]:
+    """The stages a variant is evaluated in (its own, else its arm's)."""
+    return list(v.stages if v.stages is not None else arm.stages)
+
+
+def _sample_units(c: CompareConfig, v: VariantSpec, stages: list[str], common: dict[str, Any]) -> dict[str, dict]:
+    """The curve, sweep and cfg units of one variant (each draws samples and scores them)."""
+    e = c.eval
+    units: dict[str, dict[str, Any]] = {}
+    if "curve" in stages:
+        for img in eval_points(c):
+            units[f"curve/{v.name}/{img}"] = dict(stage="curve", variant=v.name, images=img, solver=e.curve.solver,
+                                                  nfe=e.curve.nfe, num=e.curve.num, w=1.0, **common)
+    if "sweep" in stages:
+        for solver in e.sweep.solvers:
+            for nfe in e.sweep.nfe:
+                if nfe_to_steps(solver, nfe) is None:
+                    continue
+                units[f"sweep/{v.name}/{solver}/{nfe}"] = dict(
+                    stage="sweep", variant=v.name, images=c.total_images, solver=solver, nfe=nfe,
+                    num=e.sweep.num, w=1.0, **common)
+    if "cfg" in stages:
+        for w in e.cfg.scales:
+            units[f"cfg/{v.name}/{float(w):g}"] = dict(
+                stage="cfg", variant=v.name, images=c.total_images, solver=e.cfg.solver, nfe=e.cfg.nfe,
+                num=e.cfg.num, w=float(w), interval=list(e.cfg.interval), **common)
+    return units
+
+
+def plan_units(c: CompareConfig, arm: ArmSpec, extractor_id: str = "") -> dict[str, dict[str, Any]]:
+    """Every evaluation unit of one (arm, seed): key -> settings (a unit is redone when they change)."""
+    e = c.eval
+    common = {"seed": e.sample_seed, "amp": e.amp, "extractor": extractor_id, "pr_k": e.pr_k,
+              "metrics_version": METRICS_VERSION}
+    units: dict[str, dict[str, Any]] = {}
+    for v in arm.variants:
+        st = variant_stages(arm, v)
+        vkey = {"map": v.map, "lam": v.lam}
+        units.update(_sample_units(c, v, st, {**vkey, **common}))
+        if "along" in st:
+            units[f"along/{v.name}"] = dict(stage="along", variant=v.name, images=c.total_images,
+                                            times=list(e.along.times), num=e.along.num,
+                                            steps=e.along.trajectory_steps, split=e.reference_split,
+                                            **vkey, **common)
+    return units
+
+
+def forward_passes(units: dict[str, dict[str, Any]]) -> int:
+    """Model forward passes per image summed over units (a cost estimate)."""
+    total = 0
+    for u in units.values():
+        if u["stage"] == "along":
+            total += u["num"] * (2 * len(u["times"]) + u["steps"])
+        else:
+            total += u["num"] * u["nfe"] * (2 if u["w"] != 1.0 else 1)
+    return total

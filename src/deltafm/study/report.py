@@ -1,0 +1,469 @@
+"""The FM-vs-ΔFM report: markdown tables and PNG figures from a ``deltafm compare`` results.json.
+
+    python -m deltafm.study.report --results runs/compare/X/results.json --out runs/compare/X/report
+    python -m deltafm.study.report --results R.json --figures docs/figures/compare --link-prefix figures/compare \\
+        --update docs/RESULTS.md        # replaces the block between <!-- BEGIN compare:NAME --> and <!-- END ... -->
+
+The report has one function per section (setup, final quality, metric against images seen with
+steps-to-match, all arms on the first seed, metric against NFE with NFE-to-match, along the path,
+guidance, sample grids); the ratios are :mod:`deltafm.study.ratios`, the figures
+:mod:`deltafm.study.figures`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltafm.study import figures
+from deltafm.study.ratios import METRICS, REL_PREFIX, format_ratio, nfe_to_match, steps_to_match, summarize
+from deltafm.study.results import VIEWS, Results, mean_band
+
+__all__ = ["build_report", "write_report", "update_section", "main"]
+
+GENERATED_BY = "python -m deltafm.study.report"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Markdown helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if abs(x) < 1e-9:  # round-off of a zero spread
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.2f}"
+
+
+def _pm(values: Sequence[float | None], digits: int = 3) -> str:
+    s = summarize(values)
+    if s["n"] == 0:
+        return "–"
+    if s["n"] == 1:
+        return _fmt(s["mean"], digits)
+    return f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], 2)}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _paired(r: Results, a: str, b: str, metric: str) -> list[float]:
+    """Per-seed final metric differences a − b over the seeds both have."""
+    fa, fb = r.final(a, metric), r.final(b, metric)
+    return [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
+
+
+def _variant_desc(r: Results, v: str) -> str:
+    arm = r.arms[r.variant_arm[v]]
+    spec = next(x for x in arm["variants"] if x["name"] == v)
+    lam = arm.get("lam")
+    parts = [f"λ={lam:g}" if lam is not None else "", f"{arm.get('negatives', '?')} neg." if lam else "",
+             f"batch {arm.get('batch_size', '?')}"]
+    if spec["map"] == "to_fm":
+        parts.append("sampled with bias correction")
+    elif spec["map"] == "to_delta":
+        parts.append(f"FM mapped post hoc to the ΔFM optimum (λ={spec['lam']:g})")
+    return ", ".join(p for p in parts if p)
+
+
+@dataclass
+class _Report:
+    """What every section needs: the results, the variant lists, headings, where figures go."""
+
+    r: Results
+    h: str
+    fig_dir: Path
+    link: Callable[[str], str]
+    samples_dir: Path | None
+
+    @property
+    def st(self) -> dict[str, Any]:
+        return self.r.study
+
+    @property
+    def ev(self) -> dict[str, Any]:
+        return self.r.study["eval"]
+
+    @property
+    def name(self) -> str:
+        return self.r.name
+
+    @property
+    def present(self) -> list[str]:
+        return [v for v in self.r.variants() if self.r.by_seed(v)]
+
+    @property
+    def main(self) -> list[str]:
+        return [v for v in (self.st.get("main_variants") or self.r.variants()) if v in self.present]
+
+    def figure(self, path: Path | None, alt: str) -> list[str]:
+        return [f"![{alt}]({self.link(path.name)})", ""] if path else []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+
+
+def _setup_metrics_line(cls: dict[str, Any], pr_k: Any) -> str:
+    ref = cls.get("reference", {})
+    acc = cls.get("test_accuracy")
+    if acc is None:
+        return f"- Metrics: classifier `{cls.get('id', '?')}`."
+    return (f"- Metrics: classifier `{cls.get('id', '?')[:23]}…` trained on the {cls.get('dataset')} "
+            f"train split only, test accuracy {acc:.4f}; reference statistics of the "
+            f"{ref.get('split', '?')} split ({ref.get('count', '?')} images). FD in its "
+            f"{ref.get('feature_dim', '?')}-d penultimate features; precision/recall (k={pr_k}) "
+            "with equal-size real and generated sets.")
+
+
+def _section_setup(R: _Report) -> list[str]:
+    r, st, ev, h = R.r, R.st, R.ev, R.h
+    cls = r.data.get("classifier") or {}
+    lines = [f"{h} Setup ({R.name})", ""]
+    if st.get("description"):
+        lines += [st["description"].strip(), ""]
+    seeds_done = sorted({run["seed"] for run in r.runs})
+    has_cfg = any("cfg" in a.get("stages", ["cfg"]) for a in st["arms"])
+    lines += [
+        f"- Base training config: `{st['base']}`; study config: `{st.get('source')}`; overrides for every arm: "
+        + (", ".join(f"`{k}={v}`" for k, v in st.get("overrides", {}).items()) or "none") + ".",
+        f"- Budget: {st['total_images']:,} training images per run, evaluated every {st['eval_every_images']:,}; "
+        f"study seeds {st['seeds']} (seeds with results: {seeds_done}).",
+        f"- Curve sampler: {ev['curve']['solver']}, NFE {ev['curve']['nfe']}, {ev['curve']['num']} samples "
+        f"(balanced classes), EMA weights, sample seed {ev['sample_seed']}, amp {ev['amp']}.",
+        f"- Sweep: {', '.join(ev['sweep']['solvers'])} at NFE {ev['sweep']['nfe']} with {ev['sweep']['num']} "
+        "samples" + (f"; CFG: w in {ev['cfg']['scales']} ({ev['cfg']['solver']}, NFE {ev['cfg']['nfe']}, "
+                     f"{ev['cfg']['num']} samples)" if has_cfg else "") + ".",
+    ]
+    if cls:
+        lines.append(_setup_metrics_line(cls, ev["pr_k"]))
+    lines.append("")
+    rows = []
+    for a in st["arms"]:
+        secs = [run["train"].get("seconds") for run in r.runs if run["arm"] == a["name"]]
+        rows.append([a["name"], ", ".join(v["name"] for v in a["variants"]), str(a.get("lam", "?")),
+                     str(a.get("negatives", "?")), str(a.get("batch_size", "?")),
+                     f"{len([s for s in secs if s])}/{len(a['seeds'])}", _pm([s / 60 for s in secs if s], 2)])
+    return lines + _table(["arm", "variants", "λ", "negatives", "batch", "seeds run", "train min/run"], rows) + [""]
+
+
+def _section_final(R: _Report) -> list[str]:
+    r, ev, present = R.r, R.ev, R.present
+    lines = [f"{R.h} Final quality ({R.name}, {ev['curve']['solver']} NFE {ev['curve']['nfe']}, "
+             f"{ev['curve']['num']} samples, mean ± sd over seeds)", ""]
+    rows = []
+    for v in present:
+        vals = {m: list(r.final(v, m).values()) for m in METRICS}
+        rows.append([v, _variant_desc(r, v), str(len(vals["fd"]))] + [_pm(vals[m]) for m in METRICS])
+    lines += _table(["variant", "what", "n"] + [f"{METRICS[m][0]} {'↓' if METRICS[m][1] else '↑'}"
+                                                for m in METRICS], rows) + [""]
+    rows = []  # paired differences against each variant's baseline
+    for v in present:
+        b = r.baseline_of(v)
+        if v == b or b not in present:
+            continue
+        d_fd, d_acc = _paired(r, v, b, "fd"), _paired(r, v, b, "class_acc")
+        if not d_fd:
+            continue
+        wins = sum(1 for d in d_fd if d < 0)
+        rows.append([v, b, str(len(d_fd)), _pm(d_fd), f"{wins}/{len(d_fd)}", _pm(d_acc)])
+    if rows:
+        lines += ["Paired differences at the end of training (same seed; negative ΔFD = better than the "
+                  "baseline):", ""]
+        lines += _table(["variant", "baseline", "n", "ΔFD (variant − baseline)", "seeds with lower FD",
+                         "Δ class acc"], rows) + [""]
+    return lines
+
+
+def _steps_to_match_rows(R: _Report, others: list[str]) -> list[list[str]]:
+    r = R.r
+    rows = []
+    for v in others:
+        b = r.baseline_of(v)
+        cells = [v, b]
+        for metric in ("fd", "class_acc"):
+            per = []
+            for seed in sorted(set(r.by_seed(v)) & set(r.by_seed(b))):
+                cb, co = r.curve(b, seed, metric), r.curve(v, seed, metric)
+                if cb and co and cb[-1][0] == R.st["total_images"]:
+                    per.append(steps_to_match(cb, co, METRICS[metric][1]))
+            cells += [_pm([m["target"] for m in per]), format_ratio(per)]
+        rows.append(cells)
+    return rows
+
+
+def _section_curves(R: _Report) -> list[str]:
+    r, name, present = R.r, R.name, R.present
+    f = figures.plot_curves(r, R.main, R.fig_dir / f"{name}-curves.png", f"{name}: metric vs images seen (mean ± sd)")
+    lines = [f"{R.h} Metric against images seen ({name})", ""] + R.figure(f, "metric vs images")
+    others = [v for v in present if v != r.baseline_of(v) and r.baseline_of(v) in present]
+    if not others:
+        return lines
+    abl = [v for v in present if v not in R.main]
+    if abl:
+        base_name = R.st["baseline"]
+        f2 = figures.plot_curves(r, [base_name] + abl if base_name in present else abl,
+                                 R.fig_dir / f"{name}-curves-ablations.png", f"{name}: ablation arms (mean ± sd)")
+        lines += R.figure(f2, "ablations vs images")
+    lines += ["Steps-to-match: images the baseline needs to first reach its final value, divided by the "
+              "images the variant needs to reach that value (> 1: the variant is faster; ≥: already reached "
+              "at the first evaluation; <: never reached within the budget).", ""]
+    return lines + _table(["variant", "baseline", "target FD", "steps-to-match (FD)", "target acc",
+                           "steps-to-match (acc)"], _steps_to_match_rows(R, others)) + [""]
+
+
+def _section_one_seed(R: _Report) -> list[str]:
+    """Every arm on the first seed (λ, negatives, batch size), paired with its baseline."""
+    r, st, present = R.r, R.st, R.present
+    seed0 = st["seeds"][0]
+    rows = []
+    for v in present:
+        if seed0 not in r.final(v, "fd"):
+            continue
+        arm = r.arms[r.variant_arm[v]]
+        b = r.baseline_of(v)
+        fd, acc = r.final(v, "fd")[seed0], r.final(v, "class_acc")[seed0]
+        bfd = r.final(b, "fd").get(seed0) if b in present else None
+        cb, co = r.curve(b, seed0, "fd"), r.curve(v, seed0, "fd")
+        stm = "–"
+        if v != b and cb and co and cb[-1][0] == st["total_images"]:
+            m = steps_to_match(cb, co)
+            stm = "never" if m["ratio"] is None else REL_PREFIX[m["rel"]] + f"{m['ratio']:.2f}"
+        rows.append([v, f"{arm.get('lam', '?')}", str(arm.get("negatives", "?")), str(arm.get("batch_size", "?")),
+                     _fmt(fd), _fmt(acc), b, "–" if v == b or bfd is None else _fmt(fd - bfd), stm])
+    if len(rows) <= 1:
+        return []
+    lines = [f"{R.h} All arms on seed {seed0} (λ, negatives, batch size; paired with the baseline of the same "
+             f"batch size)", ""]
+    return lines + _table(["variant", "λ", "negatives", "batch", "final FD", "final acc", "baseline", "ΔFD",
+                           "steps-to-match (FD)"], rows) + [""]
+
+
+def _nfe_table(R: _Report, sweep_v: list[str], solver: str) -> list[str]:
+    r = R.r
+    nfes = sorted({n for v in sweep_v for s in r.by_seed(v) for n, _ in r.sweep(v, s, solver, "fd")})
+    rows = []
+    for v in sweep_v:
+        cells = [v]
+        for n in nfes:
+            vals = [dict(r.sweep(v, s, solver, "fd")).get(n) for s in r.by_seed(v)]
+            accs = [dict(r.sweep(v, s, solver, "class_acc")).get(n) for s in r.by_seed(v)]
+            cells.append(f"{_pm(vals)} / {_pm(accs, 2)}")
+        rows.append(cells)
+    lines = [f"{solver}: classifier-FD / class accuracy (mean ± sd over seeds) at each NFE", ""]
+    return lines + _table(["variant"] + [f"NFE {n}" for n in nfes], rows) + [""]
+
+
+def _nfe_to_match_rows(R: _Report, sweep_v: list[str], solvers: list[str]) -> list[list[str]]:
+    r = R.r
+    rows = []
+    for v in sweep_v:
+        b = r.baseline_of(v)
+        if v == b or b not in R.present:
+            continue
+        for solver in solvers:
+            cells = [v, b, solver]
+            for metric in ("fd", "class_acc"):
+                per = []
+                for seed in sorted(set(r.by_seed(v)) & set(r.by_seed(b))):
+                    sb, so = r.sweep(b, seed, solver, metric), r.sweep(v, seed, solver, metric)
+                    if sb and so:
+                        per.append(nfe_to_match(sb, so, METRICS[metric][1]))
+                cells.append(format_ratio(per))
+            rows.append(cells)
+    return rows
+
+
+def _section_nfe(R: _Report) -> list[str]:
+    r, name, present = R.r, R.name, R.present
+    solvers = [s for s in R.ev["sweep"]["solvers"]
+               if any(r.sweep(v, seed, s, "fd") for v in present for seed in r.by_seed(v))]
+    if not solvers:
+        return []
+    sweep_v = [v for v in R.main if any(r.by_seed(v)[s]["sweep"] for s in r.by_seed(v))]
+    f = figures.plot_nfe(r, sweep_v, solvers, R.fig_dir / f"{name}-nfe.png", f"{name}: metric vs NFE (mean ± sd)")
+    lines = [f"{R.h} Metric against NFE ({name})", ""] + R.figure(f, "metric vs NFE")
+    for solver in solvers:
+        lines += _nfe_table(R, sweep_v, solver)
+    rows = _nfe_to_match_rows(R, sweep_v, solvers)
+    if rows:
+        lines += ["NFE-to-match: the NFE the baseline needs to first reach its value at its largest NFE, divided "
+                  "by the NFE the variant needs to reach that value (log-NFE interpolation; > 1: the variant "
+                  "needs fewer evaluations).", ""]
+        lines += _table(["variant", "baseline", "solver", "NFE-to-match (FD)", "NFE-to-match (acc)"], rows)
+        lines += [""]
+    return lines
+
+
+def _section_along(R: _Report) -> list[str]:
+    r, name = R.r, R.name
+    along_v = [v for v in R.present if any(run.get("along") for run in r.by_seed(v).values())]
+    if not along_v:
+        return []
+    f = figures.plot_along(r, along_v, R.fig_dir / f"{name}-along.png",
+                           f"{name}: classifier accuracy of the predicted clean sample x̂1 along t (mean ± sd)")
+    lines = [f"{R.h} Class separation along the path: Fig. 4 analogue ({name})", ""]
+    lines += R.figure(f, "accuracy of x-hat along t")
+    lines += ["Accuracy of the classifier on x̂1 = path.velocity_to_data(v, x_t, t) (clipped to [−1, 1]), "
+              "mean over seeds:", ""]
+    for view, label in VIEWS.items():
+        ts = None
+        rows = []
+        for v in along_v:
+            curves = r.along(v, view)
+            if not curves:
+                continue
+            x, m, _ = mean_band(curves)
+            idx = list(range(0, len(x), max(1, len(x) // 6)))
+            if len(x) - 1 not in idx:
+                idx.append(len(x) - 1)
+            ts = [x[i] for i in idx]
+            rows.append([v] + [f"{m[i]:.3f}" for i in idx])
+        if rows and ts is not None:
+            lines += [f"{label}:", ""]
+            lines += _table(["variant"] + [f"t={t:.2f}" for t in ts], rows) + [""]
+    return lines
+
+
+def _section_cfg(R: _Report) -> list[str]:
+    r, name, ev = R.r, R.name, R.ev
+    cfg_v = [v for v in R.present if any(run["cfg"] for run in r.by_seed(v).values())]
+    if not cfg_v:
+        return []
+    f = figures.plot_cfg(r, cfg_v, R.fig_dir / f"{name}-cfg.png", f"{name}: classifier-free guidance (mean ± sd)")
+    lines = [f"{R.h} Classifier-free guidance ({name}; {ev['cfg']['solver']} NFE {ev['cfg']['nfe']}, "
+             f"{ev['cfg']['num']} samples)", ""] + R.figure(f, "cfg")
+    ws = sorted({w for v in cfg_v for s in r.by_seed(v) for w, _ in r.cfg(v, s, "fd")})
+    rows = []
+    for v in cfg_v:
+        cells = [v]
+        for w in ws:
+            fd = [dict(r.cfg(v, s, "fd")).get(w) for s in r.by_seed(v)]
+            acc = [dict(r.cfg(v, s, "class_acc")).get(w) for s in r.by_seed(v)]
+            cells.append(f"{_pm(fd)} / {_pm(acc, 2)}")
+        rows.append(cells)
+    lines += ["classifier-FD / class accuracy at each w (w = 1, no guidance, is in the NFE table):", ""]
+    return lines + _table(["variant"] + [f"w={w:g}" for w in ws], rows) + [""]
+
+
+def _section_grids(R: _Report) -> list[str]:
+    """Sample grids: copied from OUT/samples when there, else the copies already in fig_dir are linked."""
+    grids = []
+    for v in R.main:
+        src = (R.samples_dir / v / f"seed{min(R.r.by_seed(v))}.png") if R.samples_dir is not None else None
+        dst = R.fig_dir / f"{R.name}-samples-{v}.png"
+        if src is not None and src.is_file():
+            shutil.copyfile(src, dst)
+        if dst.is_file():
+            grids.append((v, dst))
+    if not grids:
+        return []
+    return [f"{R.h} Samples ({R.name}, first seed, curve sampler; one row per class)", "",
+            " ".join(f"![{v}]({R.link(p.name)})" for v, p in grids), "",
+            " · ".join(f"{i + 1}: {v}" for i, (v, _) in enumerate(grids)), ""]
+
+
+_SECTIONS = (_section_setup, _section_final, _section_curves, _section_one_seed, _section_nfe, _section_along,
+             _section_cfg, _section_grids)
+
+
+def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figures",
+                 samples_dir: Path | None = None, heading_level: int = 3) -> str:
+    """Markdown report of a results dict; figures are written into ``fig_dir`` and linked as
+    ``link_prefix/<file>``; section headings have ``heading_level`` #'s. Returns the markdown."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    link = (lambda f: f"{link_prefix.rstrip('/')}/{f}") if link_prefix else (lambda f: f)
+    R = _Report(Results(data), "#" * heading_level, fig_dir, link, samples_dir)
+    lines: list[str] = []
+    for section in _SECTIONS:
+        lines += section(R)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------
+
+
+def update_section(md_path: Path, name: str, content: str) -> None:
+    """Replace the text between ``<!-- BEGIN compare:NAME -->`` and ``<!-- END compare:NAME -->``."""
+    begin, end = f"<!-- BEGIN compare:{name} -->", f"<!-- END compare:{name} -->"
+    text = md_path.read_text()
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{md_path} has no block {begin} ... {end}; add those two lines where the report goes")
+    block = f"{begin}\n<!-- generated by {GENERATED_BY}; do not edit by hand -->\n\n{content}\n{end}"
+    md_path.write_text(pattern.sub(lambda _: block, text))
+
+
+def write_report(results_path: str | Path, out_dir: str | Path, fig_dir: str | Path | None = None,
+                 link_prefix: str | None = None, update: str | Path | None = None,
+                 heading_level: int = 3) -> Path:
+    """Write ``out_dir/REPORT.md`` (and figures) from a results.json; optionally update a markdown block
+    (whose section headings get ``heading_level`` #'s; REPORT.md always uses 3)."""
+    results_path, out_dir = Path(results_path), Path(out_dir)
+    data = json.loads(results_path.read_text())
+    fig = Path(fig_dir) if fig_dir is not None else out_dir / "figures"
+    prefix = link_prefix if link_prefix is not None else "figures"
+    samples = results_path.parent / "samples"
+    md = build_report(data, fig, prefix, samples_dir=samples)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "REPORT.md"
+    path.write_text(f"## FM vs ΔFM: {data['study']['name']}\n\n{md}")
+    if update is not None:
+        if heading_level != 3:
+            md = build_report(data, fig, prefix, samples_dir=samples, heading_level=heading_level)
+        update_section(Path(update), data["study"]["name"], md)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=GENERATED_BY, description="Markdown + PNG report from a deltafm compare "
+                                                               "results.json")
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="folder for REPORT.md (default: next to results.json, report/)")
+    p.add_argument("--figures", type=Path, help="folder for the PNGs (default OUT/figures)")
+    p.add_argument("--link-prefix", help="how the markdown links the figures (default 'figures')")
+    p.add_argument("--update", type=Path, help="markdown file whose compare:NAME block is replaced")
+    p.add_argument("--heading-level", type=int, default=3, help="#'s of the section headings in the --update block")
+    p.add_argument("--copy-results", type=Path, help="also copy results.json to this path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m deltafm.study.report``; 0 on success, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        path = write_report(args.results, args.out or args.results.parent / "report", args.figures,
+                            args.link_prefix, args.update, args.heading_level)
+        if args.copy_results is not None:
+            args.copy_results.parent.mkdir(parents=True, exist_ok=True)
+            if args.copy_results.resolve() != args.results.resolve():
+                shutil.copyfile(args.results, args.copy_results)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

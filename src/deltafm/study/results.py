@@ -1,0 +1,94 @@
+"""Reading a ``results.json`` (format ``deltafm.compare.v1``, written by :mod:`deltafm.study.run`): the
+curves of each variant and seed, as (x, y) pairs, for the figures and the tables of the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["VIEWS", "Results", "mean_band"]
+
+#: The three views of the along-the-path stage, with the label the report gives them.
+VIEWS = {
+    "trajectory": "own Euler path, conditioned on y",
+    "noised_class": "noised test images, conditioned on y",
+    "noised_null": "noised test images, null label",
+}
+
+Curve = list[tuple[float, float]]
+
+
+def mean_band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Abscissae (the union over curves), mean and sample std (0 for one value) of the curves at each."""
+    xs = sorted({x for c in curves for x, _ in c})
+    mean, std = [], []
+    for x in xs:
+        vals = [y for c in curves for xx, y in c if xx == x]
+        mean.append(np.mean(vals))
+        std.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+    return np.array(xs, dtype=float), np.array(mean), np.array(std)
+
+
+class Results:
+    """A results.json: its study, its runs, and per-variant and per-seed accessors."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.study = data["study"]
+        self.name = self.study["name"]
+        self.arms = {a["name"]: a for a in self.study["arms"]}
+        self.variant_arm = {v["name"]: a["name"] for a in self.study["arms"] for v in a["variants"]}
+        self.runs = data.get("runs", [])
+
+    def variants(self) -> list[str]:
+        return [v["name"] for a in self.study["arms"] for v in a["variants"]]
+
+    def baseline_of(self, variant: str) -> str:
+        return self.arms[self.variant_arm[variant]]["baseline"]
+
+    def by_seed(self, variant: str) -> dict[int, dict[str, Any]]:
+        arm = self.variant_arm[variant]
+        return {r["seed"]: r["variants"][variant] for r in self.runs if r["arm"] == arm and variant in r["variants"]}
+
+    def curve(self, variant: str, seed: int, metric: str) -> Curve:
+        v = self.by_seed(variant).get(seed)
+        if not v:
+            return []
+        return [(r["images"], r[metric]) for r in v["curve"] if r.get(metric) is not None]
+
+    def final(self, variant: str, metric: str) -> dict[int, float]:
+        """Per seed: the metric at the last curve point (only seeds whose curve reached total_images)."""
+        total = self.study["total_images"]
+        out = {}
+        for seed, v in self.by_seed(variant).items():
+            pts = [r for r in v["curve"] if r["images"] == total and r.get(metric) is not None]
+            if pts:
+                out[seed] = pts[-1][metric]
+        return out
+
+    def sweep(self, variant: str, seed: int, solver: str, metric: str) -> Curve:
+        v = self.by_seed(variant).get(seed)
+        if not v:
+            return []
+        return [(r["nfe"], r[metric]) for r in v["sweep"] if r["solver"] == solver and r.get(metric) is not None]
+
+    def cfg(self, variant: str, seed: int, metric: str) -> Curve:
+        v = self.by_seed(variant).get(seed)
+        if not v:
+            return []
+        return [(r["w"], r[metric]) for r in v["cfg"] if r.get(metric) is not None]
+
+    def along(self, variant: str, view: str) -> list[Curve]:
+        """Per seed with results: the (t, accuracy) curve of one along-the-path view."""
+        out = []
+        for run in self.by_seed(variant).values():
+            a = run.get("along")
+            if a and view in a:
+                out.append(list(zip(a[view]["t"], a[view]["acc"])))
+        return out
+
+    def seed_curves(self, variant: str, curve: Any, *args: Any) -> list[Curve]:
+        """The non-empty per-seed curves ``curve(variant, seed, *args)`` (one of the accessors above)."""
+        curves = [curve(variant, s, *args) for s in self.by_seed(variant)]
+        return [c for c in curves if c]

@@ -1,0 +1,350 @@
+"""The study spec: the YAML of ``configs/compare/*.yaml`` as typed dataclasses, validated.
+
+A study names a base training config, **arms** (training configs given as overrides of the base) and,
+per arm, **variants** (ways to sample the trained model). The YAML is turned into :class:`CompareConfig`
+by the package's one typed-config engine (:mod:`deltafm.typed_config`: the training config's coercion,
+so ``total_images: 1e6`` is an int, and unknown keys are errors naming the dotted key with the closest
+valid one); :func:`validate` then checks the relations between values.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deltafm.solvers import nfe_to_steps, solver_names
+from deltafm.typed_config import ConfigError, build
+
+__all__ = [
+    "STAGES",
+    "CompareError",
+    "CurveSpec",
+    "SweepSpec",
+    "CFGSpec",
+    "AlongSpec",
+    "EvalSpec",
+    "VariantSpec",
+    "ArmSpec",
+    "CompareConfig",
+    "parse_compare_config",
+    "load_compare_config",
+    "validate",
+    "base_path",
+    "apply_study_overrides",
+]
+
+STAGES = ("curve", "sweep", "cfg", "along")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class CompareError(ConfigError):
+    """A study config is invalid, or existing results do not fit it."""
+
+
+@dataclass
+class CurveSpec:
+    """Sampler for the metric-vs-images-seen curve."""
+
+    solver: str = "heun"
+    nfe: int = 16
+    num: int = 500
+
+
+@dataclass
+class SweepSpec:
+    """Solvers × NFE grid at the end of training."""
+
+    solvers: list[str] = field(default_factory=lambda: ["euler", "heun", "sde"])
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 50])
+    num: int = 250
+
+
+@dataclass
+class CFGSpec:
+    """Guidance scales at the end of training (w = 1 is off)."""
+
+    scales: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0])
+    solver: str = "heun"
+    nfe: int = 16
+    num: int = 250
+    interval: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclass
+class AlongSpec:
+    """Classifier accuracy of x̂1 along t (Fig. 4 analogue)."""
+
+    times: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])
+    num: int = 500
+    trajectory_steps: int = 20
+
+
+@dataclass
+class EvalSpec:
+    """How samples are drawn and scored."""
+
+    classifier: str | None = None
+    classifier_epochs: int = 15
+    classifier_seed: int = 0
+    reference_split: str = "test"
+    reference_max: int | None = None
+    batch_size: int = 250
+    amp: str = "none"
+    sample_seed: int = 1000
+    pr_k: int = 3
+    threads: int | None = None
+    curve: CurveSpec = field(default_factory=CurveSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    cfg: CFGSpec = field(default_factory=CFGSpec)
+    along: AlongSpec = field(default_factory=AlongSpec)
+
+
+@dataclass
+class VariantSpec:
+    """A way to sample an arm's model: ``map`` none | to_fm (bias correction) | to_delta (post-hoc ΔFM map,
+    with ``lam``). ``stages`` defaults to the arm's."""
+
+    name: str
+    map: str = "none"
+    lam: float | None = None
+    stages: list[str] | None = None
+
+
+@dataclass
+class ArmSpec:
+    """A training arm: overrides of the base config, and its sampling variants.
+
+    ``max_seeds`` limits the arm to the first n seeds of the study; ``baseline`` names the variant
+    that steps-to-match / NFE-to-match compare this arm against (default: the study's).
+    """
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    variants: list[VariantSpec] = field(default_factory=list)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    max_seeds: int | None = None
+    baseline: str | None = None
+
+
+@dataclass
+class CompareConfig:
+    """A whole study; see :mod:`deltafm.study` and ``configs/compare/*.yaml``."""
+
+    name: str
+    base: str
+    arms: list[ArmSpec]
+    total_images: int
+    eval_every_images: int
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    overrides: dict[str, Any] = field(default_factory=dict)
+    baseline: str = "fm"
+    main_variants: list[str] | None = None
+    description: str = ""
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    source: str | None = None
+
+    def variants(self) -> list[tuple[ArmSpec, VariantSpec]]:
+        return [(a, v) for a in self.arms for v in a.variants]
+
+    def variant(self, name: str) -> tuple[ArmSpec, VariantSpec]:
+        for a, v in self.variants():
+            if v.name == name:
+                return a, v
+        raise KeyError(name)
+
+    def arm_seeds(self, arm: ArmSpec) -> list[int]:
+        return list(self.seeds[: arm.max_seeds] if arm.max_seeds else self.seeds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing: normalise the shorthand forms, then the typed engine
+# ----------------------------------------------------------------------------------------------------
+
+
+def _flatten_overrides(data: Any, where: str) -> dict[str, Any]:
+    """Overrides as ``{"a.b": v}``; accepts a mapping of dotted keys or a list of ``"a.b=v"`` strings."""
+    if data is None:
+        return {}
+    if isinstance(data, list):
+        out = {}
+        for item in data:
+            if not isinstance(item, str) or "=" not in item:
+                raise CompareError(f"{where}: override {item!r} must look like key.sub=value")
+            k, v = item.split("=", 1)
+            out[k.strip()] = yaml.safe_load(v)
+        return out
+    if not isinstance(data, dict):
+        raise CompareError(f"{where} must be a mapping of dotted keys or a list of key=value strings")
+    return {str(k): v for k, v in data.items()}
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise CompareError(f"{where}: name {name!r} must match {_NAME_RE.pattern} (used in file names)")
+    return name
+
+
+def _normalise_arm(i: int, a: Any) -> dict[str, Any]:
+    """One arm in the canonical form: flat overrides, variants as mappings (default: one named as the arm)."""
+    if not isinstance(a, dict):
+        raise CompareError(f"arms[{i}] must be a mapping")
+    a = dict(a)
+    name = _check_name(a.get("name"), f"arms[{i}]")
+    a["overrides"] = _flatten_overrides(a.get("overrides"), f"arms[{i}].overrides")
+    variants = a.get("variants") or [{"name": name}]
+    if not isinstance(variants, list):
+        raise CompareError(f"arms[{i}].variants must be a list")
+    a["variants"] = [{"name": v} if isinstance(v, str) else v for v in variants]
+    for j, v in enumerate(a["variants"]):
+        if isinstance(v, dict):
+            _check_name(v.get("name"), f"arms[{i}].variants[{j}]")
+    return a
+
+
+def _normalise(data: Any) -> dict[str, Any]:
+    """The study mapping in the canonical form the dataclasses take (shorthands expanded, nulls dropped)."""
+    if not isinstance(data, dict):
+        raise CompareError("a compare config must be a mapping")
+    data = copy.deepcopy(data)
+    ev = data.get("eval") or {}
+    if not isinstance(ev, dict):
+        raise CompareError("'eval' must be a mapping")
+    data["eval"] = {k: v for k, v in ev.items() if not (k in ("curve", "sweep", "cfg", "along") and v is None)}
+    arms = data.get("arms")
+    if not arms:
+        raise CompareError("a compare config needs 'arms'")
+    if isinstance(arms, dict):  # {name: {...}} form
+        arms = [{"name": k, **(v or {})} for k, v in arms.items()]
+    if not isinstance(arms, list):
+        raise CompareError("'arms' must be a list (or a mapping of name -> arm)")
+    data["arms"] = [_normalise_arm(i, a) for i, a in enumerate(arms)]
+    data["overrides"] = _flatten_overrides(data.get("overrides"), "overrides")
+    for key in ("name", "base", "total_images", "eval_every_images"):
+        if key not in data:
+            raise CompareError(f"a compare config needs '{key}'")
+    return data
+
+
+def parse_compare_config(data: Any, source: str | None = None) -> CompareConfig:
+    """Build and validate a study from its parsed YAML (``source``: the file it came from)."""
+    data = _normalise(data)
+    c = build(CompareConfig, {**data, "source": source}, error=CompareError, noun="key")
+    validate(c)
+    return c
+
+
+def load_compare_config(path: str | Path) -> CompareConfig:
+    """Read and validate a study YAML (unknown keys are errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompareError(f"compare config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CompareError(f"cannot parse {path}: {e}") from None
+    return parse_compare_config(data or {}, str(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation of values
+# ----------------------------------------------------------------------------------------------------
+
+
+def _validate_variant(a: ArmSpec, v: VariantSpec) -> None:
+    if v.map not in ("none", "to_fm", "to_delta"):
+        raise CompareError(f"variant {v.name}: map must be none, to_fm or to_delta, got {v.map!r}")
+    if v.map == "to_delta" and (v.lam is None or not 0 < v.lam < 1):
+        raise CompareError(f"variant {v.name}: map to_delta needs 0 < lam < 1")
+    if v.map != "to_delta" and v.lam is not None:
+        raise CompareError(f"variant {v.name}: lam is only used with map to_delta")
+    if v.stages is not None and set(v.stages) - set(a.stages):
+        raise CompareError(f"variant {v.name}: stages {v.stages} must be among its arm's {a.stages}")
+
+
+def _validate_arms(c: CompareConfig) -> None:
+    names = [a.name for a in c.arms]
+    if len(set(names)) != len(names):
+        raise CompareError(f"arm names must be unique, got {names}")
+    vnames = [v.name for _, v in c.variants()]
+    if len(set(vnames)) != len(vnames):
+        raise CompareError(f"variant names must be unique across arms, got {vnames}")
+    for a in c.arms:
+        bad = sorted(set(a.stages) - set(STAGES))
+        if bad:
+            raise CompareError(f"arm {a.name}: unknown stage(s) {bad}; known: {list(STAGES)}")
+        if a.max_seeds is not None and a.max_seeds < 1:
+            raise CompareError(f"arm {a.name}: max_seeds must be >= 1")
+        for v in a.variants:
+            _validate_variant(a, v)
+    for name in [c.baseline, *[a.baseline for a in c.arms if a.baseline]]:
+        if name not in vnames:
+            raise CompareError(f"baseline {name!r} is not a variant; variants: {vnames}")
+    for name in c.main_variants or []:
+        if name not in vnames:
+            raise CompareError(f"main_variants: {name!r} is not a variant")
+
+
+def _validate_eval(e: EvalSpec) -> None:
+    known = solver_names(fixed_nfe=True)
+    for solver in [*e.sweep.solvers, e.curve.solver, e.cfg.solver]:
+        if solver not in known:
+            raise CompareError(f"unknown solver {solver!r} ({', '.join(known)})")
+    if nfe_to_steps(e.curve.solver, e.curve.nfe) is None:
+        raise CompareError(f"eval.curve: solver {e.curve.solver} cannot use NFE {e.curve.nfe}")
+    if nfe_to_steps(e.cfg.solver, e.cfg.nfe) is None:
+        raise CompareError(f"eval.cfg: solver {e.cfg.solver} cannot use NFE {e.cfg.nfe}")
+    if e.amp not in ("none", "bf16"):
+        raise CompareError(f"eval.amp must be none or bf16, got {e.amp!r}")
+    for what, n in (("curve", e.curve.num), ("sweep", e.sweep.num), ("cfg", e.cfg.num), ("along", e.along.num)):
+        if n < 2:
+            raise CompareError(f"eval.{what}.num must be >= 2")
+    if e.along.trajectory_steps < 1 or any(not 0 <= t < 1 for t in e.along.times):
+        raise CompareError("eval.along: trajectory_steps >= 1 and times in [0, 1)")
+
+
+def validate(c: CompareConfig) -> None:
+    """Check the relations between values (names, budget, baselines, stages, solvers); CompareError."""
+    _check_name(c.name, "name")
+    if c.total_images < 1 or c.eval_every_images < 1 or c.total_images % c.eval_every_images:
+        raise CompareError(f"total_images ({c.total_images}) must be a positive multiple of eval_every_images "
+                           f"({c.eval_every_images})")
+    if not c.seeds or len(set(c.seeds)) != len(c.seeds) or any(s < 0 for s in c.seeds):
+        raise CompareError(f"seeds must be distinct non-negative integers, got {c.seeds}")
+    _validate_arms(c)
+    _validate_eval(c.eval)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The base training config
+# ----------------------------------------------------------------------------------------------------
+
+
+def base_path(c: CompareConfig) -> Path:
+    """The base training config: a path (relative to the study file) or a preset name."""
+    from deltafm.train.config import find_preset
+
+    p = Path(c.base)
+    if not p.is_absolute() and c.source is not None:
+        cand = Path(c.source).parent / p
+        if cand.is_file():
+            return cand
+    if p.is_file():
+        return p
+    return find_preset(c.base)
+
+
+def apply_study_overrides(c: CompareConfig) -> dict[str, Any]:
+    """The base training config with the study-wide overrides, as a dict."""
+    from deltafm.train.config import apply_overrides
+
+    data = yaml.safe_load(base_path(c).read_text()) or {}
+    return apply_overrides(data, list(c.overrides.items()))

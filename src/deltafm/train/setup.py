@@ -1,0 +1,285 @@
+"""Starting a run: check and build everything that can fail on bad input, then resume from a checkpoint.
+
+:func:`setup_run` writes nothing. In this order it
+
+1. checks that the global batch splits over ranks and micro-steps, loads the data, builds the model
+   and the objective (bad input: :class:`~deltafm.train.builders.SetupError` or
+   :class:`~deltafm.train.config.ConfigError`);
+2. lets rank 0 pick and verify the checkpoint to resume from; its verdict, or its error, is shared
+   with every rank, so all ranks start or all stop; loads the checkpoint's weights;
+3. builds AdamW (fused on CUDA), the GradScaler, the EMA, the batch sampler and the objective's
+   ``torch.Generator``, and restores the checkpoint's :class:`~deltafm.train.state.RunState` into
+   them (:meth:`Run.resume`) or seeds fresh per-rank streams;
+4. wraps the model for ``torch.compile`` and DDP.
+
+:meth:`Run.snapshot` is the inverse of :meth:`Run.resume`: the RunState a checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltafm.data import EpochBatchSampler
+from deltafm.objective import DeltaFMObjective
+
+from .builders import DataInfo, SetupError, build_model_for, build_objective, data_info, load_training_data
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    PickleCheckpointError,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from .config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs
+from .distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, set_threads
+from .ema import EMA
+from .logging import console
+from .state import RunState, capture_rng, reseed_rng, restore_rng
+
+__all__ = ["Run", "setup_run"]
+
+_PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SUMS = ("sum_x1", "sum_x0", "count", "sum_rates")  # the mean target's running sums (per rank)
+
+
+@dataclass
+class Run:
+    """A run in progress: its config, the objects a step touches, and how far it got."""
+
+    cfg: Config
+    di: DistInfo
+    out_dir: Path
+    dataset: Any
+    info: DataInfo
+    raw: nn.Module  # the model as built; checkpoints save its weights
+    objective: DeltaFMObjective
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    sampler: EpochBatchSampler
+    gen: torch.Generator  # everything the objective draws on this rank
+    threads: int
+    model: nn.Module = field(init=False)  # what a step calls: raw, compiled and/or DDP-wrapped
+    params: list[nn.Parameter] = field(init=False)  # the trained parameters (gradient clipping)
+    step: int = 0
+    images: int = 0
+    resumed_from: Path | None = None
+    last_checkpoint: Path | None = None
+    last_saved_step: int = -1
+
+    def __post_init__(self) -> None:
+        self.model = self.raw
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return _PRECISION[self.cfg.train.precision]
+
+    @property
+    def clip(self) -> float:
+        c = self.cfg.optim.grad_clip
+        return c if c and c > 0 else math.inf
+
+    @property
+    def micro_batch(self) -> int:
+        """Images per rank and micro-step."""
+        t = self.cfg.train
+        return t.batch_size // (self.di.world_size * t.grad_accum)
+
+    @property
+    def finished(self) -> bool:
+        t = self.cfg.train
+        if t.steps is not None:
+            return self.step >= t.steps
+        assert t.total_images is not None
+        return self.images >= t.total_images
+
+    @property
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        if t.steps is not None:
+            return t.steps
+        assert t.total_images is not None
+        return self.step + max(0, math.ceil((t.total_images - self.images) / t.batch_size))
+
+    def say(self, msg: str) -> None:
+        console(msg, enabled=self.di.is_main)
+
+    def snapshot(self, reason: str) -> RunState | None:
+        """The :class:`RunState` to save now (on rank 0; None elsewhere). Collective: every rank calls
+        it (the RNG states are gathered, the mean target's sums added over ranks)."""
+        rngs = all_gather_object(capture_rng(self.gen, self.di.device))
+        mean_target = _mean_target_state(self.objective, self.di)
+        if not self.di.is_main:
+            return None
+        return RunState(
+            step=self.step, images_seen=self.images, world_size=self.di.world_size,
+            config=config_to_dict(self.cfg), data=self.info.to_dict(), optimizer=self.opt.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            sampler=self.sampler.state_dict(), rng=rngs, mean_target=mean_target,
+            lam=self.objective.lam_at(self.images), reason=reason,
+        )  # fmt: skip
+
+    def resume(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt`` (weights already loaded): progress, EMA, optimizer, scaler, data order,
+        mean target and random streams (re-derived when the world size changed)."""
+        st = RunState.from_checkpoint(ckpt.state)
+        self.step, self.images = st.step, st.images_seen
+        self.resumed_from = self.last_checkpoint = ckpt.path
+        self.last_saved_step = st.step
+        if self.ema is not None:
+            if ckpt.ema is None:
+                self.say("note: checkpoint has no EMA weights; the EMA starts from the model weights")
+            else:
+                self.ema.load_state_dict(ckpt.ema)
+        try:
+            self.opt.load_state_dict(st.optimizer)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot restore the optimizer state of {ckpt.path}: {e}") from None
+        if st.scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(st.scaler)
+        try:
+            self.sampler.load_state_dict(st.sampler)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot continue the data order of {ckpt.path}: {e}") from None
+        if st.mean_target:
+            self._resume_mean_target(st.mean_target)
+        rng = st.rng_of(self.di.rank, self.di.world_size)
+        if rng is not None:
+            restore_rng(rng, self.gen, self.di.device)
+        else:
+            reseed_rng(self.cfg.train.seed, self.di.rank, self.images, self.gen)
+            self.say(f"note: world size changed ({st.world_size} -> {self.di.world_size}): images seen kept "
+                     f"({self.images}), per-rank random streams re-derived")
+
+    def _resume_mean_target(self, state: dict[str, torch.Tensor]) -> None:
+        self.objective.load_state_dict(state)
+        self.objective.mean_target.to(self.di.device)
+        if not self.di.is_main:  # rank 0 carries the saved sums, the others add their own batches to zero
+            for name in _SUMS:
+                v = getattr(self.objective.mean_target, name)
+                if v is not None:
+                    v.zero_()
+
+
+def setup_run(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Run:
+    """Validate, build and (with ``resume``) restore a run; see the module docstring. Writes nothing."""
+    t = cfg.train
+    threads = set_threads(di.world_size, t.threads) if di.device.type == "cpu" else torch.get_num_threads()
+    ds, info, raw, objective = _build(cfg, di)
+    ckpt = _checkpoint_to_resume(out_dir, resume, di)
+    if ckpt is not None:
+        _load_weights(raw, ckpt, cfg, di)
+    device = di.device
+    raw.to(device)
+    ema = EMA(raw, t.ema_decay, t.ema_halflife_images, t.ema_rampup) if (
+        t.ema_decay is not None or t.ema_halflife_images is not None) else None
+    o = cfg.optim
+    opt = torch.optim.AdamW(raw.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=(device.type == "cuda") or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    sampler = EpochBatchSampler(len(ds), t.batch_size, t.seed, di.rank, di.world_size)
+    run = Run(cfg, di, out_dir, ds, info, raw, objective, opt, scaler, ema, sampler,
+              torch.Generator(device=device), threads)
+    if ckpt is not None:
+        run.resume(ckpt)
+    else:
+        reseed_rng(t.seed, di.rank, 0, run.gen)
+    run.model = _wrap(raw, cfg, di)
+    return run
+
+
+def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFMObjective]:
+    """The data, the model and the objective; bad input raises before anything is written."""
+    t = cfg.train
+    if t.batch_size % (di.world_size * t.grad_accum):
+        raise ConfigError(
+            f"config key 'train.batch_size' ({t.batch_size}) must be divisible by world_size x "
+            f"train.grad_accum = {di.world_size} x {t.grad_accum}"
+        )
+    ds = load_training_data(cfg)  # ImageDataset checks every label once, here (steps skip the checks)
+    if len(ds) < t.batch_size:
+        raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) exceeds the dataset size ({len(ds)})")
+    info = data_info(ds)
+    return ds, info, build_model_for(cfg, info), build_objective(cfg, info.num_classes)
+
+
+def _wrap(raw: nn.Module, cfg: Config, di: DistInfo) -> nn.Module:
+    model = torch.compile(raw) if cfg.train.compile else raw
+    if di.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+    return model
+
+
+def _load_weights(raw: nn.Module, ckpt: Checkpoint, cfg: Config, di: DistInfo) -> None:
+    try:
+        raw.load_state_dict(ckpt.model)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit model {cfg.model.name!r}: {e}") from None
+    if di.is_main and ckpt.config is not None:
+        changed = diff_configs(config_from_dict(ckpt.config), cfg)
+        if changed:
+            console("note: config differs from the checkpoint's: "
+                    + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed))
+
+
+def _checkpoint_to_resume(out_dir: Path, resume: str | None, di: DistInfo) -> Checkpoint | None:
+    """Rank 0 picks (and verifies) the checkpoint; its verdict, or its error, is shared with every rank."""
+    found, err = None, None
+    if di.is_main:
+        try:
+            p = _resolve_resume(out_dir, resume)
+            found = str(p) if p is not None else None
+        except (SetupError, CheckpointError) as e:
+            err = (type(e).__name__, str(e))
+    found, err = broadcast_object((found, err))
+    if err is not None:
+        kinds = {"SetupError": SetupError, "PickleCheckpointError": PickleCheckpointError}
+        raise kinds.get(err[0], CheckpointError)(err[1])
+    return load_checkpoint(found, verify=False) if found else None  # verified above
+
+
+def _resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
+    ckpt_root = out_dir / "checkpoints"
+    warn = lambda m: console(f"warning: {m}")  # noqa: E731
+    if resume is None:
+        existing = [p for p in list_checkpoints(ckpt_root) if (p / "COMPLETE").is_file()]
+        if existing:
+            raise SetupError(
+                f"{out_dir} already holds checkpoints (newest {existing[-1].name}); pass --resume auto to "
+                "continue that run, or choose another --out (nothing was changed)"
+            )
+        return None
+    if resume == "auto":
+        found = find_latest_checkpoint(ckpt_root, warn)
+        if found is None:
+            console(f"no checkpoint in {ckpt_root}: starting from scratch")
+        return found
+    try:
+        return resolve_checkpoint(resume, warn)
+    except CheckpointError:
+        raise
+    except OSError as e:  # pragma: no cover
+        raise CheckpointError(f"cannot read checkpoint {resume}: {e}") from None
+
+
+def _mean_target_state(obj: DeltaFMObjective, di: DistInfo) -> dict[str, torch.Tensor]:
+    """The objective's running sums added over ranks (each rank tracks its own batches)."""
+    st = obj.state_dict()
+    if di.distributed:
+        for k in _SUMS:
+            if k in st:
+                t = st[k].to(di.device)
+                all_reduce_sum(t)
+                st[k] = t.cpu()
+    return st

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,13 @@ def _matmul_peak() -> float:
     return measure_matmul_peak(torch.device("cpu"), torch.bfloat16)
 
 
+def _ci(ratios: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median of per-round ratios."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
 def run(ref: str, rounds: int, steps: int, probe_rounds: int, probe_reps: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="deltafm-ref-") as tmp:
         tmp_p = Path(tmp)
@@ -100,10 +108,13 @@ def run(ref: str, rounds: int, steps: int, probe_rounds: int, probe_reps: int) -
                     res[k].setdefault(name, []).append(v)
                 print(f"round {r} {k}: {json.dumps({**m, **p})}", flush=True)
     keys = list(res["new"])
-    ratio = {name: statistics.median(n / f for n, f in zip(res["new"][name], res["ref"][name])) for name in keys}
+    per_round = {name: [n / f for n, f in zip(res["new"][name], res["ref"][name])] for name in keys}
+    ratio = {name: statistics.median(v) for name, v in per_round.items()}
+    ci = {name: _ci(v) for name, v in per_round.items()}
     med = {k: {name: statistics.median(v) for name, v in res[k].items()} for k in res}
-    return {"ref": ref, "commit": commit, "rounds": rounds, "steps": steps, "median": med, "ratio_new_over_ref": ratio,
-            "peak_gflops_bf16": _matmul_peak() / 1e9, "load": os.getloadavg()[0]}
+    return {"ref": ref, "commit": commit, "rounds": rounds, "steps": steps, "median": med,
+            "ratio_new_over_ref": ratio, "ci": ci, "peak_gflops_bf16": _matmul_peak() / 1e9,
+            "load": os.getloadavg()[0]}
 
 
 def _section(r: dict, argv: list[str]) -> str:
@@ -122,12 +133,12 @@ def _section(r: dict, argv: list[str]) -> str:
         f"1 thread; main job = fmnist-unet-deltafm cut to {r['steps']} steps. Machine: {platform.machine()} CPU, "
         f"bf16 matmul {r['peak_gflops_bf16']:.0f} GFLOP/s measured in the same run; load average at the end "
         f"{r['load']:.1f} on {os.cpu_count()} cores.", "",
-        "| measure | reference | this tree | this / reference (median of per-round ratios) |",
+        "| measure | reference | this tree | this / reference (median of per-round ratios, 95% bootstrap CI) |",
         "|---|---|---|---|",
     ]
     for label, key, scale, fmt in rows:
         lines.append(f"| {label} | {fmt.format(m['ref'][key] * scale)} | {fmt.format(m['new'][key] * scale)} | "
-                     f"{q[key]:.3f} |")
+                     f"{q[key]:.3f} ({r['ci'][key][0]:.3f}–{r['ci'][key][1]:.3f}) |")
     return "\n".join(lines) + "\n"
 
 

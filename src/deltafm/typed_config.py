@@ -24,12 +24,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
+    "read_yaml",
     "ConfigError",
     "build",
     "coerce",
@@ -250,6 +253,26 @@ def build(cls: type, data: dict[str, Any], prefix: str = "", *, error: type[Conf
     if not isinstance(data, dict):
         raise ctx.error(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
     return _build(cls, data, prefix, ctx)
+
+
+def read_yaml(path: str | os.PathLike, *, error: type[ConfigError] = ConfigError, what: str = "config"
+              ) -> dict[str, Any]:
+    """The mapping in a YAML file (an empty file is ``{}``); ``error`` naming the file when it is missing,
+    does not parse, or holds something other than a mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"cannot parse {what} {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must be a mapping, got {type(data).__name__}")
+    return data
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

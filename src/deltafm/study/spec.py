@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from deltafm.solvers import nfe_to_steps, solver_names
-from deltafm.typed_config import ConfigError, build
+from deltafm.typed_config import ConfigError, build, read_yaml
 
 __all__ = [
     "STAGES",
@@ -244,13 +244,7 @@ def parse_compare_config(data: Any, source: str | None = None) -> CompareConfig:
 
 def load_compare_config(path: str | Path) -> CompareConfig:
     """Read and validate a study YAML (unknown keys are errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CompareError(f"compare config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CompareError(f"cannot parse {path}: {e}") from None
+    data = read_yaml(path, error=CompareError, what="compare config")
     return parse_compare_config(data or {}, str(path))
 
 
@@ -346,5 +340,5 @@ def apply_study_overrides(c: CompareConfig) -> dict[str, Any]:
     """The base training config with the study-wide overrides, as a dict."""
     from deltafm.train.config import apply_overrides
 
-    data = yaml.safe_load(base_path(c).read_text()) or {}
+    data = read_yaml(base_path(c), error=CompareError, what="base config")
     return apply_overrides(data, list(c.overrides.items()))

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from deltafm.solvers import SOLVERS, get_solver
-from deltafm.typed_config import ConfigError, build, dotted_keys, field_names, to_dict, unknown_key_error
+from deltafm.typed_config import ConfigError, build, dotted_keys, field_names, read_yaml, to_dict, unknown_key_error
 
 __all__ = [
     "ConfigError",
@@ -295,18 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML config (or start from ``base`` or the defaults), apply overrides, validate."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"cannot parse config {path}: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping of sections")
-        data = loaded
+        data = read_yaml(path, what="config")
     data = apply_overrides(data, parse_overrides(list(overrides or [])))
     return config_from_dict(data)
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltafm.errors import UserError
 from deltafm.objective import DeltaFMObjective
 from deltafm.schedules import LambdaSchedule
 from deltafm.seeding import derive_seed
@@ -22,7 +23,7 @@ from .config import Config, ConfigError
 __all__ = ["SetupError", "DataInfo", "load_training_data", "data_info", "build_model_for", "build_objective"]
 
 
-class SetupError(RuntimeError):
+class SetupError(UserError, RuntimeError):
     """The run cannot start (missing data, a model that cannot take the data, an occupied run folder)."""
 
 

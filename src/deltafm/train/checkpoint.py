@@ -46,6 +46,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deltafm.errors import UserError
+
 __all__ = [
     "CheckpointError",
     "PickleCheckpointError",
@@ -69,7 +71,7 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete, truncated, tampered with or of an unknown format."""
 
 

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from deltafm.errors import UserError
+
 from .distributed import all_reduce_sum
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ __all__ = ["NonFiniteLossError", "StepStats", "learning_rate", "train_step"]
 _PARTS = ("loss", "positive", "negative")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss (or gradient norm) became NaN/Inf; the run stopped before the optimizer step."""
 
 

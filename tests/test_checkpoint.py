@@ -23,7 +23,6 @@ from deltafm.train.checkpoint import (
     pack_state,
     resolve_checkpoint,
     save_checkpoint,
-    set_aside_newer,
     unpack_state,
     verify_checkpoint,
 )
@@ -194,10 +193,14 @@ def test_resolve_accepts_run_folders_step_folders_and_files(tmp_path):
 
 
 def test_set_aside_moves_newer_folders_without_deleting(tmp_path):
-    p1, p2, p3 = _three(tmp_path)
-    moved = set_aside_newer(tmp_path, 1, warn=lambda m: None)
+    from deltafm.train.runfolder import RunFolder
+
+    _three(tmp_path / "checkpoints")
+    with RunFolder(tmp_path) as folder:
+        folder.open(lambda m: None)
+        moved = folder.set_aside_newer(1, lambda m: None)
     assert sorted(p.name for p in moved) == ["step_00000002.invalid-0", "step_00000003.invalid-0"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000001"]
     assert all((p / "model.safetensors").is_file() for p in moved)
 
 
@@ -259,3 +262,68 @@ def test_the_run_state_owns_the_checkpoint_keys_and_round_trips(tmp_path):
     light = RunState.from_checkpoint(load_checkpoint(path, weights_only=True).state)
     assert light.optimizer is None and light.scaler is None and light.step == 3 and light.lam == 0.05
     assert RunState.from_checkpoint({"step": 2, "images_seen": 20}).mean_target is None
+
+
+# ------------------------------------------------------------------------------------ the run folder
+
+
+def test_pruning_renames_before_deleting(tmp_path, monkeypatch):
+    """A crash while a pruned checkpoint is deleted leaves a .del-* folder, never a half-empty step_*."""
+    m = _model()
+    for s in (1, 2):
+        save_checkpoint(tmp_path, s, m.state_dict(), {"step": s}, keep_last=2)
+
+    def crash(path, *args, **kwargs):
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(ck.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, m.state_dict(), {"step": 3}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    assert all(verify_checkpoint(p) for p in list_checkpoints(tmp_path))
+    assert [p.name for p in tmp_path.glob(".del-*")] == [f".del-step_00000001-{os.getpid()}"]
+
+
+def test_remove_debris(tmp_path):
+    from deltafm.train.runfolder import remove_debris
+
+    ck_root = tmp_path / "checkpoints"
+    m = _model()
+    p1, p2 = (save_checkpoint(ck_root, s, m.state_dict(), {"step": s}) for s in (1, 2))
+    (p1 / "COMPLETE").unlink()  # half deleted by an older version: debris
+    os.replace(p2, ck_root / "step_00000002.replaced-7")  # killed while rewriting step 2: put back
+    (ck_root / ".tmp-step_00000003-7").mkdir()
+    (ck_root / "step_00000004").mkdir()
+    (ck_root / "step_00000004" / "notes.txt").write_text("mine")  # foreign: never removed
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / ".tmp-7-step_00000002.png").write_bytes(b"png")
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')
+    removed = remove_debris(tmp_path)
+    assert len(removed) == 5 and "checkpoints/step_00000001 (incomplete)" in removed
+    assert sorted(p.name for p in ck_root.iterdir()) == ["step_00000002", "step_00000004"]
+    verify_checkpoint(ck_root / "step_00000002")
+    assert (tmp_path / "log.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert list((tmp_path / "samples").iterdir()) == []
+    assert remove_debris(tmp_path) == []
+
+
+def test_the_lock_is_exclusive_and_leaves_no_file(tmp_path):
+    from deltafm.train.builders import SetupError
+    from deltafm.train.runfolder import LOCK_NAME, RunFolder
+
+    a, b = RunFolder(tmp_path), RunFolder(tmp_path)
+    a.lock()
+    assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    with pytest.raises(SetupError, match=f"in use by this process \\(PID {os.getpid()}"):
+        b.lock()
+    with pytest.raises(RuntimeError, match="open"):
+        a.write_text("config.yaml", "x")  # nothing is written before open()
+    a.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    with b:
+        b.open(lambda m: None)
+        path = b.write_text("config.yaml", "a: 1\n")
+        before = path.stat().st_mtime_ns
+        b.write_text("config.yaml", "a: 1\n")  # identical: not rewritten
+        assert path.stat().st_mtime_ns == before and path.read_text() == "a: 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

@@ -342,17 +342,57 @@ def test_latent_shards_must_agree(tmp_path: Path) -> None:
         load_latent_shards(tmp_path / "empty")
 
 
+def _raw_shard(path: Path, latents: torch.Tensor, labels: torch.Tensor, **meta: str) -> Path:
+    """A shard written without the writer's checks (to hold values the writer refuses)."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "deltafm.latents", "format_version": "1", "scale_factor": "1.0", "shift_factor": "0.0", **meta}
+    save_file({"latents": latents, "labels": labels}, str(path), metadata=meta)
+    return path
+
+
+def test_latent_shard_values_are_checked_once_at_load(tmp_path: Path) -> None:
+    from deltafm.data import DataError
+    from deltafm.errors import UserError
+
+    z, y = _dyadic_latents(4), torch.arange(4)
+    write_latent_shards(tmp_path / "ok", z, y, prefix="a")
+    bad = z.clone().half()  # the writer's default storage dtype, like shard a
+    bad[2, 0, 1, 1] = float("nan")
+    bad[3, 1, 0, 0] = float("inf")
+    _raw_shard(tmp_path / "ok" / "b-00000.safetensors", bad, y)
+    with pytest.raises(DataError, match=r"b-00000\.safetensors: 2 of 4 latents hold NaN or inf \(first at item 2\)"):
+        load_latent_shards(tmp_path / "ok")
+    with pytest.raises(ValueError, match="non-finite"):  # the writer refuses them too
+        write_latent_shards(tmp_path / "w", bad, y)
+    shard = _raw_shard(tmp_path / "labels.safetensors", z, torch.tensor([0, 1, 2, 7]), num_classes="4")
+    with pytest.raises(DataError, match=r"labels\.safetensors: label 7 is outside 0\.\.3"):
+        read_latent_shard(shard)
+    shard = _raw_shard(tmp_path / "neg.safetensors", z, torch.tensor([0, -1, 2, 3]))
+    with pytest.raises(DataError, match="negative label -1"):
+        read_latent_shard(shard)
+    shard = _raw_shard(tmp_path / "scale.safetensors", z, y, scale_factor="nan")
+    with pytest.raises(DataError, match="scale_factor='nan' must be a finite number > 0"):
+        load_latent_shards(shard)
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+
+
 # ------------------------------------------------------------------------------------ registry, types
 
 
 def test_registry_errors() -> None:
-    with pytest.raises(ValueError) as info:
+    from deltafm.data import DataError, IdxFormatError
+
+    assert issubclass(IdxFormatError, DataError)
+    with pytest.raises(DataError) as info:
         load_dataset("cifar-10")
     assert all(name in str(info.value) for name in DATASETS)
     with pytest.raises(ValueError, match="needs a root"):
         load_dataset("mnist")
     with pytest.raises(ValueError, match="only 'folder'"):
         load_dataset("digits", image_size=32)
+    with pytest.raises(DataError, match="unknown split 'valid'"):
+        load_dataset("digits", split="valid")
     assert len(load_dataset("digits", max_items=10)) == 10
 
 

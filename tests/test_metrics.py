@@ -157,6 +157,18 @@ def test_reference_stats_roundtrip(tmp_path):
     np.savez(tmp_path / "bare.npz", mu=mu)
     with pytest.raises(KeyError, match="sigma"):
         M.load_reference_stats(tmp_path / "bare.npz")
+    # never unpickled: a pickle or a .npy is refused with what the file must be, not numpy's advice
+    import pickle
+
+    (tmp_path / "ref.pkl").write_bytes(pickle.dumps({"mu": mu}))
+    np.save(tmp_path / "ref.npy", mu)
+    for bad in ("ref.pkl", "ref.npy"):
+        with pytest.raises(M.EvalInputError, match="not an .npz archive; reference statistics must be") as info:
+            M.load_reference_stats(tmp_path / bad)
+        assert "allow_pickle=`" not in str(info.value)
+    np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=sigma)
+    with pytest.raises(M.EvalInputError, match="cannot read"):
+        M.load_reference_stats(tmp_path / "obj.npz")
 
 
 # ----------------------------------------------------------------------------- Inception Score
@@ -235,6 +247,11 @@ def test_class_accuracy_hand_example():
     assert acc.counts == {0: 2, 1: 1, 2: 3, 3: 0}
     d = acc.to_dict()
     assert d["per_class"]["3"] is None and json.dumps(d)
+    # labels outside 0..K-1 are an error naming the range, not a silent 0 accuracy
+    with pytest.raises(M.EvalInputError, match=r"labels must lie in 0\.\.3 .* from 0 to 4"):
+        M.class_accuracy([0, 1], [0, 4], num_classes=4)
+    with pytest.raises(ValueError, match="labels must lie"):
+        M.class_accuracy([0, 1], [-1, 1], num_classes=4)
 
 
 # ----------------------------------------------------------------------------- images, extraction
@@ -415,3 +432,43 @@ def test_inception_load_roundtrip_and_errors(inception, tmp_path, one_thread):
     torch.save(wrong, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="fc.weight"):
         load_inception(tmp_path / "wrong.pth")
+
+
+def test_inception_refuses_pickles_and_converts_to_safetensors(inception, tmp_path, one_thread, capsys):
+    """Only safetensors or a torch.save file of tensors (weights_only=True) load; a pickled module, a
+    payload with a global, a plain pickle and garbage are refused without unpickling them; a .pth
+    converts once to safetensors with the same network."""
+    import pickle
+
+    from deltafm.eval.inception import convert_inception, sniff_weights_format
+    from deltafm.eval.metrics import EvalInputError
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("payload ran",))
+
+    torch.save({"x": Payload()}, tmp_path / "global.pth")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"fc.weight": np.zeros(2)}))
+    (tmp_path / "garbage.bin").write_bytes(b"not weights at all")
+    for name, message in (("global.pth", "Unsupported global"), ("plain.pkl", "neither a safetensors"),
+                          ("garbage.bin", "neither a safetensors")):
+        with pytest.raises(EvalInputError, match=message) as info:
+            load_inception(tmp_path / name)
+        assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
+    assert sniff_weights_format(tmp_path / "plain.pkl") == "unknown"
+    assert "payload ran" not in capsys.readouterr().out
+
+    state = {k: v for k, v in inception.state_dict().items() if "num_batches_tracked" not in k}
+    pth = tmp_path / "pt_inception.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, pth, _use_new_zipfile_serialization=False)
+    assert sniff_weights_format(pth) == "torch"  # the legacy (non-zip) format pytorch-fid's file uses
+    out = tmp_path / "fid-inception.safetensors"
+    digest = convert_inception(pth, out)
+    assert sniff_weights_format(out) == "safetensors" and digest == file_sha256(out)
+    converted = load_inception(out)
+    assert converted.extractor_id == f"inception:{digest}"
+    x = torch.rand(1, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(converted.logits(x), inception.logits(x))
+    with pytest.raises(EvalInputError, match="would overwrite the input"):
+        convert_inception(pth, pth)

@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from deltafm.errors import CLI_ERRORS, UserError, cli_error
+
+__all__ = ["main", "build_parser", "run_name"]
+
+
+class UsageError(UserError, ValueError):
+    """A command-line argument cannot be used as given (the message says what to pass instead)."""
+
 
 _DISPATCH = {
     "sample": ("deltafm.sample_cli", "generate images from a checkpoint"),
@@ -45,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=2e-4")
     t.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
     t.add_argument("--resume", metavar="auto|PATH",
-                   help="'auto': newest valid checkpoint in OUT/checkpoints (fresh start if none); or a "
-                        "checkpoint / run folder")
+                   help="'auto': newest valid checkpoint in OUT/checkpoints (fresh start if there is none; an "
+                        "error if every one is damaged); or a checkpoint / run folder")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     for name, (_, help_) in _DISPATCH.items():
@@ -61,8 +69,30 @@ def _dispatch(name: str, argv: list[str]) -> int:
     except ImportError as e:
         print(f"error: `deltafm {name}` is not available ({module}: {e})", file=sys.stderr)
         return 2
-    rc = mod.main(argv)
+    try:
+        rc = mod.main(argv)
+    except UserError as e:  # a subcommand's own handler normally prints these; this is the safety net
+        print(cli_error(e), file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+def run_name(text: str, source: str) -> str:
+    """A run folder name from a config file's stem or a checkpoint's run folder: characters other than
+    letters, digits and ``._+-`` become ``-``, leading/trailing dots and dashes are dropped (so ``...yaml``
+    never names ``runs/..``); nothing left is a :class:`UsageError` asking for ``--out``."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip(".-")
+    if not name:
+        raise UsageError(f"cannot name the run folder after {source}; pass --out DIR")
+    return name
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder or not exist yet, and no part of it may be a file."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "--out" if p == out else f"--out {out}: its parent"
+            raise UsageError(f"{what} {p} is a file, not a folder; give a run folder")
 
 
 def _train_config(args: argparse.Namespace):
@@ -71,28 +101,33 @@ def _train_config(args: argparse.Namespace):
 
     if args.config is not None or args.preset is not None:
         path = args.config if args.config is not None else find_preset(args.preset)
-        return load_config(path, args.overrides), Path(path).stem
+        return load_config(path, args.overrides), Path(path).stem, f"the config file name {str(path)!r}"
     if args.resume and args.resume != "auto":
         ckpt = load_checkpoint(resolve_checkpoint(args.resume), weights_only=True)
         if ckpt.config is None:
             raise ConfigError(f"checkpoint {ckpt.path} records no config; pass --config")
-        return load_config(None, args.overrides, base=ckpt.config), ckpt.path.parent.parent.name
+        run = ckpt.path.parent.parent
+        source = f"the checkpoint's run folder {str(run)!r}"
+        return load_config(None, args.overrides, base=ckpt.config), run.name, source
     if args.resume == "auto" and args.out is not None and (args.out / "config.yaml").is_file():
         base = load_config(args.out / "config.yaml")
-        return load_config(None, args.overrides, base=config_to_dict(base)), args.out.name
+        return load_config(None, args.overrides, base=config_to_dict(base)), args.out.name, f"--out {args.out}"
     raise ConfigError("give --config FILE or --preset NAME (or --resume PATH to reuse a checkpoint's config)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from deltafm.train.config import format_config
 
-    cfg, name = _train_config(args)
+    if args.out is not None:
+        _check_out(args.out)
+    cfg, name, source = _train_config(args)
     if args.dry_run:
         print(format_config(cfg), end="")
         return 0
     from deltafm.train.loop import train
 
-    out = args.out if args.out is not None else Path("runs") / name
+    out = args.out if args.out is not None else Path("runs") / run_name(name, source)
+    _check_out(out)
     result = train(cfg, out, resume=args.resume)
     return 0 if result.status in ("done", "interrupted") else 1
 
@@ -112,15 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from deltafm.train.builders import SetupError
-    from deltafm.train.checkpoint import CheckpointError
-    from deltafm.train.config import ConfigError
-    from deltafm.train.loop import NonFiniteLossError
-
     try:
         return _cmd_train(args)
-    except (ConfigError, CheckpointError, SetupError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except CLI_ERRORS as e:
+        print(cli_error(e), file=sys.stderr)
         return 2
 
 

@@ -7,7 +7,8 @@ guidance (scale w, on the t-interval [lo, hi]; t = 0 noise, t = 1 data) with an 
 (the ΔFM bias correction v_FM = (1 − λ) v + λ ū, or the post-hoc map to the ΔFM optimum), integrated
 from t = 0 to t = 1 by any sampler of the registry :data:`deltafm.solvers.SOLVERS`. The SDE sampler's
 noise comes from a generator seeded with (seed, first index of the batch): reproducible for a given seed
-and batch size.
+and batch size. :func:`generate_batches` yields the batches one by one (``deltafm sample`` streams them
+to disk and can skip the batches a killed run finished); :func:`generate` concatenates them.
 
 Which map and which λ a trained checkpoint is sampled with is decided by
 :meth:`deltafm.objective.DeltaFMObjective.sampling_correction`; writing images is :mod:`deltafm.images`.
@@ -15,7 +16,7 @@ Which map and which λ a trained checkpoint is sampled with is decided by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from .paths import ProbPath
 from .seeding import derive_seed, make_generator
 from .solvers import get_solver, solve
 
-__all__ = ["labels_for", "initial_noise", "generate"]
+__all__ = ["labels_for", "initial_noise", "generate_batches", "generate"]
 
 
 def labels_for(num: int, num_classes: int, class_id: int | None = None) -> Tensor:
@@ -48,6 +49,48 @@ def initial_noise(start: int, count: int, shape: Sequence[int], seed: int) -> Te
     return out
 
 
+@torch.no_grad()  # torch wraps generator functions: grad mode is only off while a batch is computed
+def generate_batches(
+    model: nn.Module,
+    *,
+    labels: Tensor,
+    shape: Sequence[int],
+    num_classes: int,
+    solver: str = "euler",
+    steps: int = 50,
+    cfg: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+    correction: BiasCorrection | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    path: ProbPath | str = "linear",
+    amp_dtype: torch.dtype | None = None,
+    skip: Collection[int] = (),
+) -> Iterator[tuple[int, Tensor]]:
+    """``(start, samples)`` batch by batch: images ``start .. start+count-1`` in model space (float32,
+    count×C×H×W, on CPU), for batch starts ``0, batch_size, 2·batch_size, ...`` not in ``skip``.
+
+    A batch is the same whether or not the others are drawn (per-image noise, SDE noise seeded with the
+    batch start), so skipping finished batches and drawing the rest gives what one pass gives.
+    """
+    spec = get_solver(solver)
+    device = torch.device(device)
+    n = labels.shape[0]
+    skip = set(skip)
+    for start in range(0, n, batch_size):
+        if start in skip:
+            continue
+        count = min(batch_size, n - start)
+        x0 = initial_noise(start, count, shape, seed).to(device)
+        cond = labels[start:start + count].to(device)
+        vel = GuidedVelocity(model, cond, scale=cfg, interval=interval, null_class=num_classes,
+                             correction=correction, amp_dtype=amp_dtype)
+        gen = make_generator(seed, start, "sample-sde", device) if spec.kind == "sde" else None
+        res = solve(vel, x0, solver, steps, path=path, generator=gen)
+        yield start, res.x.float().cpu()
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -67,9 +110,8 @@ def generate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Samples in model space (float32, N×C×H×W, on CPU) for ``labels`` (N,)."""
-    spec = get_solver(solver)
-    device = torch.device(device)
+    """Samples in model space (float32, N×C×H×W, on CPU) for ``labels`` (N,), all in memory (see
+    :func:`generate_batches` to stream them)."""
     n = labels.shape[0]
     outs = []
     bar = None
@@ -77,17 +119,12 @@ def generate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, unit="img", desc=f"sampling ({solver}, {steps} steps)", dynamic_ncols=True)
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        x0 = initial_noise(start, count, shape, seed).to(device)
-        cond = labels[start:start + count].to(device)
-        vel = GuidedVelocity(model, cond, scale=cfg, interval=interval, null_class=num_classes,
-                             correction=correction, amp_dtype=amp_dtype)
-        gen = make_generator(seed, start, "sample-sde", device) if spec.kind == "sde" else None
-        res = solve(vel, x0, solver, steps, path=path, generator=gen)
-        outs.append(res.x.float().cpu())
+    for _, x in generate_batches(model, labels=labels, shape=shape, num_classes=num_classes, solver=solver,
+                                 steps=steps, cfg=cfg, interval=interval, correction=correction, seed=seed,
+                                 batch_size=batch_size, device=device, path=path, amp_dtype=amp_dtype):
+        outs.append(x)
         if bar is not None:
-            bar.update(count)
+            bar.update(x.shape[0])
     if bar is not None:
         bar.close()
     return torch.cat(outs) if outs else torch.empty(0, *shape)

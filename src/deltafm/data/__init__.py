@@ -2,12 +2,14 @@
 
 Normalisation is defined once, in :mod:`deltafm.pixels`: uint8 pixels p -> p / 127.5 − 1 ∈ [−1, 1]
 (inverse ``model_to_uint8``), latents unchanged. The one dataset builder is :func:`load_dataset`
-(:mod:`deltafm.data.registry`). See docs/DATA.md.
+(:mod:`deltafm.data.registry`). A dataset that cannot be loaded as asked raises :class:`DataError` (a
+``ValueError`` and a :class:`deltafm.errors.UserError`) naming the file; missing files raise
+``FileNotFoundError`` saying what is expected. See docs/DATA.md.
 
 Loaders needing optional packages (PIL for folders, scikit-learn for digits) import them only when used.
 """
 
-from deltafm.data.datasets import ImageDataset
+from deltafm.data.datasets import DataError, ImageDataset
 from deltafm.data.idx import (
     FASHION_MNIST_ROOT,
     IdxFormatError,
@@ -24,6 +26,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_ROOT",
     "SD_VAE_SCALE",
+    "DataError",
     "EpochBatchSampler",
     "IdxFormatError",
     "ImageDataset",

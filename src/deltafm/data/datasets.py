@@ -19,9 +19,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from deltafm.errors import UserError
 from deltafm.pixels import model_to_uint8, uint8_to_model
 
-__all__ = ["ImageDataset"]
+__all__ = ["DataError", "ImageDataset"]
+
+
+class DataError(UserError, ValueError):
+    """A dataset cannot be loaded as asked: unknown name or option, or a data file that is damaged or holds
+    values the project refuses (the message names the file and what is wrong). A ``ValueError`` as well."""
 
 
 @dataclass

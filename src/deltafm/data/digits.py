@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deltafm.data.datasets import ImageDataset
+from deltafm.data.datasets import DataError, ImageDataset
 
 __all__ = ["DIGITS_TEST_EVERY", "digits_split_indices", "load_digits_dataset"]
 
@@ -30,7 +30,7 @@ def digits_split_indices(num_items: int, split: str) -> np.ndarray:
         return index[index % DIGITS_TEST_EVERY == 0]
     if split == "train":
         return index[index % DIGITS_TEST_EVERY != 0]
-    raise ValueError(f"unknown split {split!r}; expected 'train', 'test' or 'all'")
+    raise DataError(f"unknown split {split!r}; expected 'train', 'test' or 'all'")
 
 
 def load_digits_dataset(split: str = "train") -> ImageDataset:

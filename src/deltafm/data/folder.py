@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deltafm.data.datasets import ImageDataset
+from deltafm.data.datasets import DataError, ImageDataset
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -94,12 +94,12 @@ def load_image_folder(
 
     Raises:
         FileNotFoundError: no folder, classes or images.
-        ValueError: bad options, an unreadable image, or unequal sizes without ``image_size``.
+        DataError (a ValueError): bad options, an unreadable image, or unequal sizes without ``image_size``.
     """
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise DataError(f"channels must be 1 or 3, got {channels}")
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
+        raise DataError(f"image_size must be >= 1, got {image_size}")
     from PIL import Image, UnidentifiedImageError
 
     classes, items = list_image_folder(root)
@@ -113,10 +113,10 @@ def load_image_folder(
                     img = resize_center_crop(img, image_size)
                 arr = np.asarray(img, dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
+            raise DataError(f"cannot read image {path}: {err}") from err
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if arrays and arr.shape != arrays[0].shape:
-            raise ValueError(
+            raise DataError(
                 f"{path} is {arr.shape[2]}x{arr.shape[1]} but {items[0][0]} is "
                 f"{arrays[0].shape[2]}x{arrays[0].shape[1]}; pass image_size to resize and crop"
             )

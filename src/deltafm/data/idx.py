@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deltafm.data.datasets import ImageDataset
+from deltafm.data.datasets import DataError, ImageDataset
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -74,7 +74,7 @@ _KIND_TO_CODE: dict[tuple[str, int], int] = {
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataError):
     """A file is not a valid IDX file (bad magic, dtype code, dimensions or length)."""
 
 
@@ -183,12 +183,12 @@ def find_idx_files(root: str | os.PathLike, split: str = "train") -> tuple[Path,
     Each file may be named with or without ``.gz``; if both exist, the plain file is used.
 
     Raises:
-        ValueError: unknown split.
+        DataError (a ValueError): unknown split.
         FileNotFoundError: the folder or a file is missing; the message lists the expected files and how to
             get them.
     """
     if split not in _SPLIT_PREFIX:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_PREFIX)}")
+        raise DataError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_PREFIX)}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(_missing_message(root, f"IDX dataset folder {root} does not exist."))

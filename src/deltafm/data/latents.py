@@ -22,6 +22,7 @@ name order; shapes (C, H, W), dtype, scale, shift and num_classes must agree acr
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from deltafm.data.datasets import ImageDataset
+from deltafm.data.datasets import DataError, ImageDataset
 
 __all__ = [
     "LATENT_FORMAT",
@@ -141,6 +142,8 @@ class LatentShardWriter:
             self._item_shape = shape  # type: ignore[assignment]
         elif shape != self._item_shape:
             raise ValueError(f"latent item shape {shape} differs from earlier batches {self._item_shape}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents hold non-finite values (NaN or inf); check the encoder's output")
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError(f"negative label {int(labels.min())}")
         if self.num_classes is not None and labels.numel() and int(labels.max()) >= self.num_classes:
@@ -218,24 +221,43 @@ def _shard_header(path: Path) -> tuple[tuple[int, ...], str, int, dict[str, str]
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             if set(f.keys()) != {"latents", "labels"}:
-                raise ValueError(f"{path}: expected tensors 'latents' and 'labels', found {sorted(f.keys())}")
+                keys = sorted(f.keys())
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                raise DataError(f"{path}: expected tensors 'latents' and 'labels', found {shown}")
             sl = f.get_slice("latents")
             shape, sdtype = tuple(sl.get_shape()), sl.get_dtype()
     except SafetensorError as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        raise DataError(f"{path}: not a readable safetensors file ({err})") from err
     if metadata.get("format") != LATENT_FORMAT:
         found = metadata.get("format")
-        raise ValueError(f"{path}: metadata 'format' is {found!r}, expected {LATENT_FORMAT!r}")
+        raise DataError(f"{path}: metadata 'format' is {found!r}, expected {LATENT_FORMAT!r}")
     if len(shape) != 4:
-        raise ValueError(f"{path}: 'latents' must be (N, C, H, W), got shape {shape}")
+        raise DataError(f"{path}: 'latents' must be (N, C, H, W), got shape {shape}")
     return shape[1:], sdtype, shape[0], metadata
 
 
+def _meta_number(path: Path, metadata: dict[str, str], key: str, default: str, positive: bool = False) -> float:
+    """A finite number from shard metadata (``positive``: also > 0), or a :class:`DataError` naming the shard."""
+    text = metadata.get(key, default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or (positive and value <= 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise DataError(f"{path}: metadata {key}={text!r} must be {need}")
+    return value
+
+
 def read_latent_shard(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-    """Read one shard: (raw latents, labels, metadata), validating format tag, keys, dtypes and shapes.
+    """Read one shard: (raw latents, labels, metadata), validating format tag, keys, dtypes, shapes and values.
+
+    Values are checked once, here: every latent must be finite (a NaN or inf would otherwise surface much
+    later as a non-finite training loss), labels must be >= 0 and below the ``num_classes`` metadata.
 
     Raises:
-        ValueError: not a safetensors file, wrong format tag, missing/extra tensors, wrong dtype or shape.
+        DataError (a ValueError): not a safetensors file, wrong format tag, missing/extra tensors, wrong
+            dtype or shape, non-finite latents, labels out of range; the message names the shard.
     """
     path = Path(path)
     _, _, _, metadata = _shard_header(path)
@@ -243,11 +265,24 @@ def read_latent_shard(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
         latents = f.get_tensor("latents")
         labels = f.get_tensor("labels")
     if latents.dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"{path}: 'latents' must be float16 or float32, got {latents.dtype}")
+        raise DataError(f"{path}: 'latents' must be float16 or float32, got {latents.dtype}")
     if labels.dtype != torch.int64 or labels.shape != (latents.shape[0],):
-        raise ValueError(
+        raise DataError(
             f"{path}: 'labels' must be int64 ({latents.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
         )
+    finite = torch.isfinite(latents).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise DataError(
+            f"{path}: {len(bad)} of {len(latents)} latents hold NaN or inf (first at item {int(bad[0])}); "
+            "re-encode this shard (training on it would stop with a non-finite loss)"
+        )
+    if labels.numel() and int(labels.min()) < 0:
+        raise DataError(f"{path}: negative label {int(labels.min())}")
+    if "num_classes" in metadata and labels.numel():
+        k = int(_meta_number(path, metadata, "num_classes", "1", positive=True))
+        if int(labels.max()) >= k:
+            raise DataError(f"{path}: label {int(labels.max())} is outside 0..{k - 1} (metadata num_classes={k})")
     return latents, labels, metadata
 
 
@@ -274,7 +309,8 @@ def load_latent_shards(
 
     Raises:
         FileNotFoundError: no folder or no shards.
-        ValueError: a bad shard, or shards that disagree on item shape, dtype, scale, shift or num_classes.
+        DataError (a ValueError): a bad shard (see :func:`read_latent_shard`: also NaN/inf latents and
+            out-of-range labels), or shards that disagree on item shape, dtype, scale, shift or num_classes.
     """
     paths = _shard_paths(Path(root))
     # Pass 1: headers only (shapes, dtypes, metadata) to validate and size the output.
@@ -282,16 +318,16 @@ def load_latent_shards(
     shape0, dtype0, _, meta0 = headers[0]
     for path, (shape, sdtype, _, meta) in zip(paths[1:], headers[1:]):
         if shape != shape0:
-            raise ValueError(f"{path}: item shape {shape} differs from {paths[0].name}'s {shape0}")
+            raise DataError(f"{path}: item shape {shape} differs from {paths[0].name}'s {shape0}")
         if sdtype != dtype0:
-            raise ValueError(f"{path}: dtype {sdtype} differs from {paths[0].name}'s {dtype0}")
+            raise DataError(f"{path}: dtype {sdtype} differs from {paths[0].name}'s {dtype0}")
         for key in ("scale_factor", "shift_factor", "num_classes"):
             if meta.get(key) != meta0.get(key):
-                raise ValueError(
+                raise DataError(
                     f"{path}: metadata {key}={meta.get(key)!r} differs from {paths[0].name}'s {meta0.get(key)!r}"
                 )
-    scale = float(meta0.get("scale_factor", "1.0"))
-    shift = float(meta0.get("shift_factor", "0.0"))
+    scale = _meta_number(paths[0], meta0, "scale_factor", "1.0", positive=True)
+    shift = _meta_number(paths[0], meta0, "shift_factor", "0.0")
     # Pass 2: fill one preallocated tensor, converting shard by shard to keep peak memory low.
     total = sum(h[2] for h in headers)
     latents = torch.empty((total, *shape0), dtype=dtype)

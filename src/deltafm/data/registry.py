@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deltafm.data.datasets import ImageDataset
+from deltafm.data.datasets import DataError, ImageDataset
 
 __all__ = ["DATASETS", "load_dataset"]
 
@@ -50,16 +50,16 @@ def load_dataset(
         max_items: keep only the first ``max_items`` items (quick runs and tests).
 
     Raises:
-        ValueError: unknown name (lists the known ones), or an option the dataset does not take.
+        DataError (a ValueError): unknown name (lists the known ones), or an option the dataset does not take.
         FileNotFoundError: data files missing (the message says what is expected and how to get it).
     """
     key = name.lower().replace("_", "-")
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if key != "folder" and (image_size is not None or channels is not None):
-        raise ValueError(f"dataset {key!r} takes no image_size/channels options (only 'folder' does)")
+        raise DataError(f"dataset {key!r} takes no image_size/channels options (only 'folder' does)")
     if key in ("mnist", "folder", "latents") and root is None:
-        raise ValueError(f"dataset {key!r} needs a root folder (data.root=DIR)")
+        raise DataError(f"dataset {key!r} needs a root folder (data.root=DIR)")
 
     if key == "fashion-mnist":
         from deltafm.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_idx_dataset
@@ -92,6 +92,6 @@ def load_dataset(
         ds = load_latent_shards(_split_dir(Path(root), split))
     if max_items is not None:
         if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
+            raise DataError(f"max_items must be >= 1, got {max_items}")
         ds = ds.subset(slice(0, max_items))
     return ds

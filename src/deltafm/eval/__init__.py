@@ -9,7 +9,10 @@ Only metrics and the networks that feed them live here; the FM-vs-ΔFM study tha
 * :mod:`deltafm.eval.features`: the extractor protocol, batched extraction, ``get_extractor(spec)``,
   ``reference_statistics`` and ``evaluate_samples`` (the one scoring function);
 * :mod:`deltafm.eval.along_path`: classifier accuracy of the predicted clean sample along t;
-* :mod:`deltafm.eval.cli`: ``deltafm eval train-classifier | ref-stats | eval``.
+* :mod:`deltafm.eval.cli`: ``deltafm eval train-classifier | ref-stats | eval | convert-inception``.
+
+Bad input (a file, an option, labels) raises :class:`EvalInputError` (a ``ValueError`` and a
+:class:`deltafm.errors.UserError`; :class:`EvalKeyError` is also a ``KeyError``).
 
 See docs/EVAL.md.
 """
@@ -22,9 +25,11 @@ from deltafm.eval.features import (
     get_extractor,
     reference_statistics,
 )
-from deltafm.eval.inception import FIDInceptionV3, load_inception
+from deltafm.eval.inception import FIDInceptionV3, convert_inception, load_inception
 from deltafm.eval.metrics import (
     ClassAccuracy,
+    EvalInputError,
+    EvalKeyError,
     ReferenceStats,
     class_accuracy,
     feature_statistics,
@@ -40,10 +45,13 @@ __all__ = [
     "ClassAccuracy",
     "Classifier",
     "ClassifierConfig",
+    "EvalInputError",
+    "EvalKeyError",
     "FIDInceptionV3",
     "FeatureExtractor",
     "ReferenceStats",
     "class_accuracy",
+    "convert_inception",
     "evaluate_samples",
     "extract",
     "feature_statistics",

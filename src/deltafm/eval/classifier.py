@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from deltafm.eval.metrics import EvalInputError
 from deltafm.pixels import uint8_to_model
 
 __all__ = [
@@ -111,11 +112,12 @@ class Classifier(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"expected (N, {self.config.in_channels}, H, W) images in [-1, 1], got {tuple(x.shape)}"
+            raise EvalInputError(
+                f"the classifier takes {self.config.in_channels}-channel images: expected "
+                f"(N, {self.config.in_channels}, H, W) images in [-1, 1], got {tuple(x.shape)}"
             )
         if min(x.shape[-2:]) < 4:
-            raise ValueError(f"images must be at least 4x4 (two 2x poolings), got {tuple(x.shape[-2:])}")
+            raise EvalInputError(f"images must be at least 4x4 (two 2x poolings), got {tuple(x.shape[-2:])}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features: global average pool of the last conv stage, (N, widths[-1])."""
@@ -161,7 +163,8 @@ def _as_uint8_nchw(images: Any) -> torch.Tensor:
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images (N, H, W) or (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        raise EvalInputError(f"the classifier trains on uint8 images: expected uint8 (N, H, W) or (N, C, H, W), "
+                             f"got {x.dtype} {tuple(x.shape)}")
     return x
 
 
@@ -361,14 +364,23 @@ def load_classifier(
 
     Raises:
         FileNotFoundError: no weights file, or no sidecar and no ``sha256`` while ``verify``.
-        ValueError: hash mismatch (file changed or corrupted), or not a deltafm classifier file.
+        EvalInputError (a ValueError): not a safetensors file (pickles are never read), not a deltafm
+            classifier file, hash mismatch (file changed or corrupted), or damaged contents.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classifier weights not found: {path}")
+    what = "classifier weights are a .safetensors file written by `deltafm eval train-classifier`"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except SafetensorError as err:
+        raise EvalInputError(f"{path} is not a safetensors file ({err}); {what} (never unpickled)") from None
+    if "deltafm" not in header:
+        raise EvalInputError(f"{path} has no 'deltafm' metadata; not a deltafm classifier file ({what})")
     digest = file_sha256(path)
     if verify:
         if sha256 is None:
@@ -377,18 +389,21 @@ def load_classifier(
                 raise FileNotFoundError(
                     f"no hash sidecar {side} for {path}; pass sha256=... or verify=False to skip the check"
                 )
-            sha256 = side.read_text().split()[0]
+            sha256 = (side.read_text().split() or [""])[0]
         if digest != sha256.lower():
-            raise ValueError(f"sha256 mismatch for {path}: file has {digest}, expected {sha256}")
-    with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata() or {}
-    if "deltafm" not in header:
-        raise ValueError(f"{path} has no 'deltafm' metadata; not a deltafm classifier file")
-    meta = json.loads(header["deltafm"])
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported format {meta.get('format')!r} (expected {FORMAT!r})")
-    model = Classifier(ClassifierConfig(**meta["config"]))
-    model.load_state_dict(load_file(str(path)), strict=True)
+            raise EvalInputError(f"sha256 mismatch for {path}: file has {digest}, expected {sha256}")
+    try:
+        meta = json.loads(header["deltafm"])
+        if meta.get("format") != FORMAT:
+            raise EvalInputError(f"{path}: unsupported format {meta.get('format')!r} (expected {FORMAT!r})")
+        model = Classifier(ClassifierConfig(**meta["config"]))
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError, RuntimeError,
+            SafetensorError) as err:
+        if isinstance(err, EvalInputError):
+            raise
+        raise EvalInputError(f"{path}: damaged classifier file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else ''}); {what}") from None
     model.meta = meta
     model.extractor_id = f"classifier:{digest}"
     return model.eval()

@@ -7,6 +7,7 @@ Subcommands::
         --extractor classifier:runs/eval/fmnist-cls.safetensors --out runs/eval/fmnist-test.npz
     deltafm eval eval --samples samples.npz --ref runs/eval/fmnist-test.npz \\
         --extractor classifier:runs/eval/fmnist-cls.safetensors --out metrics.json
+    deltafm eval convert-inception --in pt_inception-2015-12-05-6726825d.pth --out fid-inception.safetensors
 
 Datasets are read with :func:`deltafm.data.load_dataset`, the builder training uses (``--root`` for a
 dataset in another folder, ``--image-size`` / ``--channels`` for an image folder). Sample files use the
@@ -14,6 +15,10 @@ ADM layout: uint8 images (N, H, W, C) under ``arr_0``; class labels under ``labe
 ADM's sampler writes them) when present. Scoring is :func:`deltafm.eval.features.evaluate_samples`; the
 FM-vs-ΔFM study scores with ``--fd-method eigh --splits 1 --pr-max match``. Also runnable as
 ``python -m deltafm.eval.cli``.
+
+Bad input (a missing, garbage or pickled file, a wrong layout, labels outside the classifier's classes,
+statistics from another extractor, an option out of range) prints one ``error:`` line and exits with 2;
+any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["build_parser", "load_samples", "main"]
+from deltafm.errors import CLI_ERRORS, cli_error
+from deltafm.eval.metrics import EvalInputError, EvalKeyError, open_npz, read_npz_array
+
+__all__ = ["build_parser", "load_samples", "main", "resolve_device"]
+
+SAMPLES_FORMAT = ("--samples must be an .npz (ADM layout) with arr_0 uint8 (N, H, W, C), C = 1 or 3, and optional "
+                  "integer labels under 'labels' or 'arr_1'; it is read with allow_pickle=False (never unpickled)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -94,46 +105,111 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fd-method", choices=["sqrtm", "eigh"], default="sqrtm",
                    help="matrix square root of the FD: sqrtm (FID convention) or eigh (symmetric, exact for PSD)")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--allow-mismatch", action="store_true", help="accept statistics from another extractor")
+    e.add_argument("--allow-mismatch", action="store_true",
+                   help="accept statistics from another extractor, and samples of another size than the classifier's")
+
+    c = sub.add_parser("convert-inception", help="convert FID Inception weights (.pth) once to safetensors")
+    c.add_argument("--in", dest="src", required=True, help="torch.save state dict (read with weights_only=True)")
+    c.add_argument("--out", required=True, help="output .safetensors")
     return p
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read ADM-layout samples: uint8 (N, H, W, C) under ``arr_0``; labels under ``labels`` or ``arr_1``."""
-    with np.load(path, allow_pickle=False) as data:
+    """Read ADM-layout samples: uint8 (N, H, W, C) under ``arr_0``; labels under ``labels`` or ``arr_1``.
+
+    Raises FileNotFoundError, :class:`EvalKeyError` (no ``arr_0``) or :class:`EvalInputError` (not an .npz,
+    pickled arrays, another dtype or layout, non-integer or negative labels, a label count that differs).
+    """
+    with open_npz(path, SAMPLES_FORMAT) as data:
         if "arr_0" not in data.files:
-            raise KeyError(f"{path}: no 'arr_0' (has {data.files}); expected ADM layout, uint8 NHWC under arr_0")
-        images = data["arr_0"]
+            raise EvalKeyError(f"{path}: no 'arr_0' (has {data.files}); {SAMPLES_FORMAT}")
+        images = read_npz_array(data, "arr_0", path, SAMPLES_FORMAT)
         labels = None
         for key in ("labels", "arr_1"):
             if key in data.files:
-                labels = data[key].astype(np.int64).reshape(-1)
+                labels = read_npz_array(data, key, path, SAMPLES_FORMAT)
                 break
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{path}: {len(labels)} labels for {len(images)} images")
+        raise EvalInputError(f"{path}: arr_0 is {images.dtype} {images.shape}; {SAMPLES_FORMAT}")
+    if images.shape[3] not in (1, 3):
+        hint = "; it looks like (N, C, H, W): transpose it to (N, H, W, C)" if images.shape[1] in (1, 3) else ""
+        raise EvalInputError(f"{path}: arr_0 {images.shape} has {images.shape[3]} channels in its last axis{hint}; "
+                             f"{SAMPLES_FORMAT}")
+    if labels is not None:
+        if labels.dtype.kind not in "iu":
+            raise EvalInputError(f"{path}: labels must be integers, got {labels.dtype}; {SAMPLES_FORMAT}")
+        labels = labels.astype(np.int64).reshape(-1)
+        if len(labels) != len(images):
+            raise EvalInputError(f"{path}: {len(labels)} labels for {len(images)} images")
+        if len(labels) and labels.min() < 0:
+            raise EvalInputError(f"{path}: labels must be class ids >= 0, got {int(labels.min())}")
     return images, labels
+
+
+def resolve_device(text: str) -> str:
+    """``auto`` (cuda when available, else cpu), ``cpu`` or ``cuda[:N]`` of a GPU that exists; else an
+    :class:`EvalInputError`."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise EvalInputError(f"--device must be auto, cpu or cuda[:N], got {text!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise EvalInputError(f"--device {text}: no such GPU here ({n} visible); use --device cpu")
+    elif dev.type != "cpu":
+        raise EvalInputError(f"--device must be auto, cpu or cuda[:N], got {text!r}")
+    return text
+
+
+def _positive(**values: int | float | None) -> None:
+    """Each named option must be > 0 (None: not given)."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise EvalInputError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def _out_file(path: str | Path) -> Path:
+    """An output file path that is not an existing folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise EvalInputError(f"--out {path} is a folder; give a file path")
+    return path
 
 
 def _load(args: argparse.Namespace, split: str):
     from deltafm.data import load_dataset
 
-    return load_dataset(args.dataset, root=args.root, split=split, image_size=args.image_size,
-                        channels=args.channels)
+    try:
+        return load_dataset(args.dataset, root=args.root, split=split, image_size=args.image_size,
+                            channels=args.channels)
+    except CLI_ERRORS:
+        raise
+    except (ValueError, OSError) as e:  # the data modules' own checks (e.g. ImageDataset's) name the problem
+        raise EvalInputError(f"cannot load dataset {args.dataset!r} (root {args.root}): {e}") from None
 
 
 def _train_classifier(args: argparse.Namespace) -> dict:
     from deltafm.eval.classifier import save_classifier, train_classifier
 
+    _positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    if args.weight_decay < 0:
+        raise EvalInputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    out = _out_file(args.out)
     train, test = _load(args, "train"), _load(args, "test")
+    if train.kind != "images":
+        raise EvalInputError(f"dataset {args.dataset!r} holds {train.kind}, not images; the classifier needs images")
+    if args.batch_size > len(train):
+        raise EvalInputError(f"--batch-size {args.batch_size} is larger than the training split ({len(train)} images)")
     model = train_classifier(
         train, epochs=args.epochs, seed=args.seed, dataset_test=test, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, progress=not args.no_progress,
     )
-    digest = save_classifier(model, args.out)
+    digest = save_classifier(model, out)
     return {
-        "out": str(args.out),
+        "out": str(out),
         "sha256": digest,
         "dataset": args.dataset,
         "test_accuracy": model.meta.get("test_accuracy"),
@@ -147,9 +223,13 @@ def _ref_stats(args: argparse.Namespace) -> dict:
     from deltafm.eval.features import get_extractor, reference_statistics
     from deltafm.eval.metrics import save_reference_stats
 
-    data = _load(args, args.split)
-    images = data.images if args.max_items is None else data.images[: args.max_items]
+    _positive(max_items=args.max_items, batch_size=args.batch_size)
+    out = _out_file(args.out)
     extractor = get_extractor(args.extractor, device=args.device)
+    data = _load(args, args.split)
+    if data.kind != "images":
+        raise EvalInputError(f"dataset {args.dataset!r} holds {data.kind}, not images")
+    images = data.images if args.max_items is None else data.images[: args.max_items]
     meta = {"dataset": args.dataset, "split": args.split, "extractor_spec": args.extractor}
     if args.root is not None:
         meta["root"] = str(args.root)
@@ -157,15 +237,17 @@ def _ref_stats(args: argparse.Namespace) -> dict:
         extractor, images, keep_features=not args.no_features, meta=meta,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_reference_stats(args.out, stats.mu, stats.sigma, stats.features, stats.meta)
-    return {"out": str(args.out), **stats.meta}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_reference_stats(out, stats.mu, stats.sigma, stats.features, stats.meta)
+    return {"out": str(out), **stats.meta}
 
 
 def _eval(args: argparse.Namespace) -> dict:
     from deltafm.eval.features import evaluate_samples, get_extractor
     from deltafm.eval.metrics import load_reference_stats
 
+    _positive(k=args.k, splits=args.splits, batch_size=args.batch_size)
+    out = _out_file(args.out) if args.out else None
     images, labels = load_samples(args.samples)
     ref = load_reference_stats(args.ref)
     extractor = get_extractor(args.extractor, device=args.device)
@@ -176,30 +258,42 @@ def _eval(args: argparse.Namespace) -> dict:
     )
     result["samples"] = str(args.samples)
     result["ref"] = str(args.ref)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _convert_inception(args: argparse.Namespace) -> dict:
+    from deltafm.eval.inception import convert_inception
+
+    out = _out_file(args.out)
+    return {"in": str(args.src), "out": str(out), "sha256": convert_inception(args.src, out)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``deltafm eval``; prints a JSON summary of what it did.
 
-    Returns 0 on success; on bad input (missing file, hash mismatch, wrong layout, statistics from another
-    extractor, unknown dataset) prints one ``error:`` line to stderr and returns 2.
+    Returns 0 on success; on bad input (missing, garbage or pickled file, hash mismatch, wrong layout,
+    labels out of range, statistics from another extractor, unknown dataset, option out of range) prints
+    one ``error:`` line to stderr and returns 2. Other exceptions (bugs) propagate with their traceback.
     """
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    handler = {"train-classifier": _train_classifier, "ref-stats": _ref_stats, "eval": _eval, "score": _eval,
+               "convert-inception": _convert_inception}
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
-    handler = {"train-classifier": _train_classifier, "ref-stats": _ref_stats, "eval": _eval, "score": _eval}
     try:
+        if args.threads is not None:
+            _positive(threads=args.threads)
+            torch.set_num_threads(args.threads)
+        args.device = resolve_device(args.device)
         result = handler[args.command](args)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except CLI_ERRORS as e:
+        print(cli_error(e), file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=2))
     return 0

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from deltafm.eval.metrics import EvalInputError
 from deltafm.pixels import images_to_model
 
 __all__ = [
     "Extracted",
     "FeatureExtractor",
+    "check_images",
     "evaluate_samples",
     "extract",
     "get_extractor",
@@ -77,7 +79,7 @@ def extract(
     ``features`` and ``logits`` separately.
     """
     if len(images) == 0:
-        raise ValueError("no images to extract features from")
+        raise EvalInputError("no images to extract features from")
     if isinstance(extractor, torch.nn.Module):
         extractor.eval()
     both = getattr(extractor, "features_and_logits", None)
@@ -105,7 +107,7 @@ def get_extractor(spec: str, device: torch.device | str = "cpu") -> FeatureExtra
     """
     kind, sep, path = spec.partition(":")
     if not sep or not path:
-        raise ValueError(f"extractor spec must be 'classifier:PATH' or 'inception:PATH', got {spec!r}")
+        raise EvalInputError(f"extractor spec must be 'classifier:PATH' or 'inception:PATH', got {spec!r}")
     if kind == "classifier":
         from deltafm.eval.classifier import load_classifier
 
@@ -115,8 +117,32 @@ def get_extractor(spec: str, device: torch.device | str = "cpu") -> FeatureExtra
 
         model = load_inception(path)
     else:
-        raise ValueError(f"unknown extractor kind {kind!r}; use 'classifier' or 'inception'")
+        raise EvalInputError(f"unknown extractor kind {kind!r} in {spec!r}; use 'classifier:PATH' or 'inception:PATH'")
     return model.to(device).eval()
+
+
+def _item_shape(images: np.ndarray | torch.Tensor, layout: str) -> tuple[int, ...]:
+    """(C, H, W) of one image of a batch in ``layout`` (3-d input: one channel)."""
+    shape = tuple(int(s) for s in images.shape[1:])
+    if len(shape) == 2:
+        return (1, *shape)
+    return (shape[2], shape[0], shape[1]) if layout == "NHWC" and len(shape) == 3 else shape
+
+
+def check_images(extractor: FeatureExtractor, images: np.ndarray | torch.Tensor, layout: str, what: str,
+                 min_count: int = 2, allow_mismatch: bool = False) -> None:
+    """Refuse images the extractor cannot score meaningfully: fewer than ``min_count``, or (for a project
+    classifier, unless ``allow_mismatch``) another (C, H, W) than the images it was trained on."""
+    if len(images) < min_count:
+        raise EvalInputError(f"{what}: need at least {min_count} images, got {len(images)}")
+    trained = getattr(extractor, "meta", {}).get("image_shape")
+    shape = _item_shape(images, layout)
+    if trained is not None and tuple(trained) != shape and not allow_mismatch:
+        raise EvalInputError(
+            f"{what}: images are {'x'.join(map(str, shape))} (C x H x W) but the classifier "
+            f"{extractor.extractor_id} was trained on {'x'.join(map(str, trained))}; use a classifier of "
+            "this dataset (or --allow-mismatch)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +166,7 @@ def reference_statistics(
     """
     from deltafm.eval.metrics import ReferenceStats, feature_statistics
 
+    check_images(extractor, images, layout, "reference images")
     out = extract(extractor, images, batch_size, layout, device, progress, desc="reference features")
     mu, sigma = feature_statistics(out.features)
     full_meta = {
@@ -160,11 +187,41 @@ def _pr_subsets(real: np.ndarray, fake: np.ndarray, pr_max: int | str | None, se
     if pr_max == "match":
         pr_max = len(fake)
     if isinstance(pr_max, bool) or not isinstance(pr_max, int) or pr_max < 1:
-        raise ValueError(f"pr_max must be a positive integer, 'match' or None, got {pr_max!r}")
+        raise EvalInputError(f"pr_max must be a positive integer, 'match' or None, got {pr_max!r}")
     g = np.random.default_rng(seed)
     real = real[np.sort(g.permutation(len(real))[:pr_max])]
     fake = fake[np.sort(g.permutation(len(fake))[:pr_max])]
     return real, fake
+
+
+def _check_inputs(extractor: FeatureExtractor, images, ref, labels, layout: str, k: int, splits: int,
+                  pr_max: int | str | None, num_classes: int | None, allow_mismatch: bool) -> None:
+    """The checks of :func:`evaluate_samples` that need no forward pass (bad input fails fast)."""
+    ref_id = ref.meta.get("extractor")
+    if ref_id is not None and ref_id != extractor.extractor_id and not allow_mismatch:
+        raise EvalInputError(
+            f"reference statistics were made with {ref_id}, but the extractor is {extractor.extractor_id}; "
+            "recompute them (ref-stats) or pass allow_mismatch"
+        )
+    if k < 1 or splits < 1:
+        raise EvalInputError(f"k and splits must be >= 1, got k={k}, splits={splits}")
+    if ref.features is not None:
+        if len(ref.features) <= k:
+            raise EvalInputError(f"precision/recall with k={k} needs more than {k} reference features, the "
+                                 f"statistics hold {len(ref.features)}")
+        if isinstance(pr_max, int) and not isinstance(pr_max, bool) and pr_max <= k:
+            raise EvalInputError(f"pr_max ({pr_max}) must be larger than k ({k})")
+    check_images(extractor, images, layout, "samples", min_count=k + 1 if ref.features is not None else 2,
+                 allow_mismatch=allow_mismatch)
+    if labels is not None:
+        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+        if len(y) != len(images):
+            raise EvalInputError(f"{len(y)} labels for {len(images)} images")
+        if num_classes is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise EvalInputError(
+                f"labels must lie in 0..{num_classes - 1} (the classifier's {num_classes} classes), got values "
+                f"from {int(y.min())} to {int(y.max())}"
+            )
 
 
 def evaluate_samples(
@@ -196,8 +253,10 @@ def evaluate_samples(
     ``pr_seed``, ``pr_real``, ``pr_fake``).
 
     Raises:
-        ValueError: ``ref`` was computed with a different extractor (unless ``allow_mismatch``), or a bad
-            ``pr_max``.
+        EvalInputError (a ValueError): ``ref`` was computed with a different extractor (unless
+            ``allow_mismatch``), images of another shape than the classifier's, fewer than 2 images (more
+            than ``k`` with reference features), labels outside the classifier's classes, a bad ``k``,
+            ``splits`` or ``pr_max``.
     """
     from deltafm.eval.metrics import (
         class_accuracy,
@@ -207,13 +266,12 @@ def evaluate_samples(
         precision_recall,
     )
 
-    ref_id = ref.meta.get("extractor")
-    if ref_id is not None and ref_id != extractor.extractor_id and not allow_mismatch:
-        raise ValueError(
-            f"reference statistics were made with {ref_id}, but the extractor is {extractor.extractor_id}; "
-            "recompute them (ref-stats) or pass allow_mismatch"
-        )
+    num_classes = getattr(getattr(extractor, "config", None), "num_classes", None)
+    _check_inputs(extractor, images, ref, labels, layout, k, splits, pr_max, num_classes, allow_mismatch)
     out = extract(extractor, images, batch_size, layout, device, progress, desc="sample features")
+    if out.features.shape[1] != ref.mu.shape[0]:
+        raise EvalInputError(f"sample features are {out.features.shape[1]}-d but the reference statistics are "
+                             f"{ref.mu.shape[0]}-d: they were made with another extractor")
     n = out.features.shape[0]
     mu, sigma = feature_statistics(out.features)
     result: dict = {
@@ -231,7 +289,6 @@ def evaluate_samples(
         real, fake = _pr_subsets(ref.features, out.features, pr_max, seed)
         result["precision"], result["recall"] = precision_recall(real, fake, k=k)
         result.update(pr_k=k, pr_max=pr_max, pr_seed=seed, pr_real=int(len(real)), pr_fake=int(len(fake)))
-    num_classes = getattr(getattr(extractor, "config", None), "num_classes", None)
     if labels is not None and out.logits is not None and num_classes is not None:
         pred = out.logits.argmax(axis=1)
         result["class_accuracy"] = class_accuracy(pred, labels, num_classes=num_classes).to_dict()

@@ -24,13 +24,16 @@ loads directly. Nothing is downloaded: :func:`load_inception` takes a path.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FIDInceptionV3", "load_inception", "load_inception_state_dict"]
+from deltafm.eval.metrics import EvalInputError, EvalKeyError
+
+__all__ = ["FIDInceptionV3", "convert_inception", "load_inception", "load_inception_state_dict", "sniff_weights_format"]
 
 FID_INPUT_SIZE = 299
 FID_NUM_CLASSES = 1008
@@ -203,7 +206,8 @@ class FIDInceptionV3(nn.Module):
     def prepare(x: torch.Tensor) -> torch.Tensor:
         """(N, 1|3, H, W) in [−1, 1] → (N, 3, 299, 299): gray repeated to RGB, bilinear resize."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"expected (N, 1 or 3, H, W) images in [-1, 1], got {tuple(x.shape)}")
+            raise EvalInputError(f"Inception takes 1- or 3-channel images: expected (N, 1 or 3, H, W) in [-1, 1], "
+                                 f"got {tuple(x.shape)}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if tuple(x.shape[-2:]) != (FID_INPUT_SIZE, FID_INPUT_SIZE):
@@ -236,9 +240,67 @@ class FIDInceptionV3(nn.Module):
         return self.features(x)
 
 
+#: First bytes of a legacy (non-zip) ``torch.save`` file: a protocol-2 pickle of torch's magic number.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+#: The first torch release whose ``weights_only=True`` loader is not bypassable (CVE-2025-32434).
+_SAFE_TORCH = (2, 6)
+
+
+def sniff_weights_format(path: str | os.PathLike) -> str:
+    """``"safetensors"``, ``"torch"`` (a ``torch.save`` file: zip archive or the legacy format) or
+    ``"unknown"`` (a plain pickle, text, anything else), from the file's first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        size = os.fstat(fh.fileno()).st_size
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
+        return "torch"
+    return "unknown"
+
+
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+
+
+def _load_weights_only(path: Path) -> object:
+    """``torch.load(path, weights_only=True)``, refused on torch < 2.6 and turned into an
+    :class:`EvalInputError` when torch's restricted unpickler rejects the file."""
+    if _torch_version() < _SAFE_TORCH:
+        raise EvalInputError(
+            f"{path}: reading a torch.save file needs torch >= 2.6 (its weights_only loader is safe; this is "
+            f"torch {torch.__version__}); convert it to safetensors on a machine with torch >= 2.6 "
+            "(`deltafm eval convert-inception`, docs/EVAL.md) or upgrade torch"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure of the restricted unpickler means "not weights only"
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        reason = next((line.strip() for line in detail if line.strip()), "").split(". ")[0][:200]
+        if not reason or "weights_only" in reason:  # never echo torch's "retry with weights_only=False"
+            reason = type(err).__name__
+        raise EvalInputError(
+            f"{path}: not a weights-only state dict (torch.load with weights_only=True refused it: {reason}). "
+            "deltafm never unpickles arbitrary objects; save the model's state_dict() (tensors only) or a "
+            "safetensors file"
+        ) from None
+
+
 def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``, no
-    arbitrary unpickling). Unwraps ``{"state_dict": ...}`` and strips a ``module.`` prefix."""
+    """Read a state dict from a ``.safetensors`` file or a ``torch.save`` file holding only tensors.
+
+    The format is read from the file's first bytes (not its name). A ``torch.save`` file is read with
+    ``torch.load(weights_only=True)`` and only on torch >= 2.6 (earlier releases have a known
+    ``weights_only`` bypass, CVE-2025-32434); plain pickles and anything else are refused. Unwraps
+    ``{"state_dict": ...}`` and strips a ``module.`` prefix.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        EvalInputError (a ValueError): not safetensors nor a weights-only ``torch.save`` state dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -246,17 +308,27 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
             "weights (e.g. pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or a safetensors copy) "
             "at that path, or use a 'classifier:PATH' extractor instead."
         )
-    if path.suffix == ".safetensors":
+    kind = sniff_weights_format(path)
+    if kind == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except SafetensorError as err:
+            raise EvalInputError(f"{path}: damaged safetensors file ({err})") from None
+    elif kind == "torch":
+        state = _load_weights_only(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        raise EvalInputError(
+            f"{path} is neither a safetensors file nor a torch.save state dict (a plain pickle, or not weights "
+            "at all); Inception weights must be safetensors, or a torch.save file of tensors only"
+        )
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+        raise EvalInputError(f"{path} does not hold a state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
 def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
@@ -268,8 +340,9 @@ def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        KeyError: missing or unexpected keys (listed).
-        ValueError: shape mismatches (listed) or a file that is not a state dict.
+        EvalKeyError (a KeyError and an EvalInputError): missing or unexpected keys (listed).
+        EvalInputError (a ValueError): shape mismatches (listed), or a file that is not safetensors nor a
+            weights-only state dict (see :func:`load_inception_state_dict`).
     """
     from deltafm.eval.classifier import file_sha256
 
@@ -280,16 +353,39 @@ def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
     missing = sorted(set(own) - set(state) - optional)
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise KeyError(
+        raise EvalKeyError(
             f"{path}: state dict does not match the FID Inception-v3 layout; "
             f"missing {len(missing)} keys {missing[:8]}, unexpected {len(unexpected)} keys {unexpected[:8]}"
         )
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
              for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
-        raise ValueError(f"{path}: shape mismatches: {wrong[:8]}")
+        raise EvalInputError(f"{path}: shape mismatches: {wrong[:8]}")
     for k in optional - set(state):
         state[k] = own[k]
     model.load_state_dict(state, strict=True)
     model.extractor_id = f"inception:{file_sha256(path)}"
     return model.eval()
+
+
+def convert_inception(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Convert FID Inception weights (e.g. pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``) once to
+    a safetensors file; returns the sha256 of the new file.
+
+    The source is read like :func:`load_inception` reads it (``weights_only=True``, torch >= 2.6) and its
+    layout checked by loading it into :class:`FIDInceptionV3`; the file written holds that model's state
+    dict (``AuxLogits.*`` dropped, ``module.`` prefixes stripped). Its extractor id differs from the
+    source's (the id is the file's hash): recompute reference statistics made with the ``.pth``.
+    """
+    from safetensors.torch import save_file
+
+    from deltafm.eval.classifier import file_sha256
+
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise EvalInputError(f"--out {dst} would overwrite the input; choose another path")
+    model = load_inception(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(dst), metadata={"source_sha256": file_sha256(src), "format": "fid-inception-v3"})
+    return file_sha256(dst)

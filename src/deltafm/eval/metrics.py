@@ -36,10 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from deltafm.errors import UserError
+
 ArrayLike = np.ndarray | torch.Tensor
 
 __all__ = [
     "ClassAccuracy",
+    "EvalInputError",
+    "EvalKeyError",
     "ReferenceStats",
     "class_accuracy",
     "feature_statistics",
@@ -47,9 +51,23 @@ __all__ = [
     "frechet_distance_from_features",
     "inception_score",
     "load_reference_stats",
+    "open_npz",
     "precision_recall",
+    "read_npz_array",
     "save_reference_stats",
 ]
+
+
+class EvalInputError(UserError, ValueError):
+    """Bad input to the evaluation (a samples or statistics file, weights, labels, an option): the message
+    names the file or option and what it must be. A ``ValueError`` as well."""
+
+
+class EvalKeyError(EvalInputError, KeyError):
+    """An input file lacks entries it must hold (a ``KeyError`` as well); prints as its plain message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def _as_numpy(x: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
@@ -205,20 +223,67 @@ def save_reference_stats(
         np.savez(fh, **arrays)
 
 
+def open_npz(path: str | os.PathLike, what: str) -> Any:
+    """``np.load(path, allow_pickle=False)`` of an ``.npz`` archive, or an :class:`EvalInputError` saying
+    what ``what`` must be (missing files stay ``FileNotFoundError``). Nothing is ever unpickled."""
+    import zipfile
+
+    if os.path.isdir(path):
+        raise EvalInputError(f"{path} is a folder; {what}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise EvalInputError(f"{path} is not an .npz archive; {what}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise EvalInputError(f"{path}: unreadable .npz ({err}); {what}") from None
+
+
+def read_npz_array(data: Any, key: str, path: str | os.PathLike, what: str) -> np.ndarray:
+    """``data[key]``; object (pickled) or damaged members become an :class:`EvalInputError`."""
+    import zipfile
+
+    try:
+        return data[key]
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        raise EvalInputError(f"{path}: cannot read {key!r} ({err}); {what}") from None
+
+
+_REF_WHAT = ("reference statistics must be an .npz written by `deltafm eval ref-stats` (float mu (D,), sigma "
+             "(D, D), optional features (N, D), meta JSON), read with allow_pickle=False")
+
+
 def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
     """Read statistics written by :func:`save_reference_stats` (or any .npz with ``mu``/``sigma``).
 
-    Loaded with ``allow_pickle=False``: object arrays are refused.
+    Loaded with ``allow_pickle=False``: object arrays are refused. Raises ``FileNotFoundError``,
+    :class:`EvalKeyError` (missing ``mu``/``sigma``) or :class:`EvalInputError` (not an .npz, object
+    arrays, bad meta JSON, shapes that do not fit together, non-finite values).
     """
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, _REF_WHAT) as data:
         missing = {"mu", "sigma"} - set(data.files)
         if missing:
-            raise KeyError(f"{path}: missing {sorted(missing)} (has {sorted(data.files)})")
-        meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
-        feats = data["features"] if "features" in data.files else None
-        return ReferenceStats(
-            mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), features=feats, meta=meta
-        )
+            raise EvalKeyError(f"{path}: missing {sorted(missing)} (has {sorted(data.files)}); {_REF_WHAT}")
+        try:
+            meta = json.loads(str(read_npz_array(data, "meta", path, _REF_WHAT))) if "meta" in data.files else {}
+        except json.JSONDecodeError as err:
+            raise EvalInputError(f"{path}: 'meta' is not JSON ({err}); {_REF_WHAT}") from None
+        feats = read_npz_array(data, "features", path, _REF_WHAT) if "features" in data.files else None
+        mu, sigma = (read_npz_array(data, k, path, _REF_WHAT) for k in ("mu", "sigma"))
+    if not isinstance(meta, dict):
+        raise EvalInputError(f"{path}: 'meta' must be a JSON object; {_REF_WHAT}")
+    for name, arr in (("mu", mu), ("sigma", sigma), ("features", feats)):
+        if arr is not None and arr.dtype.kind not in "fiu":
+            raise EvalInputError(f"{path}: {name!r} must be numeric, got {arr.dtype}; {_REF_WHAT}")
+    d = mu.reshape(-1).shape[0]
+    if sigma.shape != (d, d) or (feats is not None and (feats.ndim != 2 or feats.shape[1] != d)):
+        shapes = f"mu {mu.shape}, sigma {sigma.shape}" + (f", features {feats.shape}" if feats is not None else "")
+        raise EvalInputError(f"{path}: shapes do not fit together ({shapes}); {_REF_WHAT}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvalInputError(f"{path}: mu/sigma hold NaN or inf; recompute the statistics (ref-stats)")
+    return ReferenceStats(mu=mu.astype(np.float64).reshape(-1), sigma=sigma.astype(np.float64), features=feats,
+                          meta=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +434,8 @@ def class_accuracy(
     Args:
         pred_labels: (N,) integer predictions (e.g. argmax of classifier logits).
         target_labels: (N,) integer target classes.
-        num_classes: report classes 0..num_classes−1 (default: max label + 1).
+        num_classes: report classes 0..num_classes−1 (default: max label + 1); target labels outside
+            that range are an :class:`EvalInputError`.
     """
     pred = _as_numpy(pred_labels, np.int64).reshape(-1)
     target = _as_numpy(target_labels, np.int64).reshape(-1)
@@ -378,6 +444,11 @@ def class_accuracy(
     if pred.size == 0:
         raise ValueError("empty label arrays")
     k = int(num_classes) if num_classes is not None else int(max(pred.max(), target.max())) + 1
+    if num_classes is not None and (target.min() < 0 or target.max() >= k):
+        raise EvalInputError(
+            f"labels must lie in 0..{k - 1} (the classifier's {k} classes), got values from {int(target.min())} "
+            f"to {int(target.max())}"
+        )
     correct = pred == target
     per_class: dict[int, float] = {}
     counts: dict[int, int] = {}

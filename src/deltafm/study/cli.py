@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from deltafm.errors import CLI_ERRORS, cli_error
 from deltafm.study.plan import eval_points, forward_passes, plan_units, resolve_train_config, variant_stages
 from deltafm.study.spec import CompareConfig, CompareError, apply_study_overrides, base_path, load_compare_config
 from deltafm.study.spec import validate as validate_study
@@ -71,7 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args: argparse.Namespace, c: CompareConfig, out: Path) -> None:
+    """Refuse bad arguments before anything is written: unknown arms, a missing classifier file, threads < 1,
+    an output path that is a file, nothing to report, an arm whose config or plan does not resolve."""
+    if args.arms:
+        unknown = sorted(set(args.arms) - {a.name for a in c.arms})
+        if unknown:
+            raise CompareError(f"unknown arm(s) {unknown}; the study's arms: {[a.name for a in c.arms]}")
+    if args.threads is not None and args.threads < 1:
+        raise CompareError(f"--threads must be >= 1, got {args.threads}")
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise CompareError(f"--out {out}: {p} is a file, not a folder")
+    classifier = args.classifier or c.eval.classifier
+    if classifier is not None and not args.train_only and not Path(classifier).is_file():
+        where = "--classifier" if args.classifier else "eval.classifier"
+        raise CompareError(f"{where} {classifier}: no such file (omit it to train a classifier into OUT/classifier)")
+    if args.report_only and not any(any((out / "results" / a.name).glob("seed*.json")) for a in c.arms):
+        raise CompareError(f"--report-only: {out / 'results'} holds no results of this study; run it first")
+    for a in c.arms:  # every arm's training config and evaluation plan resolve (unknown keys, bad values)
+        if args.arms is None or a.name in args.arms:
+            resolve_train_config(c, a, c.arm_seeds(a)[0])
+            plan_units(c, a)
+
+
 def _run(args: argparse.Namespace) -> int:
+    from deltafm.eval.cli import resolve_device
     from deltafm.study.run import collect_results, run_compare, write_json
 
     c = load_compare_config(args.config)
@@ -79,14 +105,11 @@ def _run(args: argparse.Namespace) -> int:
         c.seeds = list(args.seeds)
         validate_study(c)
     out = args.out or Path("runs") / "compare" / c.name
+    _check_args(args, c, out)
     if args.dry_run:
         print(describe_plan(c, c.seeds))
         return 0
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     if args.report_only:
         from deltafm.study.report import write_report
 
@@ -99,17 +122,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``deltafm compare``; 0 on success, 2 on bad input, 1 when interrupted."""
+    """Entry point of ``deltafm compare``; 0 on success, 2 on bad input (one ``error:`` line), 1 when
+    interrupted. Other exceptions (bugs) propagate with their traceback."""
     args = build_parser().parse_args(argv)
-    from deltafm.train.builders import SetupError
-    from deltafm.train.checkpoint import CheckpointError
-    from deltafm.train.loop import NonFiniteLossError
-    from deltafm.typed_config import ConfigError
-
     try:
         return _run(args)
-    except (CompareError, ConfigError, CheckpointError, SetupError, NonFiniteLossError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except CLI_ERRORS as e:
+        print(cli_error(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}; run the same command again to continue", file=sys.stderr)

@@ -333,7 +333,12 @@ def base_path(c: CompareConfig) -> Path:
             return cand
     if p.is_file():
         return p
-    return find_preset(c.base)
+    try:
+        return find_preset(c.base)
+    except ConfigError as e:
+        where = f"relative to {Path(c.source).parent} or " if c.source is not None else ""
+        raise CompareError(f"base {c.base!r} is neither a config file ({where}relative to the working folder) "
+                           f"nor a preset: {e}") from None
 
 
 def apply_study_overrides(c: CompareConfig) -> dict[str, Any]:

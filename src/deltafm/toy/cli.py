@@ -12,7 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+from deltafm.errors import CLI_ERRORS, UserError, cli_error
+
 __all__ = ["main", "build_parser"]
+
+
+class ToyArgumentError(UserError, ValueError):
+    """A ``deltafm toy`` argument cannot be used (the message names it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the toy study; returns the exit status (2 on bad arguments)."""
-    args = build_parser().parse_args(argv)
-    from deltafm.toy.config import PRESETS, preset_config
+def _configs(args: argparse.Namespace) -> list:
+    """The study configs of the seeds asked for, after checking every argument (nothing is written yet)."""
+    from deltafm.toy.config import preset_config
+
+    if args.out is None:
+        raise ToyArgumentError("--out DIR is required")
+    for p in (args.out, *args.out.parents):
+        if p.exists() and not p.is_dir():
+            raise ToyArgumentError(f"--out {args.out}: {p} is a file, not a folder")
+    for name, val in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                      ("--eval-per-class", args.eval_per_class), ("--threads", args.threads)):
+        if val is not None and val < 1:
+            raise ToyArgumentError(f"{name} must be >= 1, got {val}")
+    seeds = args.seeds if args.seeds else [args.seed if args.seed is not None else 0]
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ToyArgumentError(f"seeds must be distinct non-negative integers, got {seeds}")
+    overrides = dict(steps=args.steps, batch_size=args.batch_size, eval_per_class=args.eval_per_class,
+                     threads=args.threads)
+    try:
+        return [preset_config(args.preset, seed=s, **overrides) for s in seeds]
+    except ValueError as e:  # preset_config's unknown preset / field
+        raise ToyArgumentError(str(e)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deltafm.toy.config import PRESETS
     from deltafm.toy.study import run_study
     from deltafm.toy.tables import aggregate, results_table, summary_table
 
@@ -50,22 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:14s} dataset={cfg.dataset} model={cfg.model} steps={cfg.steps} runs="
                   f"{[r.name for r in cfg.runs]}")
         return 0
-    if args.out is None:
-        print("error: --out DIR is required", file=sys.stderr)
-        return 2
-    for name, val in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                      ("--eval-per-class", args.eval_per_class), ("--threads", args.threads)):
-        if val is not None and val < 1:
-            print(f"error: {name} must be >= 1", file=sys.stderr)
-            return 2
-    try:
-        overrides = dict(steps=args.steps, batch_size=args.batch_size, eval_per_class=args.eval_per_class,
-                         threads=args.threads)
-        seeds = args.seeds if args.seeds else [args.seed if args.seed is not None else 0]
-        cfgs = [preset_config(args.preset, seed=s, **overrides) for s in seeds]
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfgs = _configs(args)
     results = []
     for cfg in cfgs:
         out = args.out if args.seeds is None else args.out / f"seed_{cfg.seed}"
@@ -80,9 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         agg = aggregate(results)
         table = summary_table(agg)
         (args.out / "summary.json").write_text(json.dumps(agg, indent=1))
+        seeds = [cfg.seed for cfg in cfgs]
         (args.out / "summary.md").write_text(f"# Toy study `{args.preset}` over seeds {seeds}\n\n" + table)
         print(table)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the toy study; returns the exit status (2 and one ``error:`` line on bad arguments; other
+    exceptions are bugs and show their traceback)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except CLI_ERRORS as e:
+        print(cli_error(e), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

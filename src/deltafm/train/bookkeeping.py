@@ -1,8 +1,10 @@
 """Everything around the steps: the output folder, log records, the progress bar, sample grids, checkpoints.
 
-Rank 0 writes; the other ranks take part in the collective parts (a checkpoint gathers every rank's
-random streams and adds the mean target's sums over ranks). Log values come from the step's one
-host synchronisation (:class:`~deltafm.train.step.StepStats`), so logging reads no tensor.
+Rank 0 writes, every byte through the run's :class:`~deltafm.train.runfolder.RunFolder` (lock, atomic
+files, crash-safe checkpoints, debris removal); the other ranks take part in the collective parts (a
+checkpoint gathers every rank's random streams and adds the mean target's sums over ranks). Log values
+come from the step's one host synchronisation (:class:`~deltafm.train.step.StepStats`), so logging reads
+no tensor.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint, set_aside_newer
+from .builders import SetupError
 from .config import format_config
-from .distributed import barrier
+from .distributed import barrier, broadcast_object
 from .logging import RunLogger, measure_matmul_peak, mfu
 from .setup import Run
 from .step import StepStats
@@ -48,7 +50,7 @@ class Bookkeeper:
         self.run = run
         self._prepare_output(resume)
         cfg, di = run.cfg, run.di
-        self.logger = RunLogger(run.out_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, enabled=di.is_main)
+        self.logger = RunLogger(run.folder, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, enabled=di.is_main)
         self.flops = run.raw.flops_per_sample() if hasattr(run.raw, "flops_per_sample") else None
         self.peak = cfg.log.peak_flops or measure_matmul_peak(di.device, run.amp_dtype or torch.float32)
         self._announce()
@@ -63,15 +65,25 @@ class Bookkeeper:
         self.status = "done"
 
     def _prepare_output(self, resume: str | None) -> None:
+        """Everything was validated: open the run folder (lock, debris), write config.yaml, set aside the
+        checkpoints a resume skipped. A rank-0 failure stops every rank."""
         run = self.run
+        failure: Exception | None = None
         if run.di.is_main:
-            run.out_dir.mkdir(parents=True, exist_ok=True)
-            (run.out_dir / "config.yaml").write_text(format_config(run.cfg))
-            root = run.out_dir / "checkpoints"
-            ckpt = run.resumed_from
-            if resume is not None and (ckpt is None or ckpt.parent.resolve() == root.resolve()):
-                # step folders newer than the one resumed from (or all, for a fresh start) were skipped as invalid
-                set_aside_newer(root, run.step if ckpt is not None else -1, lambda m: run.say(f"warning: {m}"))
+            try:
+                run.folder.open(run.say)
+                run.folder.write_text("config.yaml", format_config(run.cfg))
+                ckpt = run.resumed_from
+                if resume is not None and (ckpt is None or ckpt.parent.resolve() == run.folder.checkpoints.resolve()):
+                    # step folders newer than the one resumed from were skipped as invalid
+                    run.folder.set_aside_newer(run.step if ckpt is not None else -1, lambda m: run.say(f"warning: {m}"))
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                failure = e
+        message = broadcast_object(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise SetupError(f"rank 0 could not open the run folder: {message}")
         barrier()
 
     def _announce(self) -> None:
@@ -124,8 +136,8 @@ class Bookkeeper:
         run = self.run
         state = run.snapshot(reason)
         if state is not None:
-            run.last_checkpoint = save_checkpoint(
-                run.out_dir / "checkpoints", run.step, run.raw.state_dict(), state.to_checkpoint(),
+            run.last_checkpoint = run.folder.save_checkpoint(
+                run.step, run.raw.state_dict(), state.to_checkpoint(),
                 ema=run.ema.state_dict() if run.ema is not None else None, keep_last=run.cfg.train.keep_last)
             self.logger.event(run.step, run.images, "checkpoint", path=str(run.last_checkpoint), reason=reason)
         run.last_saved_step = run.step
@@ -139,7 +151,8 @@ class Bookkeeper:
         """A signal asked to stop: checkpoint, say how to continue."""
         run = self.run
         self.status = "interrupted"
-        self.save("signal")
+        if run.last_saved_step != run.step:  # else the checkpoint of this step is on disk already
+            self.save("signal")
         self._close_bar()
         run.say(f"\ninterrupted by signal at step {run.step}: checkpoint {run.last_checkpoint}; "
                 "continue with --resume auto")
@@ -187,6 +200,5 @@ def sample_grid(run: Run) -> Path | None:
                  correction=correction, seed=s.seed, batch_size=s.batch_size, device=run.di.device,
                  path=run.objective.path)
     net.train(was_training)
-    path = run.out_dir / "samples" / f"step_{run.step:08d}.png"
-    save_grid(to_uint8_nhwc(x), path, ncol=min(info.num_classes, s.num))
-    return path
+    images, ncol = to_uint8_nhwc(x), min(info.num_classes, s.num)
+    return run.folder.write_file(f"samples/step_{run.step:08d}.png", lambda tmp: save_grid(images, tmp, ncol=ncol))

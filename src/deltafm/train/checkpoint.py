@@ -12,10 +12,12 @@ Layout of a run folder ``OUT/checkpoints/``::
         manifest.json         {"format": "deltafm.checkpoint", "version": 1, "files": {name: {sha256, bytes}}}
         COMPLETE              written last: the sha256 of manifest.json
 
-Writing is atomic: everything goes into a temporary sibling folder, each file is fsync'ed, the COMPLETE
-marker is written last, and the folder is renamed into place with ``os.replace`` (then the parent folder
-is fsync'ed). A reader therefore sees either a whole checkpoint or none; a crash leaves at most a
-``.tmp-*`` folder, which is ignored and cleaned up by the next save.
+Writing is atomic: everything goes into a temporary sibling folder ``.tmp-step_X-PID``, each file is
+fsync'ed, the COMPLETE marker is written last, and the folder is renamed into place with ``os.replace``
+(then the parent folder is fsync'ed). Pruning (``keep_last``) first renames a folder to ``.del-step_X-PID``
+and only then deletes it. A reader therefore sees whole checkpoints or none; a crash leaves at most a
+``.tmp-*`` or ``.del-*`` folder (:data:`DEBRIS_PREFIXES`), never a half written or half deleted
+``step_*`` folder; the next run removes such debris (:mod:`deltafm.train.runfolder`).
 
 Validation (:func:`verify_checkpoint`): the COMPLETE marker must exist and match the manifest, and every
 listed file must exist with the recorded size and sha256. ``find_latest_checkpoint`` walks the step
@@ -35,6 +37,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,16 +63,27 @@ __all__ = [
     "list_checkpoints",
     "find_latest_checkpoint",
     "resolve_checkpoint",
-    "set_aside_newer",
+    "discard",
     "pack_state",
     "unpack_state",
     "step_dir_name",
+    "step_of",
+    "fsync_dir",
+    "DEBRIS_PREFIXES",
+    "REPLACED_TAG",
+    "TEST_PAUSE_ENV",
 ]
 
 FORMAT = "deltafm.checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+#: names of folders a writer makes on the way (being written, being deleted): debris when it died
+DEBRIS_PREFIXES = (".tmp-", ".del-")
+#: ``step_X.replaced-PID``: the old folder of a step that is being written again
+REPLACED_TAG = ".replaced-"
+#: test hook (fault injection), see :func:`_test_pause`; never set it outside tests
+TEST_PAUSE_ENV = "DELTAFM_TEST_PAUSE"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -191,7 +206,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -226,8 +241,9 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write checkpoint ``root/step_{step:08d}``; then keep only the newest ``keep_last``.
 
-    An existing folder of the same step is replaced (it is first renamed to ``*.replaced-*`` and removed
-    only after the new one is in place). Returns the checkpoint folder.
+    An existing folder of the same step is replaced: it is first renamed to ``step_X.replaced-PID`` and
+    removed only after the new one is in place (a crash in between leaves it to be restored by
+    :func:`deltafm.train.runfolder.remove_debris`). Returns the checkpoint folder.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -237,56 +253,92 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        skeleton, tensors = pack_state(state)
-        files: dict[str, Path] = {}
-        save_file(_plain_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        files["model.safetensors"] = tmp / "model.safetensors"
-        if ema is not None:
-            save_file(_plain_tensors(ema), str(tmp / "ema.safetensors"), metadata={"format": FORMAT})
-            files["ema.safetensors"] = tmp / "ema.safetensors"
-        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": FORMAT})
-        files["state.safetensors"] = tmp / "state.safetensors"
-        _write_text(tmp / "state.json", json.dumps(skeleton, indent=1, allow_nan=False))
-        files["state.json"] = tmp / "state.json"
-        for p in files.values():
-            _fsync_file(p)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "step": int(step),
-            "files": {n: {"sha256": _sha256(p), "bytes": p.stat().st_size} for n, p in files.items()},
-        }
-        manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
-        _write_text(tmp / "manifest.json", manifest_text)
-        _write_text(tmp / "COMPLETE", hashlib.sha256(manifest_text.encode()).hexdigest() + "\n")
-        _fsync_dir(tmp)
+        _write_files(tmp, step, model, state, ema)
+        _test_pause("complete", step)
         old = None
         if final.exists():
-            old = root / f"{final.name}.replaced-{os.getpid()}"
+            old = root / f"{final.name}{REPLACED_TAG}{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
+        _test_pause("placed", step)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _cleanup(root, keep_last, current=final)
+    _prune(root, keep_last, current=final)
     return final
 
 
-def _cleanup(root: Path, keep_last: int | None, current: Path) -> None:
-    """Remove stale temporary folders of this process and all but the newest ``keep_last`` complete
-    checkpoints at or below the current step (folders above it were set aside by a resume)."""
-    for p in root.glob(f".tmp-*-{os.getpid()}"):
-        shutil.rmtree(p, ignore_errors=True)
+def _write_files(tmp: Path, step: int, model: dict[str, torch.Tensor], state: dict[str, Any],
+                 ema: dict[str, torch.Tensor] | None) -> None:
+    """The files of a checkpoint, then its manifest, then COMPLETE (each fsync'ed) into ``tmp``."""
+    skeleton, tensors = pack_state(state)
+    files: dict[str, Path] = {}
+    save_file(_plain_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    files["model.safetensors"] = tmp / "model.safetensors"
+    _test_pause("files", step)
+    if ema is not None:
+        save_file(_plain_tensors(ema), str(tmp / "ema.safetensors"), metadata={"format": FORMAT})
+        files["ema.safetensors"] = tmp / "ema.safetensors"
+    save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": FORMAT})
+    files["state.safetensors"] = tmp / "state.safetensors"
+    _write_text(tmp / "state.json", json.dumps(skeleton, indent=1, allow_nan=False))
+    files["state.json"] = tmp / "state.json"
+    for p in files.values():
+        _fsync_file(p)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "files": {n: {"sha256": _sha256(p), "bytes": p.stat().st_size} for n, p in files.items()},
+    }
+    manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
+    _write_text(tmp / "manifest.json", manifest_text)
+    _write_text(tmp / "COMPLETE", hashlib.sha256(manifest_text.encode()).hexdigest() + "\n")
+    fsync_dir(tmp)
+
+
+def discard(path: Path, step: int = -1) -> None:
+    """Delete a folder so that no crash leaves it half deleted under its name: rename it to
+    ``.del-NAME-PID`` first (atomic), then delete that."""
+    gone = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.replace(path, gone)
+    fsync_dir(path.parent)
+    _test_pause("prune", step)
+    files = sorted(p for p in gone.iterdir() if p.is_file())
+    if files:
+        files[0].unlink()
+        _test_pause("prune-partial", step)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int | None, current: Path) -> None:
+    """Discard all but the newest ``keep_last`` complete checkpoints at or below the current step
+    (folders above it were set aside by a resume)."""
     if keep_last is None:
         return
-    cur_step = _step_of(current)
-    done = [p for p in list_checkpoints(root) if (p / "COMPLETE").is_file() and _step_of(p) <= cur_step]
+    cur_step = step_of(current)
+    done = [p for p in list_checkpoints(root) if (p / "COMPLETE").is_file() and step_of(p) <= cur_step]
     for p in done[:-keep_last] if keep_last > 0 else done:
         if p != current:
-            shutil.rmtree(p, ignore_errors=True)
+            discard(p, cur_step)
+
+
+def _test_pause(phase: str, step: int) -> None:
+    """Test hook (fault injection). With ``DELTAFM_TEST_PAUSE=PHASE[@STEP][,...]`` set, print
+    ``deltafm-test-pause PHASE STEP`` to stderr and sleep (10 min) so that a test can SIGKILL the writer
+    there. Phases: ``files``, ``complete`` (not yet renamed), ``placed``, ``prune`` (renamed to ``.del-*``),
+    ``prune-partial``. Unset, as always outside tests, it does nothing."""
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, at = item.strip().partition("@")
+        if name == phase and (not at or int(at) == step):
+            print(f"deltafm-test-pause {phase} {step}", file=sys.stderr, flush=True)
+            time.sleep(600)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,7 +346,7 @@ def _cleanup(root: Path, keep_last: int | None, current: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else -1
 
@@ -304,7 +356,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)), key=_step_of)
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)), key=step_of)
 
 
 def _looks_like_pickle(path: Path) -> bool:
@@ -377,22 +429,6 @@ def find_latest_checkpoint(root: str | Path, warn: Callable[[str], None] | None 
             continue
         return p
     return None
-
-
-def set_aside_newer(root: str | Path, step: int, warn: Callable[[str], None] | None = None) -> list[Path]:
-    """Rename step folders newer than ``step`` (invalid ones skipped by a resume) to ``*.invalid-N`` so
-    that new checkpoints of the resumed run do not mix with them. Nothing is deleted."""
-    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-    moved = []
-    for p in list_checkpoints(root):
-        if _step_of(p) > step:
-            n = 0
-            while (dest := p.with_name(f"{p.name}.invalid-{n}")).exists():
-                n += 1
-            os.replace(p, dest)
-            warn(f"set aside {p.name} (not used by this resume) as {dest.name}")
-            moved.append(dest)
-    return moved
 
 
 def resolve_checkpoint(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:

@@ -14,7 +14,8 @@ Units: durations and the EMA half-life are counted in **images seen** (global, o
 changing the batch size or the number of ranks keeps their meaning; logging, sampling and checkpoint
 intervals are counted in optimizer steps. ``train.batch_size`` is the *global* batch (all ranks, all
 accumulation micro-steps together): per rank and micro-step it is ``batch_size / (world_size *
-grad_accum)``.
+grad_accum)``, and with ΔFM negatives (``objective.negatives`` other than ``none``) it must be >= 2, since a
+negative is another sample of the same pool.
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {e}") from None
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(f"override '{key}': cannot parse value {raw!r} as YAML ({problem})") from None
         out.append((key, value))
     return out
 
@@ -349,6 +351,11 @@ def _validate(cfg: Config) -> None:
     _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
              f"({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    _require(o.negatives == "none" or t.batch_size // t.grad_accum >= 2, "train.batch_size",
+             f"({t.batch_size}) over train.grad_accum ({t.grad_accum}) leaves {t.batch_size // t.grad_accum} "
+             f"sample per micro-step, but ΔFM negatives (objective.negatives={o.negatives!r}) need >= 2 samples "
+             f"to draw a negative other than the anchor: use train.batch_size >= {2 * t.grad_accum}, or "
+             "objective.negatives=none for plain flow matching")
     _require((t.total_images is None) != (t.steps is None), "train.total_images",
              "or train.steps: give exactly one of them (the other null)")
     if t.total_images is not None:

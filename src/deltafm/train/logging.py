@@ -1,9 +1,9 @@
 """Run logs (JSONL + TensorBoard), console messages, and throughput / MFU measurement.
 
-Only rank 0 logs. ``log.jsonl`` gets one JSON object per logged step (``step``, ``images``, loss parts,
-``lam``, ``lr``, ``grad_norm``, ``images_per_s``, ``mfu``, ...); TensorBoard scalars go to ``tb/``
-under the same names (the package ``tensorboard`` is needed for those; without it they are skipped with
-a note).
+Only rank 0 logs, through the run's :class:`~deltafm.train.runfolder.RunFolder`. ``log.jsonl`` gets one
+JSON object per logged step (``step``, ``images``, loss parts, ``lam``, ``lr``, ``grad_norm``,
+``images_per_s``, ``mfu``, ...); TensorBoard scalars go to ``tb/`` under the same names (the package
+``tensorboard`` is needed for those; without it they are skipped with a note).
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, with the achieved rate estimated as
 ``flops_per_sample * 3 * images_per_second`` (forward + backward ≈ 3 forwards) and the peak either given
@@ -17,9 +17,12 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .runfolder import RunFolder
 
 __all__ = ["RunLogger", "measure_matmul_peak", "mfu", "console"]
 
@@ -41,16 +44,15 @@ def _jsonable(v: Any) -> Any:
 class RunLogger:
     """Append-only JSONL log plus optional TensorBoard writer; no-ops when ``enabled`` is False."""
 
-    def __init__(self, out_dir: str | Path, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, folder: RunFolder, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True):
         self.enabled = enabled
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(folder.root)
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         if jsonl:
-            self._jsonl = open(self.out_dir / "log.jsonl", "a", encoding="utf-8")
+            self._jsonl = folder.append("log.jsonl")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,9 +1,11 @@
 """The training loop: data -> path sample -> model -> ΔFM objective -> AdamW, with EMA, checkpoints, logs.
 
-The loop, on one screen (:func:`_train`)::
+The loop, on one screen (:func:`_train`; every write below the run folder goes through
+:class:`~deltafm.train.runfolder.RunFolder`: an exclusive lock for the run's lifetime, atomic files,
+crash-safe checkpoints, removal of a crashed run's debris)::
 
-    run = setup_run(...)          # setup.py: validate and build everything, resume; nothing written yet
-    books = Bookkeeper(run)       # bookkeeping.py: run folder, config.yaml, log, banner, progress bar
+    run = setup_run(...)          # setup.py: validate and build everything, lock, resume; nothing written yet
+    books = Bookkeeper(run)       # bookkeeping.py: open the folder, config.yaml, log, banner, progress bar
     while not run.finished:
         x, y = next(data)
         with validation_disabled():
@@ -47,6 +49,7 @@ from .bookkeeping import Bookkeeper
 from .builders import SetupError
 from .config import Config
 from .distributed import DistInfo, init_distributed, shutdown_distributed
+from .runfolder import RunFolder
 from .setup import setup_run
 from .signals import StopFlag
 from .step import NonFiniteLossError, train_step
@@ -77,14 +80,15 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> TrainR
     except RuntimeError as e:
         raise SetupError(f"cannot start on train.device={cfg.train.device!r}: {e}") from None
     try:
-        return _train(cfg, out_dir, resume, di)
+        with RunFolder(out_dir, enabled=di.is_main) as folder:  # the lock is given back however the run ends
+            return _train(cfg, folder, resume, di)
     finally:
         shutdown_distributed()
         torch.set_num_threads(threads_before)
 
 
-def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> TrainResult:
-    run = setup_run(cfg, out_dir, resume, di)  # everything that can fail on bad input; writes nothing
+def _train(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) -> TrainResult:
+    run = setup_run(cfg, folder, resume, di)  # everything that can fail on bad input; writes nothing
     books = Bookkeeper(run, resume)
     data = batches(run.dataset, run.sampler, device=di.device)
     with StopFlag() as stop:
@@ -106,4 +110,4 @@ def _train(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Trai
     if books.status == "done":
         run.say(f"done: step {run.step}, {run.images} images; checkpoint {run.last_checkpoint}"
                 + (f"; samples {books.grid}" if books.grid else ""))
-    return TrainResult(out_dir, books.status, run.step, run.images, run.last_checkpoint, books.grid, books.metrics)
+    return TrainResult(run.out_dir, books.status, run.step, run.images, run.last_checkpoint, books.grid, books.metrics)

@@ -1,12 +1,14 @@
 """Starting a run: check and build everything that can fail on bad input, then resume from a checkpoint.
 
-:func:`setup_run` writes nothing. In this order it
+:func:`setup_run` writes nothing (at most the run folder's lock file, removed again on failure). In this
+order it
 
-1. checks that the global batch splits over ranks and micro-steps, loads the data, builds the model
-   and the objective (bad input: :class:`~deltafm.train.builders.SetupError` or
-   :class:`~deltafm.train.config.ConfigError`);
-2. lets rank 0 pick and verify the checkpoint to resume from; its verdict, or its error, is shared
-   with every rank, so all ranks start or all stop; loads the checkpoint's weights;
+1. checks that the global batch splits over ranks and micro-steps into pools of >= 2 samples when ΔFM
+   draws negatives, loads the data, builds the model and the objective (bad input:
+   :class:`~deltafm.train.builders.SetupError` or :class:`~deltafm.train.config.ConfigError`);
+2. lets rank 0 lock the run folder and pick and verify the checkpoint to resume from
+   (:meth:`~deltafm.train.runfolder.RunFolder.checkpoint_to_resume`); its verdict, or its error, is
+   shared with every rank, so all ranks start or all stop; loads the checkpoint's weights;
 3. builds AdamW (fused on CUDA), the GradScaler, the EMA, the batch sampler and the objective's
    ``torch.Generator``, and restores the checkpoint's :class:`~deltafm.train.state.RunState` into
    them (:meth:`Run.resume`) or seeds fresh per-rank streams;
@@ -29,19 +31,12 @@ from deltafm.data import EpochBatchSampler
 from deltafm.objective import DeltaFMObjective
 
 from .builders import DataInfo, SetupError, build_model_for, build_objective, data_info, load_training_data
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    PickleCheckpointError,
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from .checkpoint import Checkpoint, CheckpointError, PickleCheckpointError, load_checkpoint
 from .config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs
 from .distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, set_threads
 from .ema import EMA
 from .logging import console
+from .runfolder import RunFolder
 from .state import RunState, capture_rng, reseed_rng, restore_rng
 
 __all__ = ["Run", "setup_run"]
@@ -56,7 +51,7 @@ class Run:
 
     cfg: Config
     di: DistInfo
-    out_dir: Path
+    folder: RunFolder  # every write below the run folder goes through it
     dataset: Any
     info: DataInfo
     raw: nn.Module  # the model as built; checkpoints save its weights
@@ -78,6 +73,10 @@ class Run:
     def __post_init__(self) -> None:
         self.model = self.raw
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.folder.root
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -170,12 +169,13 @@ class Run:
                     v.zero_()
 
 
-def setup_run(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> Run:
-    """Validate, build and (with ``resume``) restore a run; see the module docstring. Writes nothing."""
+def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) -> Run:
+    """Validate, build and (with ``resume``) restore a run; see the module docstring. Writes nothing;
+    on rank 0 ``folder`` holds the lock afterwards (when the folder exists)."""
     t = cfg.train
     threads = set_threads(di.world_size, t.threads) if di.device.type == "cpu" else torch.get_num_threads()
     ds, info, raw, objective = _build(cfg, di)
-    ckpt = _checkpoint_to_resume(out_dir, resume, di)
+    ckpt = _checkpoint_to_resume(folder, resume, di)
     if ckpt is not None:
         _load_weights(raw, ckpt, cfg, di)
     device = di.device
@@ -187,7 +187,7 @@ def setup_run(cfg: Config, out_dir: Path, resume: str | None, di: DistInfo) -> R
                             weight_decay=o.weight_decay, fused=(device.type == "cuda") or None)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     sampler = EpochBatchSampler(len(ds), t.batch_size, t.seed, di.rank, di.world_size)
-    run = Run(cfg, di, out_dir, ds, info, raw, objective, opt, scaler, ema, sampler,
+    run = Run(cfg, di, folder, ds, info, raw, objective, opt, scaler, ema, sampler,
               torch.Generator(device=device), threads)
     if ckpt is not None:
         run.resume(ckpt)
@@ -205,11 +205,27 @@ def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFM
             f"config key 'train.batch_size' ({t.batch_size}) must be divisible by world_size x "
             f"train.grad_accum = {di.world_size} x {t.grad_accum}"
         )
+    _check_negative_pool(cfg, di)
     ds = load_training_data(cfg)  # ImageDataset checks every label once, here (steps skip the checks)
     if len(ds) < t.batch_size:
         raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) exceeds the dataset size ({len(ds)})")
     info = data_info(ds)
     return ds, info, build_model_for(cfg, info), build_objective(cfg, info.num_classes)
+
+
+def _check_negative_pool(cfg: Config, di: DistInfo) -> None:
+    """ΔFM draws each anchor's negative among the *other* samples of its pool: a pool needs >= 2."""
+    t, o = cfg.train, cfg.objective
+    per_rank = t.batch_size // (di.world_size * t.grad_accum)
+    pool = per_rank * (di.world_size if o.gather_negatives else 1)
+    if o.negatives != "none" and pool < 2:
+        raise ConfigError(
+            f"config keys 'train.batch_size' ({t.batch_size}) and 'train.grad_accum' ({t.grad_accum}) leave "
+            f"{per_rank} sample per process and micro-step on {di.world_size} processes, but ΔFM negatives "
+            f"(objective.negatives={o.negatives!r}) need >= 2 samples to draw a negative other than the anchor: "
+            f"raise train.batch_size to >= {2 * di.world_size * t.grad_accum}, lower train.grad_accum, set "
+            "objective.gather_negatives=true, or use objective.negatives=none (plain flow matching)"
+        )
 
 
 def _wrap(raw: nn.Module, cfg: Config, di: DistInfo) -> nn.Module:
@@ -224,8 +240,14 @@ def _wrap(raw: nn.Module, cfg: Config, di: DistInfo) -> nn.Module:
 def _load_weights(raw: nn.Module, ckpt: Checkpoint, cfg: Config, di: DistInfo) -> None:
     try:
         raw.load_state_dict(ckpt.model)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not fit model {cfg.model.name!r}: {e}") from None
+    except RuntimeError:
+        saved = (ckpt.config or {}).get("model", {})
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit model {_desc(cfg.model.name, cfg.model.kwargs)}: "
+            f"{_mismatch(raw.state_dict(), ckpt.model)}; it was saved from model "
+            f"{_desc(saved.get('name'), saved.get('kwargs'))}: give the same model.* settings, or start a new "
+            "run with another --out"
+        ) from None
     if di.is_main and ckpt.config is not None:
         changed = diff_configs(config_from_dict(ckpt.config), cfg)
         if changed:
@@ -233,12 +255,29 @@ def _load_weights(raw: nn.Module, ckpt: Checkpoint, cfg: Config, di: DistInfo) -
                     + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed))
 
 
-def _checkpoint_to_resume(out_dir: Path, resume: str | None, di: DistInfo) -> Checkpoint | None:
-    """Rank 0 picks (and verifies) the checkpoint; its verdict, or its error, is shared with every rank."""
+def _desc(name: Any, kwargs: Any) -> str:
+    return f"{name!r}" + (f" with kwargs {dict(kwargs)}" if kwargs else "")
+
+
+def _mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """One line on how two state dicts differ (counts and the first example of each kind)."""
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shapes = [f"{k} {list(got[k].shape)} vs {list(want[k].shape)}" for k in want
+              if k in got and got[k].shape != want[k].shape]
+    parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (
+        ("weights missing", missing), ("unexpected weights", extra), ("shape mismatches, saved vs model", shapes)) if v]
+    return ", ".join(parts) or "the weights differ"
+
+
+def _checkpoint_to_resume(folder: RunFolder, resume: str | None, di: DistInfo) -> Checkpoint | None:
+    """Rank 0 locks the folder and picks (and verifies) the checkpoint; its verdict, or its error, is
+    shared with every rank."""
     found, err = None, None
     if di.is_main:
         try:
-            p = _resolve_resume(out_dir, resume)
+            folder.lock()
+            p = folder.checkpoint_to_resume(resume, console)
             found = str(p) if p is not None else None
         except (SetupError, CheckpointError) as e:
             err = (type(e).__name__, str(e))
@@ -247,30 +286,6 @@ def _checkpoint_to_resume(out_dir: Path, resume: str | None, di: DistInfo) -> Ch
         kinds = {"SetupError": SetupError, "PickleCheckpointError": PickleCheckpointError}
         raise kinds.get(err[0], CheckpointError)(err[1])
     return load_checkpoint(found, verify=False) if found else None  # verified above
-
-
-def _resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
-    ckpt_root = out_dir / "checkpoints"
-    warn = lambda m: console(f"warning: {m}")  # noqa: E731
-    if resume is None:
-        existing = [p for p in list_checkpoints(ckpt_root) if (p / "COMPLETE").is_file()]
-        if existing:
-            raise SetupError(
-                f"{out_dir} already holds checkpoints (newest {existing[-1].name}); pass --resume auto to "
-                "continue that run, or choose another --out (nothing was changed)"
-            )
-        return None
-    if resume == "auto":
-        found = find_latest_checkpoint(ckpt_root, warn)
-        if found is None:
-            console(f"no checkpoint in {ckpt_root}: starting from scratch")
-        return found
-    try:
-        return resolve_checkpoint(resume, warn)
-    except CheckpointError:
-        raise
-    except OSError as e:  # pragma: no cover
-        raise CheckpointError(f"cannot read checkpoint {resume}: {e}") from None
 
 
 def _mean_target_state(obj: DeltaFMObjective, di: DistInfo) -> dict[str, torch.Tensor]:

@@ -115,13 +115,21 @@ def _npz_is_a_folder(ctx: Ctx, mp) -> list[str]:
     return ["--ckpt", str(ctx.run), "--out", str(ctx.out)]
 
 
+def _no_mean_target(ctx: Ctx, mp) -> list[str]:
+    """A checkpoint without a stored mean target (as one converted from public weights)."""
+    from deltafm.objective import DeltaFMObjective
+
+    mp.setattr(DeltaFMObjective, "load_state_dict", lambda self, state: None)
+    return ["--ckpt", str(ctx.run), "--out", str(ctx.out), "--map", "to_fm"]
+
+
 def _resumed_with(*changed: str) -> Setup:
     def setup(ctx: Ctx, mp) -> list[str]:
         _unfinished(ctx, mp)
         base = {"--num": "20", "--batch-size": "4", "--steps": "2"}
         for flag, value in zip(changed[::2], changed[1::2]):
             base[flag] = value
-        return ["--ckpt", str(ctx.run), "--out", str(ctx.out), *[x for kv in base.items() for x in kv]]
+        return ["--ckpt", str(ctx.run), "--out", str(ctx.out), *[x for k, v in base.items() for x in (k, *v.split())]]
     return setup
 
 
@@ -156,6 +164,23 @@ CASES: list[tuple[str, Setup, str]] = [
     ("resumed-with-other-cfg", _resumed_with("--cfg", "2"), "cfg: 1.0 there, 2.0 now"),
     ("resumed-with-other-batch", _resumed_with("--batch-size", "5"), "batch_size: 4 there, 5 now"),
     ("resumed-with-other-num", _resumed_with("--num", "21"), "other settings (num: 20 there, 21 now)"),
+    ("resumed-with-other-map", _resumed_with("--map", "none"), 'map: "to_fm" there, "none" now'),
+    ("resumed-with-other-lam", _resumed_with("--map", "to_delta", "--lam", "0.1"), 'map_lam: 0.05 there, 0.1 now'),
+    ("unknown-map", _opts("--map", "to_x"), "invalid choice: 'to_x'"),
+    ("map-and-alias-disagree", _opts("--map", "none", "--bias-correction", "on"), "disagree"),
+    ("lam-without-map", _opts("--lam", "0.05"), "--lam is only for --map to_delta"),
+    ("lam-with-to-fm", _opts("--map", "to_fm", "--lam", "0.05"), "--lam is only for --map to_delta (got --map to_fm)"),
+    ("to-delta-without-lam", _opts("--map", "to_delta"), "--map to_delta needs --lam"),
+    ("lam-1", _opts("--map", "to_delta", "--lam", "1"), "--lam must satisfy 0 < lam < 1"),
+    ("lam-0", _opts("--map", "to_delta", "--lam", "0"), "--lam must satisfy 0 < lam < 1"),
+    ("lam-nan", _opts("--map", "to_delta", "--lam", "nan"), "--lam must satisfy 0 < lam < 1"),
+    ("to-fm-without-mean-target", _no_mean_target, "--map to_fm: checkpoint"),
+    ("correction-without-map", _opts("--map", "none", "--correction", "guidance"), "--correction guidance needs a map"),
+    ("correction-and-alias-disagree", _opts("--bias-correction", "guidance", "--correction", "always"),
+     "--correction always and --bias-correction guidance (--map to_fm --correction guidance) disagree"),
+    ("unknown-bias-correction", _opts("--bias-correction", "sometimes"), "invalid choice: 'sometimes'"),
+    ("resumed-with-other-window", _resumed_with("--guidance-interval", "0.3 1", "--correction", "guidance"),
+     "map_window: [0.0, 1.0] there, [0.3, 1.0] now"),
 ]
 
 

@@ -175,3 +175,32 @@ def test_delta_fm_learns_shifted_optimum_and_correction_recovers_fm(negatives):
     assert _rms(corrected - fm) < 0.15 * gap
     # the estimated mean negative target agrees with the true one (standard error ~ S/sqrt(1.5M))
     torch.testing.assert_close(obj.bias_correction().u_bar(t, y), u_bar, atol=0.01, rtol=0)
+
+
+def test_correction_window_modes():
+    from deltafm.correction import correction_window
+
+    assert correction_window("off", 2.0, (0.35, 1.0)) is None
+    assert correction_window(False, 2.0, (0.35, 1.0)) is None
+    assert correction_window("always", 1.0, (0.35, 1.0)) == (0.0, 1.0)
+    assert correction_window(True, 2.0, (0.35, 1.0)) == (0.0, 1.0)
+    assert correction_window("guidance", 2.0, (0.35, 1.0)) == (0.35, 1.0)
+    assert correction_window("guidance", 1.0, (0.35, 1.0)) == (0.35, 1.0)  # the reference's rule: the interval
+    with pytest.raises(ValueError, match="correction mode"):
+        correction_window("sometimes", 2.0, (0.0, 1.0))
+
+
+def test_bias_correction_acts_only_inside_its_interval():
+    mt = MeanTarget()
+    g = torch.Generator().manual_seed(0)
+    mt.update(torch.randn(64, 3, generator=g) + 2.0, torch.randn(64, 3, generator=g))
+    v = torch.randn(4, 3, generator=g)
+    t = torch.tensor([0.1, 0.35, 0.7, 1.0])
+    full = BiasCorrection(lam=0.2, mean_target=mt)
+    part = BiasCorrection(lam=0.2, mean_target=mt, interval=(0.35, 1.0))
+    out_full, out_part = full(v, t, None), part(v, t, None)
+    assert torch.equal(out_part[0], v[0])  # t = 0.1 lies outside: unchanged
+    assert torch.equal(out_part[1:], out_full[1:])  # inclusive interval: mapped exactly as always
+    assert not torch.allclose(out_full[0], v[0])
+    with pytest.raises(ValueError, match="interval"):
+        BiasCorrection(lam=0.2, mean_target=mt, interval=(0.8, 0.2))

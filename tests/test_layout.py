@@ -22,6 +22,7 @@ ALLOWED = {
     "eval": {"core", "data"},
     "train": {"core", "models", "data", "typed_config"},
     "toy": {"core", "models"},
+    "convert": {"core", "models", "data", "train", "typed_config"},
     "study": {"core", "models", "data", "eval", "train", "typed_config"},
     "typed_config": {"core"},
     "cli": {"core", "models", "data", "eval", "train", "study", "toy", "typed_config"},

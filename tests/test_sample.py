@@ -73,8 +73,9 @@ def _in_memory(run: Path, out: Path, *, num: int, solver: str, steps: int, cfg: 
                      steps=steps, cfg=cfg, interval=(0.0, 1.0), correction=corr, seed=seed, batch_size=batch,
                      path=lm.objective.path)
     meta = dict(checkpoint=str(lm.checkpoint), step=lm.step, images_seen=lm.images_seen, ema=lm.ema, solver=solver,
-                steps=steps, cfg=cfg, guidance_interval=[0.0, 1.0], bias_correction=True, lam=lm.lam, seed=seed,
-                batch_size=batch, class_id=class_id)
+                steps=steps, cfg=cfg, guidance_interval=[0.0, 1.0], map="to_fm", map_lam=corr.lam,
+                map_window=[0.0, 1.0], bias_correction=True, lam=lm.lam, seed=seed, batch_size=batch, class_id=class_id,
+                world_size=1)
     write_outputs(out, to_uint8_nhwc(x), labels, lm.data.num_classes, meta, lm.data.class_names)
 
 
@@ -124,6 +125,46 @@ def test_latent_samples_stream_into_the_same_npz(tmp_path):
     np.savez(tmp_path / "old.npz", arr_0=z, labels=labels.numpy())
     assert (tmp_path / "s" / "latents.npz").read_bytes() == (tmp_path / "old.npz").read_bytes()
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["latents.npz", "sample.json"]
+
+
+def test_map_none_to_fm_and_to_delta_and_the_older_spelling(run, tmp_path):
+    opts = ["--num", "6", "--steps", "2", "--batch-size", "4"]
+    _sample(run, tmp_path / "none", *opts, "--map", "none")
+    _sample(run, tmp_path / "off", *opts, "--bias-correction", "off")
+    assert _files(tmp_path / "none") == _files(tmp_path / "off")
+    _sample(run, tmp_path / "on", *opts, "--bias-correction", "on", "--map", "to_fm")  # agreeing: fine
+    _sample(run, tmp_path / "default", *opts)  # digits-tiny: guidance on the interval [0, 1] = every t
+    assert _files(tmp_path / "on") == _files(tmp_path / "default")
+    _sample(run, tmp_path / "delta", *opts, "--map", "to_delta", "--lam", "0.1")
+    lm = load_for_sampling(run)
+    for name, corr in [("none", None), ("on", lm.correction("to_fm")), ("delta", lm.correction("to_delta", 0.1))]:
+        with _one_thread():
+            x = generate(lm.model, labels=labels_for(6, 10), shape=lm.shape, num_classes=10, steps=2,
+                         correction=corr, seed=lm.config.sample.seed, batch_size=4, path=lm.objective.path)
+        with np.load(tmp_path / name / "samples.npz") as z:
+            assert np.array_equal(z["arr_0"], to_uint8_nhwc(x)), name
+        meta = json.loads((tmp_path / name / "sample.json").read_text())
+        want = ("none", None) if corr is None else (corr.direction, corr.lam)
+        assert (meta["map"], meta["map_lam"]) == want and meta["lam"] == lm.lam
+    assert meta["map_lam"] == 0.1 and _files(tmp_path / "delta") != _files(tmp_path / "on")
+
+
+def test_the_map_acts_on_the_guidance_interval_only_when_asked(run, tmp_path):
+    opts = ["--num", "6", "--steps", "4", "--batch-size", "4", "--cfg", "1.5", "--guidance-interval", "0.4", "1"]
+    _sample(run, tmp_path / "guidance", *opts, "--bias-correction", "guidance")
+    _sample(run, tmp_path / "same", *opts, "--map", "to_fm", "--correction", "guidance")
+    assert _files(tmp_path / "guidance") == _files(tmp_path / "same")
+    _sample(run, tmp_path / "always", *opts, "--bias-correction", "always")
+    assert _files(tmp_path / "always") != _files(tmp_path / "guidance")
+    lm = load_for_sampling(run)
+    for name, window in [("guidance", (0.4, 1.0)), ("always", (0.0, 1.0))]:
+        with _one_thread():
+            x = generate(lm.model, labels=labels_for(6, 10), shape=lm.shape, num_classes=10, steps=4, cfg=1.5,
+                         interval=(0.4, 1.0), correction=lm.correction("to_fm", interval=window),
+                         seed=lm.config.sample.seed, batch_size=4, path=lm.objective.path)
+        with np.load(tmp_path / name / "samples.npz") as z:
+            assert np.array_equal(z["arr_0"], to_uint8_nhwc(x)), name
+        assert json.loads((tmp_path / name / "sample.json").read_text())["map_window"] == list(window)
 
 
 # ----------------------------------------------------------------------------------- the chunk store

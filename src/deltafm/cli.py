@@ -34,6 +34,8 @@ _DISPATCH = {
     "toy": ("deltafm.toy.cli", "2-D toy study: FM vs ΔFM velocity fields and metrics"),
     "eval": ("deltafm.eval.cli", "evaluate samples: classifier FD, class accuracy"),
     "compare": ("deltafm.study.cli", "FM vs ΔFM side by side: train, sample, evaluate, report"),
+    "convert": ("deltafm.convert.cli", "public SiT / REPA / ΔFM-reference .pt -> deltafm checkpoint"),
+    "mean-target": ("deltafm.convert.mean_target", "estimate the mean target ū of a checkpoint from data"),
 }
 
 

@@ -27,7 +27,31 @@ from .checks import validation_enabled
 from .losses import check_lambda
 from .paths import ProbPath, get_path
 
-__all__ = ["MeanTarget", "BiasCorrection", "bias_correct", "to_delta_optimum"]
+__all__ = ["MeanTarget", "BiasCorrection", "CORRECTION_MODES", "correction_window", "bias_correct", "to_delta_optimum"]
+
+
+#: Where the bias correction acts at sampling time: nowhere, at every t, or only on the guidance interval
+#: of classifier-free guidance (the reference code's "interference reduction", which it applies only
+#: when asked, and then only for t inside its guidance interval).
+CORRECTION_MODES = ("off", "always", "guidance")
+
+
+def correction_window(mode: str | bool, scale: float, interval: tuple[float, float]) -> tuple[float, float] | None:
+    """The t-window (inclusive) where the correction applies under ``mode``, or None for nowhere.
+
+    ``mode`` is one of :data:`CORRECTION_MODES` (``True``/``False`` mean ``always``/``off``); ``interval``
+    is the CFG interval. ``guidance`` follows the reference sampler: the window is the guidance interval
+    whatever the scale (``scale`` is accepted for the record; with w = 1 the interval still bounds it).
+    """
+    del scale
+    mode = {True: "always", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if mode not in CORRECTION_MODES:
+        raise ValueError(f"correction mode must be one of {', '.join(CORRECTION_MODES)}, got {mode!r}")
+    if mode == "off":
+        return None
+    if mode == "guidance":
+        return (float(interval[0]), float(interval[1]))
+    return (0.0, 1.0)
 
 
 def bias_correct(v: Tensor, u_bar: Tensor, lam: float) -> Tensor:
@@ -203,7 +227,9 @@ class BiasCorrection:
     ``direction="to_delta"`` turns an FM model into the ΔFM optimum (post-hoc analysis).
     ``other_classes`` must match training with different-class negatives.  With
     ``correct_null=False`` (training that did not contrast label-dropped samples) rows whose
-    cond is ``null_class`` are left unchanged: their optimum is plain FM.
+    cond is ``null_class`` are left unchanged: their optimum is plain FM.  ``interval`` (inclusive,
+    t = 0 noise) restricts the map to part of the path; elsewhere the velocity passes unchanged
+    (see :func:`correction_window`).
     """
 
     lam: float
@@ -214,12 +240,17 @@ class BiasCorrection:
     direction: str = "to_fm"
     null_class: int | None = None
     correct_null: bool = True
+    interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         self.lam = check_lambda(self.lam)
         self.path = get_path(self.path)
         if self.direction not in ("to_fm", "to_delta"):
             raise ValueError(f"direction must be 'to_fm' or 'to_delta', got {self.direction!r}")
+        lo, hi = self.interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"correction interval must satisfy 0 <= lo <= hi <= 1, got {self.interval}")
+        self.interval = (float(lo), float(hi))
 
     def u_bar(self, t: Tensor, cond: Tensor | None) -> Tensor:
         return self.mean_target.u_bar(t, cond, self.path, self.other_classes, self.negative_time)
@@ -230,4 +261,8 @@ class BiasCorrection:
         if not self.correct_null and cond is not None and self.null_class is not None:
             keep = (cond == self.null_class).reshape(-1, *([1] * (v.dim() - 1)))
             out = torch.where(keep, v, out)
+        if self.interval != (0.0, 1.0):
+            lo, hi = self.interval
+            inside = ((t >= lo) & (t <= hi)).reshape(-1, *([1] * (v.dim() - 1)))
+            out = torch.where(inside, out, v)
         return out

@@ -72,7 +72,8 @@ def generate_batches(
     count×C×H×W, on CPU), for batch starts ``0, batch_size, 2·batch_size, ...`` not in ``skip``.
 
     A batch is the same whether or not the others are drawn (per-image noise, SDE noise seeded with the
-    batch start), so skipping finished batches and drawing the rest gives what one pass gives.
+    batch start), so skipping finished batches and drawing the rest gives what one pass gives, and so do
+    several processes that each draw a disjoint share (``deltafm sample`` under torchrun).
     """
     spec = get_solver(solver)
     device = torch.device(device)

@@ -228,6 +228,7 @@ class DeltaFMObjective:
         images_seen: float = 0.0,
         lam: float | None = None,
         other_classes: bool | None = None,
+        interval: tuple[float, float] | None = (0.0, 1.0),
     ) -> BiasCorrection | None:
         """The one rule for the affine map a model trained with this objective is sampled with.
 
@@ -237,10 +238,11 @@ class DeltaFMObjective:
         * ``to_delta`` (an FM model mapped post hoc to the ΔFM optimum): needs ``lam`` in (0, 1).
 
         ``other_classes`` overrides whether ū is the mean of the *other* classes (different-class
-        negatives; default: this objective's negatives). Raises ValueError when no mean target is
-        stored (nothing to build ū from).
+        negatives; default: this objective's negatives). ``interval``: the t-window where the map acts
+        (see :func:`deltafm.correction.correction_window`; None = nowhere, i.e. no map). Raises
+        ValueError when no mean target is stored (nothing to build ū from).
         """
-        if map == "none":
+        if map == "none" or interval is None:
             return None
         if map not in ("to_fm", "to_delta"):
             raise ValueError(f"map must be 'none', 'to_fm' or 'to_delta', got {map!r}")
@@ -254,6 +256,7 @@ class DeltaFMObjective:
             raise ValueError("no mean target is stored (it is estimated during training): cannot build ū "
                              f"for map {map!r}")
         corr = self.bias_correction(direction=map, lam=lam)
+        corr.interval = (float(interval[0]), float(interval[1]))
         if other_classes is not None:
             corr.other_classes = other_classes
         return corr

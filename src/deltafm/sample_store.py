@@ -5,18 +5,20 @@ A :class:`ChunkStore` is a work folder (``OUT/.sampling/`` for ``deltafm sample`
     settings.json              what produces the samples (checkpoint, solver, steps, cfg, seed, num, ...);
                                written first, atomically
     chunk_000000000000.npy     samples start .. start+count-1 (one batch), written atomically
-    lock                       held (flock) while a process writes here
+    lock                       held (flock) while a process, or the rank 0 of a torchrun job, writes here
 
 Each chunk is written to a temporary name, flushed, fsync'ed and renamed into place, so a chunk file
 either holds a whole batch or does not exist; a kill leaves at most a ``*.tmp`` file, which never
 counts and is removed by the next open. Reopening the store with the same settings keeps every finished
 chunk (each is checked against the expected shape, dtype and size); other settings are a
-:class:`SampleStoreError` naming the differences, never a mix of two runs.
+:class:`SampleStoreError` naming the differences, never a mix of two runs. Under torchrun only rank 0
+opens (and locks) the store; every rank writes the chunks :meth:`ChunkStore.deal` gives it.
 
 :func:`write_npz` writes an ``.npz`` entry by entry from chunk iterables (``.npy`` header from numpy's
 format helpers, then the raw bytes, into an uncompressed zip64 member with a fixed timestamp), so
 ``np.load(path)[name]`` is the array ``np.savez`` would have stored, the file is the same bytes for the
-same content, and memory stays bounded by one copy block.
+same content, and memory stays bounded by one copy block. :func:`write_final` writes the final files of a
+finished store (grids, the npz, sample.json).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["SampleStoreError", "ChunkStore", "write_npz", "npy_header"]
+__all__ = ["SampleStoreError", "ChunkStore", "write_npz", "write_final", "npy_header"]
 
 _CHUNK_RE = re.compile(r"^chunk_(\d{12})\.npy$")
 _BLOCK = 1 << 22  # bytes copied at a time
@@ -123,6 +125,27 @@ def write_npz(path: str | Path, entries: Mapping[str, tuple[np.dtype, Sequence[i
     return path
 
 
+def write_final(store: ChunkStore, out: Path, labels: np.ndarray, meta: dict[str, Any], images: bool,
+                num_classes: int, class_names: Sequence[str] | None = None) -> str:
+    """The final files of a finished store in ``out``: for images the grids (from the first images), then
+    ``samples.npz`` assembled from the chunks, then sample.json (last); for latents ``latents.npz`` and
+    sample.json. Returns a one-line summary."""
+    from .images import sample_info, write_grids, write_meta
+
+    lab = np.asarray(labels, dtype=np.int64)
+    n = store.num
+    if not images:
+        write_npz(out / "latents.npz", {"arr_0": (np.float32, (n, *store.item_shape), store.parts()),
+                                        "labels": (np.int64, (n,), [lab])})
+        write_meta(out / "sample.json", meta)
+        return f"wrote {n} latents to {out / 'latents.npz'} (decode them with the VAE used to encode)"
+    paths = write_grids(out, store.take, lab)
+    write_npz(out / "samples.npz", {"arr_0": (np.uint8, (n, *store.item_shape), store.parts()),
+                                    "labels": (np.int64, (n,), [lab])})
+    write_meta(out / "sample.json", sample_info(meta, n, num_classes, class_names))
+    return f"wrote {n} samples: {paths['grid']}, {out / 'samples.npz'} and {len(np.unique(lab))} class grid(s)"
+
+
 def _write_part(out, part: Any, dtype: np.dtype) -> int:
     if isinstance(part, tuple):  # (file path, offset): stream the file's bytes in blocks
         src, offset = part
@@ -167,6 +190,14 @@ class ChunkStore:
 
     def path(self, start: int) -> Path:
         return self.root / f"chunk_{start:012d}.npy"
+
+    def deal(self, done: Iterable[int], rank: int = 0, world: int = 1) -> list[int]:
+        """The chunks (starts) rank ``rank`` of ``world`` writes: the chunks not in ``done``, in order, dealt
+        round-robin (the i-th to rank i mod world). On a fresh store chunk k goes to rank k mod world."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0 .. {world - 1}")
+        done = set(done)
+        return [s for s in self.starts if s not in done][rank::world]
 
     # ------------------------------------------------------------------------------------------ state
     def differences(self) -> list[str]:
@@ -217,6 +248,10 @@ class ChunkStore:
                     warn(f"discarding {p} (not a finished chunk of this run)")
                 p.unlink()
         return done
+
+    def missing(self) -> list[int]:
+        """Starts of the chunks not (validly) on disk; changes nothing (any process may ask)."""
+        return [s for s in self.starts if not self._valid(self.path(s), s)]
 
     def _valid(self, p: Path, start: int) -> bool:
         try:

@@ -165,7 +165,8 @@ def _union(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
             return _coerce(value, arg, key, ctx)
         except ConfigError as e:
             errors.append(str(e))
-    raise ctx.error(errors[0] if len(errors) == 1 else f"{ctx.noun} '{key}': bad value {value!r}")
+    kinds = " or ".join(type_name(a) for a in args if a is not type(None))
+    raise ctx.error(errors[0] if len(errors) == 1 else f"{ctx.noun} '{key}' must be {kinds}, got {value!r}")
 
 
 def _literal(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:

@@ -5,7 +5,10 @@ Only metrics and the networks that feed them live here; the FM-vs-ΔFM study tha
 
 * :mod:`deltafm.eval.metrics`: the metrics on arrays, and reference statistics on disk (.npz);
 * :mod:`deltafm.eval.classifier`: the project's small CNN feature classifier (train, save, load);
-* :mod:`deltafm.eval.inception`: Inception-v3 in the FID convention, weights from a local file only;
+* :mod:`deltafm.eval.inception`: Inception-v3 in the FID convention (pool3, sFID spatial features, IS
+  logits), weights from a local file only;
+* :mod:`deltafm.eval.adm`: reference batches in the ADM evaluation suite's format (``arr_0``, ``mu``,
+  ``sigma``, ``mu_s``, ``sigma_s``), read as stored or computed from the images;
 * :mod:`deltafm.eval.features`: the extractor protocol, batched extraction, ``get_extractor(spec)``,
   ``reference_statistics`` and ``evaluate_samples`` (the one scoring function);
 * :mod:`deltafm.eval.along_path`: classifier accuracy of the predicted clean sample along t;
@@ -17,6 +20,7 @@ Bad input (a file, an option, labels) raises :class:`EvalInputError` (a ``ValueE
 See docs/EVAL.md.
 """
 
+from deltafm.eval.adm import inspect_reference, load_reference
 from deltafm.eval.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier, train_classifier
 from deltafm.eval.features import (
     FeatureExtractor,
@@ -35,6 +39,7 @@ from deltafm.eval.metrics import (
     feature_statistics,
     frechet_distance,
     frechet_distance_from_features,
+    frechet_distance_lowrank,
     inception_score,
     load_reference_stats,
     precision_recall,
@@ -57,10 +62,13 @@ __all__ = [
     "feature_statistics",
     "frechet_distance",
     "frechet_distance_from_features",
+    "frechet_distance_lowrank",
     "get_extractor",
     "inception_score",
+    "inspect_reference",
     "load_classifier",
     "load_inception",
+    "load_reference",
     "load_reference_stats",
     "precision_recall",
     "reference_statistics",

@@ -8,13 +8,19 @@ Subcommands::
     deltafm eval eval --samples samples.npz --ref runs/eval/fmnist-test.npz \\
         --extractor classifier:runs/eval/fmnist-cls.safetensors --out metrics.json
     deltafm eval convert-inception --in pt_inception-2015-12-05-6726825d.pth --out fid-inception.safetensors
+    deltafm eval ref-stats --root IMAGES/ --image-size 256 --extractor inception:fid-inception.safetensors \
+        --out my-ref.npz                       # an ADM-style reference batch of your own images
+    deltafm eval eval --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
+        --extractor inception:fid-inception.safetensors   # FID, sFID, IS, precision/recall as ADM
 
 Datasets are read with :func:`deltafm.data.load_dataset`, the builder training uses (``--root`` for a
 dataset in another folder, ``--image-size`` / ``--channels`` for an image folder). Sample files use the
 ADM layout: uint8 images (N, H, W, C) under ``arr_0``; class labels under ``labels`` (or ``arr_1``, as
 ADM's sampler writes them) when present. Scoring is :func:`deltafm.eval.features.evaluate_samples`; the
-FM-vs-ΔFM study scores with ``--fd-method eigh --splits 1 --pr-max match``. Also runnable as
-``python -m deltafm.eval.cli``.
+FM-vs-ΔFM study scores with ``--fd-method eigh --splits 1 --pr-max match``. ``--ref`` may be an ADM
+reference batch (:mod:`deltafm.eval.adm`); with an Inception extractor the defaults follow the ADM
+evaluator (``--protocol adm``: IS over chunks of 5000 samples, precision/recall against all reference
+images and all samples). Also runnable as ``python -m deltafm.eval.cli``.
 
 Bad input (a missing, garbage or pickled file, a wrong layout, labels outside the classifier's classes,
 statistics from another extractor, an option out of range) prints one ``error:`` line and exits with 2;
@@ -43,10 +49,15 @@ SAMPLES_FORMAT = ("--samples must be an .npz (ADM layout) with arr_0 uint8 (N, H
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name (default: 'folder' when --root is given to ref-stats, else fashion-mnist)")
     p.add_argument("--root", default=None, help="data folder (default: the dataset's; needed for mnist, folder)")
     p.add_argument("--image-size", type=int, default=None, help="folder datasets: resize and crop to this size")
     p.add_argument("--channels", type=int, default=None, help="folder datasets: 1 (grayscale) or 3 (RGB)")
+
+
+#: Default of options whose value the ``--protocol`` decides (not a string: argparse would parse it).
+_PROTOCOL_DEFAULT = object()
 
 
 def _pr_max(text: str) -> int | str | None:
@@ -89,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--max-items", type=int, default=None, help="use only the first N items")
     r.add_argument("--no-features", action="store_true", help="store only mu/sigma (no precision/recall)")
+    r.add_argument("--save-images", action="store_true",
+                   help="also store the images under arr_0 (uint8 NHWC): a complete ADM reference batch")
     r.add_argument("--batch-size", type=int, default=256)
 
     e = sub.add_parser("eval", aliases=["score"], help="score a samples .npz against reference statistics")
@@ -96,14 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref", required=True, help="reference statistics .npz from ref-stats")
     e.add_argument("--extractor", required=True, help="classifier:PATH or inception:PATH")
     e.add_argument("--out", default=None, help="write the metrics JSON here")
+    e.add_argument("--protocol", choices=["auto", "adm", "deltafm"], default="auto",
+                   help="defaults of --splits/--is-split-size/--pr-max: adm (IS over chunks of 5000 samples, "
+                        "P/R without subsampling, as the ADM evaluator) or deltafm (10 IS splits, P/R on at most "
+                        "10000 rows); auto: adm for inception extractors, deltafm for classifiers")
     e.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall")
-    e.add_argument("--splits", type=int, default=10, help="Inception Score splits")
-    e.add_argument("--pr-max", type=_pr_max, default=10_000,
+    e.add_argument("--splits", type=int, default=None, help="Inception Score: this many equal chunks")
+    e.add_argument("--is-split-size", type=int, default=None,
+                   help="Inception Score: chunks of this many consecutive samples (ADM: 5000)")
+    e.add_argument("--pr-max", type=_pr_max, default=_PROTOCOL_DEFAULT,
                    help="subsample both sets to this many rows for P/R; 'match': as many real rows as samples; "
-                        "'none': no subsampling")
+                        "'none': no subsampling (default: the protocol's)")
     e.add_argument("--pr-seed", type=int, default=0, help="seed of the P/R subsampling")
-    e.add_argument("--fd-method", choices=["sqrtm", "eigh"], default="sqrtm",
-                   help="matrix square root of the FD: sqrtm (FID convention) or eigh (symmetric, exact for PSD)")
+    e.add_argument("--fd-method", choices=["auto", "sqrtm", "eigh", "lowrank"], default="auto",
+                   help="matrix square root of the FD: sqrtm (FID convention), eigh (symmetric, exact for PSD), "
+                        "lowrank (exact, through the samples' N x N Gram matrix); auto: sqrtm when there are more "
+                        "samples than feature dimensions, else lowrank")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--allow-mismatch", action="store_true",
                    help="accept statistics from another extractor, and samples of another size than the classifier's")
@@ -182,6 +203,8 @@ def _out_file(path: str | Path) -> Path:
 def _load(args: argparse.Namespace, split: str):
     from deltafm.data import load_dataset
 
+    if args.dataset is None:
+        args.dataset = "fashion-mnist"
     try:
         return load_dataset(args.dataset, root=args.root, split=split, image_size=args.image_size,
                             channels=args.channels)
@@ -225,12 +248,15 @@ def _ref_stats(args: argparse.Namespace) -> dict:
 
     _positive(max_items=args.max_items, batch_size=args.batch_size)
     out = _out_file(args.out)
+    if args.dataset is None:
+        args.dataset = "folder" if args.root is not None else "fashion-mnist"
     extractor = get_extractor(args.extractor, device=args.device)
     data = _load(args, args.split)
     if data.kind != "images":
         raise EvalInputError(f"dataset {args.dataset!r} holds {data.kind}, not images")
     images = data.images if args.max_items is None else data.images[: args.max_items]
-    meta = {"dataset": args.dataset, "split": args.split, "extractor_spec": args.extractor}
+    meta = {"dataset": args.dataset, "split": args.split, "extractor_spec": args.extractor,
+            "image_hw": [int(images.shape[-2]), int(images.shape[-1])]}
     if args.root is not None:
         meta["root"] = str(args.root)
     stats = reference_statistics(
@@ -238,24 +264,62 @@ def _ref_stats(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_reference_stats(out, stats.mu, stats.sigma, stats.features, stats.meta)
-    return {"out": str(out), **stats.meta}
+    nhwc = None
+    if args.save_images:
+        nhwc = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
+        nhwc = (nhwc[:, :, :, None] if nhwc.ndim == 3 else nhwc.transpose(0, 2, 3, 1)).astype(np.uint8)
+    save_reference_stats(out, stats.mu, stats.sigma, stats.features, stats.meta, mu_s=stats.mu_s,
+                         sigma_s=stats.sigma_s, images=nhwc)
+    return {"out": str(out), "sfid_stats": stats.mu_s is not None, "images_saved": nhwc is not None, **stats.meta}
+
+
+#: Scoring defaults of each ``--protocol``.
+PROTOCOLS = {
+    # openai/guided-diffusion evaluations/evaluator.py: IS over consecutive chunks of 5000 samples; precision
+    # and recall between all reference-batch images and all samples (no subsampling), k = 3; FID by sqrtm.
+    "adm": {"splits": None, "is_split_size": 5000, "pr_max": None},
+    # the project's defaults for its own classifier (docs/EVAL.md).
+    "deltafm": {"splits": 10, "is_split_size": None, "pr_max": 10_000},
+}
+
+
+def _protocol(args: argparse.Namespace) -> tuple[str, dict]:
+    """The protocol name and the scoring options it resolves to (explicit options win)."""
+    name = args.protocol
+    if name == "auto":
+        name = "adm" if args.extractor.startswith("inception:") else "deltafm"
+    opts = dict(PROTOCOLS[name])
+    if args.splits is not None or args.is_split_size is not None:
+        if args.splits is not None and args.is_split_size is not None:
+            raise EvalInputError("give --splits or --is-split-size, not both")
+        opts["splits"], opts["is_split_size"] = args.splits, args.is_split_size
+    if args.pr_max is not _PROTOCOL_DEFAULT:
+        opts["pr_max"] = args.pr_max
+    return name, opts
 
 
 def _eval(args: argparse.Namespace) -> dict:
+    from deltafm.eval.adm import inspect_reference, load_reference
     from deltafm.eval.features import evaluate_samples, get_extractor
     from deltafm.eval.metrics import load_reference_stats
 
-    _positive(k=args.k, splits=args.splits, batch_size=args.batch_size)
+    _positive(k=args.k, splits=args.splits, is_split_size=args.is_split_size, batch_size=args.batch_size)
+    protocol, opts = _protocol(args)
     out = _out_file(args.out) if args.out else None
     images, labels = load_samples(args.samples)
-    ref = load_reference_stats(args.ref)
+    info = inspect_reference(args.ref, sample_hw=images.shape[1:3], allow_mismatch=args.allow_mismatch)
+    if info.has_stats:
+        load_reference_stats(args.ref)  # bad statistics fail here, before any network runs
     extractor = get_extractor(args.extractor, device=args.device)
+    ref = load_reference(args.ref, extractor, allow_mismatch=args.allow_mismatch, batch_size=args.batch_size,
+                         device=args.device, progress=not args.no_progress, info=info)
     result = evaluate_samples(
-        extractor, images, ref, labels=labels, layout="NHWC", k=args.k, splits=args.splits,
-        pr_max=args.pr_max, seed=args.pr_seed, fd_method=args.fd_method, batch_size=args.batch_size,
-        device=args.device, progress=not args.no_progress, allow_mismatch=args.allow_mismatch,
+        extractor, images, ref, labels=labels, layout="NHWC", k=args.k, splits=opts["splits"] or 10,
+        is_split_size=opts["is_split_size"], pr_max=opts["pr_max"], seed=args.pr_seed, fd_method=args.fd_method,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        allow_mismatch=args.allow_mismatch, pr_device=args.device,
     )
+    result["protocol"] = protocol
     result["samples"] = str(args.samples)
     result["ref"] = str(args.ref)
     if out is not None:

@@ -4,7 +4,10 @@ An extractor maps images in model space (float, (N, C, H, W), values in [−1, 1
 
 * ``features(x) -> (N, D)``: the embedding used for Fréchet distance and precision/recall
   (Inception pool3 in the FID convention, or a project classifier's penultimate layer), and
-* ``logits(x) -> (N, K)`` or ``None``: class logits, for the Inception Score and class accuracy.
+* ``logits(x) -> (N, K)`` or ``None``: class logits, for the Inception Score and class accuracy;
+* optionally ``outputs(x) -> dict`` with ``features``, ``logits`` and ``spatial`` (N, S) in one pass
+  (Inception: the sFID features and the bias-free IS logits of the ADM evaluator, see
+  :mod:`deltafm.eval.inception`).
 
 ``extractor_id`` names the network and its exact weights (kind plus the sha256 of the weights file);
 it is written into reference statistics so that samples are never compared to statistics made with
@@ -56,10 +59,12 @@ class FeatureExtractor(Protocol):
 
 @dataclass
 class Extracted:
-    """Output of :func:`extract`: float64 features (N, D) and float64 logits (N, K) or ``None``."""
+    """Output of :func:`extract`: float64 features (N, D), float64 logits (N, K) or ``None``, and float64
+    spatial (sFID) features (N, S) or ``None``."""
 
     features: np.ndarray
     logits: np.ndarray | None
+    spatial: np.ndarray | None = None
 
 
 @torch.no_grad()
@@ -75,29 +80,32 @@ def extract(
     """Run ``extractor`` over ``images`` in batches (each batch converted with
     :func:`deltafm.pixels.images_to_model`).
 
-    Uses ``extractor.features_and_logits(x)`` when it exists (one forward pass for both), else
-    ``features`` and ``logits`` separately.
+    Uses ``extractor.outputs(x)`` when it exists (features, logits and spatial features in one pass),
+    else ``extractor.features_and_logits(x)`` (one pass for both), else ``features`` and ``logits``.
     """
     if len(images) == 0:
         raise EvalInputError("no images to extract features from")
     if isinstance(extractor, torch.nn.Module):
         extractor.eval()
+    every = getattr(extractor, "outputs", None)
     both = getattr(extractor, "features_and_logits", None)
-    feats: list[np.ndarray] = []
-    logits: list[np.ndarray] = []
-    has_logits = True
+    parts: dict[str, list[np.ndarray] | None] = {"features": [], "logits": [], "spatial": []}
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         x = images_to_model(images[start : start + batch_size], layout).to(device)
-        if both is not None:
-            f, lg = both(x)
+        if every is not None:
+            out = every(x)
+        elif both is not None:
+            out = dict(zip(("features", "logits"), both(x), strict=True))
         else:
-            f, lg = extractor.features(x), extractor.logits(x)
-        feats.append(f.double().cpu().numpy())
-        if lg is None:
-            has_logits = False
-        else:
-            logits.append(lg.double().cpu().numpy())
-    return Extracted(np.concatenate(feats), np.concatenate(logits) if has_logits else None)
+            out = {"features": extractor.features(x), "logits": extractor.logits(x)}
+        for key, chunks in parts.items():
+            value = out.get(key)
+            if value is None or chunks is None:
+                parts[key] = None  # "features" is never None: every extractor has them
+            else:
+                chunks.append(value.double().cpu().numpy())
+    joined = {k: (np.concatenate(v) if v is not None else None) for k, v in parts.items()}
+    return Extracted(joined["features"], joined["logits"], joined["spatial"])
 
 
 def get_extractor(spec: str, device: torch.device | str = "cpu") -> FeatureExtractor:
@@ -160,7 +168,8 @@ def reference_statistics(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ):
-    """Features of real images → :class:`~deltafm.eval.metrics.ReferenceStats` (μ, Σ, features, meta).
+    """Features of real images → :class:`~deltafm.eval.metrics.ReferenceStats` (μ, Σ, features, meta, and
+    μ_s, Σ_s of the spatial features when the extractor has them: Inception's sFID statistics).
 
     ``meta`` gains ``extractor`` (the extractor id), ``count`` and ``feature_dim``.
     """
@@ -169,13 +178,15 @@ def reference_statistics(
     check_images(extractor, images, layout, "reference images")
     out = extract(extractor, images, batch_size, layout, device, progress, desc="reference features")
     mu, sigma = feature_statistics(out.features)
+    mu_s, sigma_s = feature_statistics(out.spatial) if out.spatial is not None else (None, None)
     full_meta = {
         **(meta or {}),
         "extractor": extractor.extractor_id,
         "count": int(out.features.shape[0]),
         "feature_dim": int(out.features.shape[1]),
     }
-    return ReferenceStats(mu, sigma, out.features.astype(np.float32) if keep_features else None, full_meta)
+    return ReferenceStats(mu, sigma, out.features.astype(np.float32) if keep_features else None, full_meta,
+                          mu_s=mu_s, sigma_s=sigma_s)
 
 
 def _pr_subsets(real: np.ndarray, fake: np.ndarray, pr_max: int | str | None, seed: int):
@@ -195,7 +206,8 @@ def _pr_subsets(real: np.ndarray, fake: np.ndarray, pr_max: int | str | None, se
 
 
 def _check_inputs(extractor: FeatureExtractor, images, ref, labels, layout: str, k: int, splits: int,
-                  pr_max: int | str | None, num_classes: int | None, allow_mismatch: bool) -> None:
+                  pr_max: int | str | None, num_classes: int | None, allow_mismatch: bool,
+                  is_split_size: int | None = None) -> None:
     """The checks of :func:`evaluate_samples` that need no forward pass (bad input fails fast)."""
     ref_id = ref.meta.get("extractor")
     if ref_id is not None and ref_id != extractor.extractor_id and not allow_mismatch:
@@ -205,6 +217,8 @@ def _check_inputs(extractor: FeatureExtractor, images, ref, labels, layout: str,
         )
     if k < 1 or splits < 1:
         raise EvalInputError(f"k and splits must be >= 1, got k={k}, splits={splits}")
+    if is_split_size is not None and is_split_size < 1:
+        raise EvalInputError(f"is_split_size must be >= 1, got {is_split_size}")
     if ref.features is not None:
         if len(ref.features) <= k:
             raise EvalInputError(f"precision/recall with k={k} needs more than {k} reference features, the "
@@ -224,6 +238,33 @@ def _check_inputs(extractor: FeatureExtractor, images, ref, labels, layout: str,
             )
 
 
+def _fd(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, fd_method: str) -> tuple[float, str]:
+    """FD of ``feats`` against (μ, Σ) and the method used (``auto``: sqrtm for N > D, else lowrank)."""
+    from deltafm.eval.metrics import feature_statistics, frechet_distance, frechet_distance_lowrank
+
+    method = fd_method
+    if method == "auto":
+        method = "sqrtm" if feats.shape[0] > feats.shape[1] else "lowrank"
+    if method == "lowrank":
+        return frechet_distance_lowrank(feats, mu_ref, sigma_ref), method
+    mu, sigma = feature_statistics(feats)
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=method), method
+
+
+def _inception_score(logits: np.ndarray, splits: int, is_split_size: int | None) -> dict:
+    """IS entries of the result: ``splits`` equal chunks (at most N), or chunks of ``is_split_size``."""
+    from deltafm.eval.metrics import inception_score
+
+    n = logits.shape[0]
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    if is_split_size is not None:
+        mean, std = inception_score(probs, split_size=is_split_size)
+        return {"inception_score": mean, "inception_score_std": std, "is_splits": -(-n // is_split_size),
+                "is_split_size": is_split_size}
+    mean, std = inception_score(probs, splits=min(splits, n))
+    return {"inception_score": mean, "inception_score_std": std, "is_splits": min(splits, n)}
+
+
 def evaluate_samples(
     extractor: FeatureExtractor,
     images: np.ndarray | torch.Tensor,
@@ -239,17 +280,24 @@ def evaluate_samples(
     device: torch.device | str = "cpu",
     progress: bool = True,
     allow_mismatch: bool = False,
+    is_split_size: int | None = None,
+    pr_device: torch.device | str = "cpu",
 ) -> dict:
     """All metrics of generated ``images`` against reference statistics ``ref`` (a ``ReferenceStats``):
     the one scoring function of the package (``deltafm eval eval`` and the study both call it).
 
     Computes FD (always; ``fd_method`` "sqrtm" (the FID convention) or "eigh", see
-    :func:`~deltafm.eval.metrics.frechet_distance`); IS (when the extractor has logits; ``splits``
-    chunks, reduced to N if fewer samples); precision/recall with k-NN manifolds (when ``ref.features``
-    exists; both sets subsampled to at most ``pr_max`` rows with a permutation seeded by ``seed``;
-    ``"match"`` = as many real rows as samples, None = no subsampling); class accuracy (when ``labels``
-    are given and the extractor is a classifier whose classes are the dataset's, i.e. not Inception).
-    The settings are recorded in the result (``fd_method``, ``is_splits``, ``pr_k``, ``pr_max``,
+    :func:`~deltafm.eval.metrics.frechet_distance`, "lowrank"
+    (:func:`~deltafm.eval.metrics.frechet_distance_lowrank`, exact) or "auto": sqrtm when the samples'
+    covariance can have full rank (more samples than feature dimensions, e.g. FID-50K), else lowrank; the
+    result's ``fd_method`` names the one used); sFID, the same distance on the spatial features (when the
+    extractor has them and ``ref`` holds ``mu_s``/``sigma_s``: Inception); IS (when the extractor has logits;
+    ``splits`` chunks, reduced to N if fewer samples, or chunks of ``is_split_size`` consecutive samples as the
+    ADM evaluator does with 5000); precision/recall with k-NN manifolds (when ``ref.features`` exists; both sets
+    subsampled to at most ``pr_max`` rows with a permutation seeded by ``seed``; ``"match"`` = as many real rows
+    as samples, None = no subsampling, as ADM; distances on ``pr_device``); class accuracy (when ``labels`` are
+    given and the extractor is a classifier whose classes are the dataset's, i.e. not Inception). The settings
+    are recorded in the result (``fd_method``, ``is_splits``, ``is_split_size``, ``pr_k``, ``pr_max``,
     ``pr_seed``, ``pr_real``, ``pr_fake``).
 
     Raises:
@@ -258,36 +306,34 @@ def evaluate_samples(
             than ``k`` with reference features), labels outside the classifier's classes, a bad ``k``,
             ``splits`` or ``pr_max``.
     """
-    from deltafm.eval.metrics import (
-        class_accuracy,
-        feature_statistics,
-        frechet_distance,
-        inception_score,
-        precision_recall,
-    )
+    from deltafm.eval.metrics import class_accuracy, precision_recall
 
     num_classes = getattr(getattr(extractor, "config", None), "num_classes", None)
-    _check_inputs(extractor, images, ref, labels, layout, k, splits, pr_max, num_classes, allow_mismatch)
+    _check_inputs(extractor, images, ref, labels, layout, k, splits, pr_max, num_classes, allow_mismatch,
+                  is_split_size)
     out = extract(extractor, images, batch_size, layout, device, progress, desc="sample features")
     if out.features.shape[1] != ref.mu.shape[0]:
         raise EvalInputError(f"sample features are {out.features.shape[1]}-d but the reference statistics are "
                              f"{ref.mu.shape[0]}-d: they were made with another extractor")
     n = out.features.shape[0]
-    mu, sigma = feature_statistics(out.features)
+    fd_value, fd_used = _fd(out.features, ref.mu, ref.sigma, fd_method)
     result: dict = {
         "num_samples": int(n),
         "extractor": extractor.extractor_id,
         "reference": {k_: v for k_, v in ref.meta.items()},
-        "fd": frechet_distance(mu, sigma, ref.mu, ref.sigma, method=fd_method),
-        "fd_method": fd_method,
+        "fd": fd_value,
+        "fd_method": fd_used,
     }
+    if out.spatial is not None and ref.mu_s is not None:
+        if out.spatial.shape[1] != ref.mu_s.shape[0]:
+            raise EvalInputError(f"sample spatial features are {out.spatial.shape[1]}-d but the reference mu_s is "
+                                 f"{ref.mu_s.shape[0]}-d: they were made with another extractor")
+        result["sfid"], result["sfid_method"] = _fd(out.spatial, ref.mu_s, ref.sigma_s, fd_method)
     if out.logits is not None:
-        probs = torch.softmax(torch.from_numpy(out.logits), dim=1).numpy()
-        is_mean, is_std = inception_score(probs, splits=min(splits, n))
-        result.update(inception_score=is_mean, inception_score_std=is_std, is_splits=min(splits, n))
+        result.update(_inception_score(out.logits, splits, is_split_size))
     if ref.features is not None:
         real, fake = _pr_subsets(ref.features, out.features, pr_max, seed)
-        result["precision"], result["recall"] = precision_recall(real, fake, k=k)
+        result["precision"], result["recall"] = precision_recall(real, fake, k=k, device=pr_device)
         result.update(pr_k=k, pr_max=pr_max, pr_seed=seed, pr_real=int(len(real)), pr_fake=int(len(fake)))
     if labels is not None and out.logits is not None and num_classes is not None:
         pred = out.logits.argmax(axis=1)

@@ -10,7 +10,23 @@ layout with 1008 output classes, no auxiliary head, and three differences from t
 * BatchNorm eps is 1e-3, convolutions have no bias.
 
 Outputs: ``features(x)`` is the 2048-d global average pool after ``Mixed_7c`` ("pool3", the FID
-features); ``logits(x)`` the 1008-way ``fc`` on top of it (for the Inception Score).
+features); ``logits(x)`` the 1008-way ``fc`` on top of it; ``spatial_features(x)`` the 2023-d sFID
+features; ``outputs(x)`` all three in one pass, as :func:`deltafm.eval.features.extract` uses them.
+
+**sFID features.** The ADM evaluator (openai/guided-diffusion ``evaluations/evaluator.py``) reads the
+tensor ``mixed_6/conv:0`` of the 2015 TensorFlow graph and keeps its first 7 channels, flattened from
+TensorFlow's NHWC layout: 7 x 17 x 17 = 2023 values per image. In that graph the eleven Inception
+blocks are ``mixed``, ``mixed_1``, ..., ``mixed_10`` (torchvision: ``Mixed_5b``, ``Mixed_5c``,
+``Mixed_5d``, ``Mixed_6a``, ``Mixed_6b``, ``Mixed_6c``, ``Mixed_6d``, ...), so ``mixed_6`` is
+``Mixed_6d``; its ``conv`` node is the block's first tower, the 1x1 convolution with BatchNorm and ReLU
+(torchvision's ``branch1x1``, 192 channels at 17x17). :meth:`FIDInceptionV3.spatial_features` returns
+``Mixed_6d.branch1x1`` output channels 0..6, permuted to (H, W, C) before flattening, so the vector is in
+the order of ADM's ``mu_s`` / ``sigma_s`` and those statistics can be used as they are.
+
+**Inception Score logits.** The ADM evaluator (like the original improved-gan Inception Score code)
+computes the class probabilities as softmax(pool3 · W), the weights of the graph's ``softmax/logits``
+layer *without its bias*; ``outputs(x)["logits"]`` follows that (``logits(x, bias=False)``), while
+``logits(x)`` is the full ``fc`` layer.
 
 Input handling: x in [−1, 1], (N, C, H, W) with C = 1 (repeated to RGB) or 3; any size is resized to
 299x299 with bilinear interpolation (``align_corners=False``). pytorch-fid resizes in [0, 1] and then
@@ -33,11 +49,21 @@ import torch.nn.functional as F
 
 from deltafm.eval.metrics import EvalInputError, EvalKeyError
 
-__all__ = ["FIDInceptionV3", "convert_inception", "load_inception", "load_inception_state_dict", "sniff_weights_format"]
+__all__ = [
+    "SPATIAL_FEATURE_DIM",
+    "FIDInceptionV3",
+    "convert_inception",
+    "load_inception",
+    "load_inception_state_dict",
+    "sniff_weights_format",
+]
 
 FID_INPUT_SIZE = 299
 FID_NUM_CLASSES = 1008
 FID_FEATURE_DIM = 2048
+#: Channels of ``mixed_6/conv`` (``Mixed_6d.branch1x1``) kept for sFID, and the resulting dimension.
+SPATIAL_CHANNELS = 7
+SPATIAL_FEATURE_DIM = SPATIAL_CHANNELS * 17 * 17
 
 
 class _ConvBN(nn.Module):
@@ -214,27 +240,45 @@ class FIDInceptionV3(nn.Module):
             x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
         return x
 
-    def _pool3(self, x: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, x: torch.Tensor, spatial: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepared input → (pool3 (N, 2048), sFID features (N, 2023) when ``spatial``, else None)."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
+        s = None
+        if spatial:  # mixed_6/conv of the TF graph: Mixed_6d's 1x1 tower (conv, BN, ReLU), first 7 channels
+            s = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+        for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=(2, 3)), s
+
+    def _head(self, f: torch.Tensor, bias: bool) -> torch.Tensor:
+        return self.fc(f) if bias else f @ self.fc.weight.T
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """2048-d pool3 features of images in [−1, 1] (resized to 299x299)."""
-        return self._pool3(self.prepare(x))
+        return self._trunk(self.prepare(x))[0]
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """1008-way logits (index 0 is the unused background class of the 2015 graph)."""
-        return self.fc(self.features(x))
+    def spatial_features(self, x: torch.Tensor) -> torch.Tensor:
+        """2023-d sFID features: ``mixed_6/conv`` (``Mixed_6d.branch1x1``) channels 0..6, (H, W, C) order."""
+        return self._trunk(self.prepare(x), spatial=True)[1]
+
+    def logits(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """1008-way logits (index 0 is the unused background class of the 2015 graph); ``bias=False``
+        gives pool3 · Wᵀ, the logits of the Inception Score in the ADM / improved-gan code."""
+        return self._head(self.features(x), bias)
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x)
         return f, self.fc(f)
+
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One pass for every metric: ``features`` (pool3, FID and precision/recall), ``logits`` (without
+        the fc bias, for the Inception Score as ADM computes it) and ``spatial`` (sFID)."""
+        f, s = self._trunk(self.prepare(x), spatial=True)
+        return {"features": f, "logits": self._head(f, bias=False), "spatial": s}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -3,7 +3,7 @@
 Everything here works on plain arrays (numpy, or torch tensors that are converted), so the
 metrics do not care which network produced the features (see :mod:`deltafm.eval.features`).
 
-* **Fréchet distance (FD / FID).** Fit a Gaussian to each feature set,
+* **Fréchet distance (FD / FID)** (:mod:`deltafm.eval.frechet`, re-exported here). Fit a Gaussian to each feature set,
   N(μ₁, Σ₁) and N(μ₂, Σ₂); the squared 2-Wasserstein distance between them is
 
       FD = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁ Σ₂)^{1/2}).
@@ -21,8 +21,10 @@ metrics do not care which network produced the features (see :mod:`deltafm.eval.
   generated for, overall and per class.
 
 Reference statistics are stored as ``.npz`` files with ``mu``, ``sigma`` (the names used by the
-ADM / pytorch-fid tools), optionally ``features`` (for precision/recall), and ``meta`` (a JSON
-string; never pickled).
+ADM / pytorch-fid tools), optionally ``mu_s``, ``sigma_s`` (the sFID statistics of ADM's reference
+batches), ``features`` (for precision/recall), ``arr_0`` (the images, as in an ADM reference batch) and
+``meta`` (a JSON string; never pickled). ADM reference batches themselves are read by
+:mod:`deltafm.eval.adm`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ import numpy as np
 import torch
 
 from deltafm.errors import UserError
+from deltafm.eval.frechet import (
+    _as_numpy,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+    frechet_distance_lowrank,
+)
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -49,6 +58,7 @@ __all__ = [
     "feature_statistics",
     "frechet_distance",
     "frechet_distance_from_features",
+    "frechet_distance_lowrank",
     "inception_score",
     "load_reference_stats",
     "open_npz",
@@ -70,121 +80,6 @@ class EvalKeyError(EvalInputError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _as_numpy(x: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Fréchet distance
-# --------------------------------------------------------------------------------------------
-
-
-def feature_statistics(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of a feature set, in float64.
-
-    μ = (1/N) Σ_n f_n and Σ = 1/(N−1) Σ_n (f_n − μ)(f_n − μ)ᵀ (the unbiased estimate, as in the
-    FID reference code, which uses ``np.cov``).
-
-    Args:
-        feats: (N, D) features, N ≥ 2.
-
-    Returns:
-        ``(mu, sigma)`` with shapes (D,) and (D, D).
-    """
-    f = _as_numpy(feats)
-    if f.ndim != 2:
-        raise ValueError(f"features must be (N, D), got shape {f.shape}")
-    if f.shape[0] < 2:
-        raise ValueError("need at least 2 feature vectors for a covariance")
-    mu = f.mean(axis=0)
-    centred = f - mu
-    sigma = centred.T @ centred / (f.shape[0] - 1)
-    return mu, sigma
-
-
-def _trace_sqrt_product_sqrtm(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
-    """tr((Σ₁Σ₂)^{1/2}) with ``scipy.linalg.sqrtm`` in the FID convention.
-
-    If the square root is not finite (Σ₁Σ₂ singular or nearly so), ε·I is added to both covariances
-    and the root recomputed. A complex result is accepted only when the imaginary part of its diagonal
-    is negligible (< 1e-3, the FID convention), and then dropped.
-    """
-    from scipy import linalg
-
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.max(np.abs(np.diagonal(covmean).imag))
-        if imag > 1e-3:
-            raise ValueError(f"matrix square root has a large imaginary component ({imag:.3g})")
-        covmean = covmean.real
-    return float(np.trace(covmean))
-
-
-def _trace_sqrt_product_eigh(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr((Σ₁Σ₂)^{1/2}) through symmetric eigendecompositions.
-
-    Σ₁Σ₂ is similar to the PSD matrix M = Σ₁^{1/2} Σ₂ Σ₁^{1/2}, so the wanted trace is Σ_i √λ_i(M).
-    Eigenvalues that round-off makes slightly negative are clipped to 0. No complex arithmetic.
-    """
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    lam = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
-
-
-def frechet_distance(
-    mu1: ArrayLike,
-    sigma1: ArrayLike,
-    mu2: ArrayLike,
-    sigma2: ArrayLike,
-    eps: float = 1e-6,
-    method: str = "sqrtm",
-) -> float:
-    """Fréchet distance between N(μ₁, Σ₁) and N(μ₂, Σ₂).
-
-        FD = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁ Σ₂)^{1/2})
-
-    Args:
-        mu1, sigma1: mean (D,) and covariance (D, D) of the first set.
-        mu2, sigma2: same for the second set.
-        eps: diagonal offset used when the matrix square root is not finite (``method="sqrtm"``).
-        method: ``"sqrtm"`` (the FID convention, ``scipy.linalg.sqrtm`` of Σ₁Σ₂) or ``"eigh"``
-            (symmetric eigendecompositions; exact for PSD inputs and free of complex parts).
-
-    Returns:
-        The distance as a Python float. Round-off can make it slightly negative (≈ −1e-10) for
-        identical inputs; it is not clipped.
-    """
-    m1, m2 = _as_numpy(mu1).reshape(-1), _as_numpy(mu2).reshape(-1)
-    s1, s2 = np.atleast_2d(_as_numpy(sigma1)), np.atleast_2d(_as_numpy(sigma2))
-    if m1.shape != m2.shape:
-        raise ValueError(f"mean shapes differ: {m1.shape} vs {m2.shape}")
-    d = m1.shape[0]
-    if s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"covariances must be ({d}, {d}), got {s1.shape} and {s2.shape}")
-    if method == "sqrtm":
-        tr_covmean = _trace_sqrt_product_sqrtm(s1, s2, eps)
-    elif method == "eigh":
-        tr_covmean = _trace_sqrt_product_eigh(s1, s2)
-    else:
-        raise ValueError(f"unknown method {method!r}; use 'sqrtm' or 'eigh'")
-    diff = m1 - m2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-
-
-def frechet_distance_from_features(feats1: ArrayLike, feats2: ArrayLike, **kw: Any) -> float:
-    """FD between the Gaussians fitted to two feature sets (see :func:`frechet_distance`)."""
-    mu1, s1 = feature_statistics(feats1)
-    mu2, s2 = feature_statistics(feats2)
-    return frechet_distance(mu1, s1, mu2, s2, **kw)
-
-
 # --------------------------------------------------------------------------------------------
 # Reference statistics on disk
 # --------------------------------------------------------------------------------------------
@@ -199,12 +94,16 @@ class ReferenceStats:
         sigma: (D, D) feature covariance.
         features: optional (N, D) float32 features, needed for precision/recall.
         meta: free-form metadata (dataset, split, extractor id, count, ...).
+        mu_s, sigma_s: optional mean (S,) and covariance (S, S) of the spatial features (sFID; Inception
+            only, S = 2023).
     """
 
     mu: np.ndarray
     sigma: np.ndarray
     features: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
 
 
 def save_reference_stats(
@@ -213,11 +112,22 @@ def save_reference_stats(
     sigma: ArrayLike,
     features: ArrayLike | None = None,
     meta: dict[str, Any] | None = None,
+    mu_s: ArrayLike | None = None,
+    sigma_s: ArrayLike | None = None,
+    images: np.ndarray | None = None,
 ) -> None:
-    """Write ``mu``, ``sigma`` (float64), optional ``features`` (float32) and ``meta`` (JSON) to .npz."""
+    """Write ``mu``, ``sigma`` (float64), optional ``mu_s``, ``sigma_s`` (float64, sFID), ``features``
+    (float32), ``arr_0`` (``images``: uint8 (N, H, W, C), as in an ADM reference batch) and ``meta`` (JSON)
+    to .npz. With ``mu_s``/``sigma_s`` and ``images`` the file is also a complete ADM reference batch."""
     arrays: dict[str, np.ndarray] = {"mu": _as_numpy(mu), "sigma": _as_numpy(sigma)}
+    if (mu_s is None) != (sigma_s is None):
+        raise ValueError("mu_s and sigma_s go together")
+    if mu_s is not None:
+        arrays["mu_s"], arrays["sigma_s"] = _as_numpy(mu_s), _as_numpy(sigma_s)
     if features is not None:
         arrays["features"] = _as_numpy(features, np.float32)
+    if images is not None:
+        arrays["arr_0"] = np.asarray(images, dtype=np.uint8)
     arrays["meta"] = np.array(json.dumps(meta or {}, sort_keys=True))
     with open(path, "wb") as fh:  # a file handle keeps numpy from appending ".npz" to the name
         np.savez(fh, **arrays)
@@ -250,40 +160,61 @@ def read_npz_array(data: Any, key: str, path: str | os.PathLike, what: str) -> n
         raise EvalInputError(f"{path}: cannot read {key!r} ({err}); {what}") from None
 
 
-_REF_WHAT = ("reference statistics must be an .npz written by `deltafm eval ref-stats` (float mu (D,), sigma "
-             "(D, D), optional features (N, D), meta JSON), read with allow_pickle=False")
+_REF_WHAT = ("reference statistics must be an .npz written by `deltafm eval ref-stats` or an ADM reference batch "
+             "(float mu (D,), sigma (D, D), optional mu_s (S,), sigma_s (S, S), features (N, D), meta JSON), read "
+             "with allow_pickle=False")
+
+
+def _check_stats(path: str | os.PathLike, name: tuple[str, str], mu: np.ndarray,
+                 sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A numeric, finite mean (D,) and covariance (D, D) as float64, or an :class:`EvalInputError`."""
+    for key, arr in ((name[0], mu), (name[1], sigma)):
+        if arr.dtype.kind not in "fiu":
+            raise EvalInputError(f"{path}: {key!r} must be numeric, got {arr.dtype}; {_REF_WHAT}")
+    d = mu.reshape(-1).shape[0]
+    if sigma.shape != (d, d):
+        raise EvalInputError(f"{path}: shapes do not fit together ({name[0]} {mu.shape}, {name[1]} {sigma.shape}); "
+                             f"{_REF_WHAT}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvalInputError(f"{path}: {name[0]}/{name[1]} hold NaN or inf; recompute the statistics (ref-stats)")
+    return mu.astype(np.float64).reshape(-1), sigma.astype(np.float64)
 
 
 def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
-    """Read statistics written by :func:`save_reference_stats` (or any .npz with ``mu``/``sigma``).
+    """Read statistics written by :func:`save_reference_stats` (or any .npz with ``mu``/``sigma``, such as
+    an ADM reference batch; its images ``arr_0`` are not read here, see :mod:`deltafm.eval.adm`).
 
     Loaded with ``allow_pickle=False``: object arrays are refused. Raises ``FileNotFoundError``,
-    :class:`EvalKeyError` (missing ``mu``/``sigma``) or :class:`EvalInputError` (not an .npz, object
-    arrays, bad meta JSON, shapes that do not fit together, non-finite values).
+    :class:`EvalKeyError` (missing ``mu``/``sigma``, or only one of ``mu_s``/``sigma_s``) or
+    :class:`EvalInputError` (not an .npz, object arrays, bad meta JSON, shapes that do not fit together,
+    non-finite values).
     """
     with open_npz(path, _REF_WHAT) as data:
-        missing = {"mu", "sigma"} - set(data.files)
+        files = set(data.files)
+        missing = {"mu", "sigma"} - files
         if missing:
-            raise EvalKeyError(f"{path}: missing {sorted(missing)} (has {sorted(data.files)}); {_REF_WHAT}")
+            raise EvalKeyError(f"{path}: missing {sorted(missing)} (has {sorted(files)}); {_REF_WHAT}")
+        if len({"mu_s", "sigma_s"} & files) == 1:
+            raise EvalKeyError(f"{path}: has only one of mu_s/sigma_s (has {sorted(files)}); {_REF_WHAT}")
         try:
-            meta = json.loads(str(read_npz_array(data, "meta", path, _REF_WHAT))) if "meta" in data.files else {}
+            meta = json.loads(str(read_npz_array(data, "meta", path, _REF_WHAT))) if "meta" in files else {}
         except json.JSONDecodeError as err:
             raise EvalInputError(f"{path}: 'meta' is not JSON ({err}); {_REF_WHAT}") from None
-        feats = read_npz_array(data, "features", path, _REF_WHAT) if "features" in data.files else None
+        feats = read_npz_array(data, "features", path, _REF_WHAT) if "features" in files else None
         mu, sigma = (read_npz_array(data, k, path, _REF_WHAT) for k in ("mu", "sigma"))
+        spatial = ((read_npz_array(data, "mu_s", path, _REF_WHAT), read_npz_array(data, "sigma_s", path, _REF_WHAT))
+                   if "mu_s" in files else None)
     if not isinstance(meta, dict):
         raise EvalInputError(f"{path}: 'meta' must be a JSON object; {_REF_WHAT}")
-    for name, arr in (("mu", mu), ("sigma", sigma), ("features", feats)):
-        if arr is not None and arr.dtype.kind not in "fiu":
-            raise EvalInputError(f"{path}: {name!r} must be numeric, got {arr.dtype}; {_REF_WHAT}")
-    d = mu.reshape(-1).shape[0]
-    if sigma.shape != (d, d) or (feats is not None and (feats.ndim != 2 or feats.shape[1] != d)):
-        shapes = f"mu {mu.shape}, sigma {sigma.shape}" + (f", features {feats.shape}" if feats is not None else "")
-        raise EvalInputError(f"{path}: shapes do not fit together ({shapes}); {_REF_WHAT}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvalInputError(f"{path}: mu/sigma hold NaN or inf; recompute the statistics (ref-stats)")
-    return ReferenceStats(mu=mu.astype(np.float64).reshape(-1), sigma=sigma.astype(np.float64), features=feats,
-                          meta=meta)
+    mu, sigma = _check_stats(path, ("mu", "sigma"), mu, sigma)
+    if feats is not None:
+        if feats.dtype.kind not in "fiu":
+            raise EvalInputError(f"{path}: 'features' must be numeric, got {feats.dtype}; {_REF_WHAT}")
+        if feats.ndim != 2 or feats.shape[1] != mu.shape[0]:
+            raise EvalInputError(f"{path}: shapes do not fit together (mu {mu.shape}, sigma {sigma.shape}, features "
+                                 f"{feats.shape}); {_REF_WHAT}")
+    mu_s, sigma_s = _check_stats(path, ("mu_s", "sigma_s"), *spatial) if spatial is not None else (None, None)
+    return ReferenceStats(mu=mu, sigma=sigma, features=feats, meta=meta, mu_s=mu_s, sigma_s=sigma_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,17 +222,20 @@ def load_reference_stats(path: str | os.PathLike) -> ReferenceStats:
 # --------------------------------------------------------------------------------------------
 
 
-def inception_score(probs: ArrayLike, splits: int = 10) -> tuple[float, float]:
-    """Inception Score of class probabilities, mean and standard deviation over ``splits`` chunks.
+def inception_score(probs: ArrayLike, splits: int = 10, split_size: int | None = None) -> tuple[float, float]:
+    """Inception Score of class probabilities, mean and standard deviation over chunks of the rows.
 
     For each chunk S: IS_S = exp( (1/|S|) Σ_{x∈S} Σ_y p(y|x) [log p(y|x) − log p_S(y)] ),
-    p_S(y) = (1/|S|) Σ_{x∈S} p(y|x), with 0·log 0 = 0. The N rows are cut in order into ``splits``
-    nearly equal consecutive chunks (as the reference code does), so shuffle beforehand if the rows
-    are sorted by class.
+    p_S(y) = (1/|S|) Σ_{x∈S} p(y|x), with 0·log 0 = 0. The N rows are cut in order into consecutive
+    chunks, so shuffle beforehand if the rows are sorted by class: ``splits`` nearly equal chunks
+    (``np.array_split``, the improved-gan convention), or, with ``split_size``, rows [0, s), [s, 2s), ...
+    with a shorter last chunk when s does not divide N (the ADM evaluator: s = 5000, so 50 000 samples
+    give 10 chunks of 5000).
 
     Args:
         probs: (N, K) rows summing to 1 (e.g. softmax of classifier logits).
-        splits: number of chunks, 1 ≤ splits ≤ N.
+        splits: number of chunks, 1 ≤ splits ≤ N (ignored when ``split_size`` is given).
+        split_size: rows per chunk (≥ 1), or None.
 
     Returns:
         ``(mean, std)`` of IS over the chunks (std is 0 for one chunk).
@@ -309,13 +243,19 @@ def inception_score(probs: ArrayLike, splits: int = 10) -> tuple[float, float]:
     p = _as_numpy(probs)
     if p.ndim != 2:
         raise ValueError(f"probs must be (N, K), got shape {p.shape}")
-    if not 1 <= splits <= p.shape[0]:
+    if split_size is not None:
+        if split_size < 1:
+            raise ValueError(f"split_size must be >= 1, got {split_size}")
+        chunks = [p[i : i + split_size] for i in range(0, p.shape[0], split_size)]
+    elif not 1 <= splits <= p.shape[0]:
         raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+    else:
+        chunks = np.array_split(p, splits, axis=0)
     if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
         raise ValueError("probs must be non-negative rows summing to 1 (pass softmax(logits))")
     tiny = np.finfo(np.float64).tiny
     scores = []
-    for chunk in np.array_split(p, splits, axis=0):
+    for chunk in chunks:
         marginal = chunk.mean(axis=0, keepdims=True)
         kl = chunk * (np.log(np.maximum(chunk, tiny)) - np.log(np.maximum(marginal, tiny)))
         scores.append(math.exp(kl.sum(axis=1).mean()))
@@ -338,10 +278,10 @@ def _knn_radii_sq(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     if x.shape[0] <= k:
         raise ValueError(f"need more than k={k} points for k-NN radii, got {x.shape[0]}")
     x_sq = (x * x).sum(1)
-    out = torch.empty(x.shape[0], dtype=x.dtype)
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], batch_size):
         d = _sq_dists(x[start : start + batch_size], x, x_sq)
-        rows = torch.arange(d.shape[0])
+        rows = torch.arange(d.shape[0], device=x.device)
         d[rows, rows + start] = 0.0  # the point itself, exactly; it is the 1st of the k+1 smallest
         out[start : start + batch_size] = torch.topk(d, k + 1, dim=1, largest=False).values[:, k]
     return out
@@ -363,6 +303,7 @@ def precision_recall(
     k: int = 3,
     batch_size: int = 1024,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) with k-NN manifolds.
 
@@ -381,12 +322,13 @@ def precision_recall(
         k: neighbourhood size (3 in the paper).
         batch_size: rows per distance block.
         dtype: computation dtype (float64 keeps the distance of a point to itself at ~0).
+        device: where the distances are computed (a GPU makes 50k x 50k sets practical).
 
     Returns:
         ``(precision, recall)``, each in [0, 1].
     """
-    real = torch.as_tensor(_as_numpy(real_feats), dtype=dtype)
-    fake = torch.as_tensor(_as_numpy(fake_feats), dtype=dtype)
+    real = torch.as_tensor(_as_numpy(real_feats), dtype=dtype, device=device)
+    fake = torch.as_tensor(_as_numpy(fake_feats), dtype=dtype, device=device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"features must be (N, D) and (M, D), got {tuple(real.shape)}, {tuple(fake.shape)}")
     if k < 1:

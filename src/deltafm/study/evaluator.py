@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from deltafm.correction import correction_window
 from deltafm.solvers import nfe_to_steps
 from deltafm.study.spec import CompareConfig, CompareError, apply_study_overrides
 
@@ -121,8 +122,10 @@ class Evaluator:
     @staticmethod
     def correction(lm: Any, u: dict[str, Any]):
         """The BiasCorrection of a unit's variant (None for raw sampling), as the checkpoint decides it."""
+        window = correction_window(u.get("correction", "always"), float(u.get("w", 1.0)),
+                                   tuple(u.get("interval", (0.0, 1.0))))
         try:
-            return lm.correction(u["map"], u.get("lam"))
+            return lm.correction(u["map"], u.get("lam"), interval=window)
         except ValueError as e:
             raise CompareError(str(e)) from None
 

@@ -94,6 +94,8 @@ def plan_units(c: CompareConfig, arm: ArmSpec, extractor_id: str = "") -> dict[s
     for v in arm.variants:
         st = variant_stages(arm, v)
         vkey = {"map": v.map, "lam": v.lam}
+        if v.correction != "always":  # recorded only when not the default, so older units stay valid
+            vkey["correction"] = v.correction
         units.update(_sample_units(c, v, st, {**vkey, **common}))
         if "along" in st:
             units[f"along/{v.name}"] = dict(stage="along", variant=v.name, images=c.total_images,

@@ -108,12 +108,14 @@ class EvalSpec:
 @dataclass
 class VariantSpec:
     """A way to sample an arm's model: ``map`` none | to_fm (bias correction) | to_delta (post-hoc ΔFM map,
-    with ``lam``). ``stages`` defaults to the arm's."""
+    with ``lam``), acting ``correction`` = always (every t) or guidance (only for t inside the CFG interval,
+    the reference code's rule). ``stages`` defaults to the arm's."""
 
     name: str
     map: str = "none"
     lam: float | None = None
     stages: list[str] | None = None
+    correction: str = "always"
 
 
 @dataclass
@@ -258,6 +260,10 @@ def _validate_variant(a: ArmSpec, v: VariantSpec) -> None:
         raise CompareError(f"variant {v.name}: map must be none, to_fm or to_delta, got {v.map!r}")
     if v.map == "to_delta" and (v.lam is None or not 0 < v.lam < 1):
         raise CompareError(f"variant {v.name}: map to_delta needs 0 < lam < 1")
+    if v.correction not in ("always", "guidance"):
+        raise CompareError(f"variant {v.name}: correction must be always or guidance, got {v.correction!r}")
+    if v.map == "none" and v.correction != "always":
+        raise CompareError(f"variant {v.name}: correction {v.correction!r} needs a map (to_fm or to_delta)")
     if v.map != "to_delta" and v.lam is not None:
         raise CompareError(f"variant {v.name}: lam is only used with map to_delta")
     if v.stages is not None and set(v.stages) - set(a.stages):

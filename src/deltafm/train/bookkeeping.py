@@ -179,10 +179,11 @@ class Bookkeeper:
 
 def sample_grid(run: Run) -> Path | None:
     """Rank 0 writes ``samples/step_XXXXXXXX.png`` from the EMA model (images only, not latents), with the
-    objective's bias correction when ``sample.bias_correction`` is on."""
+    objective's bias correction where ``sample.bias_correction`` puts it (off / always / guidance)."""
     info = run.info
     if not run.di.is_main or info.kind != "images":
         return None
+    from deltafm.correction import correction_window
     from deltafm.generate import generate, labels_for
     from deltafm.images import save_grid
     from deltafm.pixels import to_uint8_nhwc
@@ -192,8 +193,9 @@ def sample_grid(run: Run) -> Path | None:
     net.eval()
     s = run.cfg.sample
     correction = None
-    if s.bias_correction and run.objective.mean_target.initialized:
-        correction = run.objective.sampling_correction("to_fm", run.images)
+    if run.objective.mean_target.initialized:
+        window = correction_window(s.bias_correction, s.cfg, s.interval)
+        correction = run.objective.sampling_correction("to_fm", run.images, interval=window)
     labels = labels_for(s.num, info.num_classes)
     x = generate(net, labels=labels, shape=(info.channels, info.image_size, info.image_size),
                  num_classes=info.num_classes, solver=s.solver, steps=s.steps, cfg=s.cfg, interval=s.interval,

@@ -151,7 +151,9 @@ class SampleConfig:
 
     ``every`` is in steps (0 = only at the end, -1 = never). ``cfg`` is the guidance scale w (1 = off),
     applied for t in ``interval`` (t = 0 noise, t = 1 data). ``bias_correction`` applies the ΔFM
-    correction v_FM = (1 - lam) v + lam * u_bar with the stored mean target.
+    correction v_FM = (1 - lam) v + lam * u_bar with the stored mean target: ``off`` (false), ``always``
+    (true: at every t) or ``guidance`` (only for t in the guidance ``interval``: the reference
+    code's rule); see :func:`deltafm.correction.correction_window`.
     """
 
     every: int = 0
@@ -160,7 +162,7 @@ class SampleConfig:
     steps: int = 50
     cfg: float = 1.0
     interval: tuple[float, float] = (0.0, 1.0)
-    bias_correction: bool = False
+    bias_correction: bool | Literal["off", "always", "guidance"] = False
     seed: int = 0
     batch_size: int = 256
 

@@ -50,11 +50,14 @@ class LoadedModel:
         """Per-sample shape (C, H, W) in model space."""
         return (self.data.channels, self.data.image_size, self.data.image_size)
 
-    def correction(self, map: str = "none", lam: float | None = None) -> BiasCorrection | None:
+    def correction(self, map: str = "none", lam: float | None = None,
+                   interval: tuple[float, float] | None = (0.0, 1.0)) -> BiasCorrection | None:
         """The map to sample with: ``none``, ``to_fm`` (ΔFM bias correction at the trained λ; None for an
-        FM model) or ``to_delta`` (post-hoc map of an FM model to the ΔFM optimum with ``lam``)."""
+        FM model) or ``to_delta`` (post-hoc map of an FM model to the ΔFM optimum with ``lam``), acting on
+        the t-window ``interval`` (:func:`deltafm.correction.correction_window`; None: no map)."""
         try:
-            return self.objective.sampling_correction(map, self.images_seen, lam=lam if map == "to_delta" else None)
+            return self.objective.sampling_correction(map, self.images_seen, lam=lam if map == "to_delta" else None,
+                                                      interval=interval)
         except ValueError as e:
             raise ValueError(f"checkpoint {self.checkpoint}: {e}") from None
 

@@ -50,7 +50,7 @@ class Bookkeeper:
         self.run = run
         self._prepare_output(resume)
         cfg, di = run.cfg, run.di
-        self.logger = RunLogger(run.folder, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, enabled=di.is_main)
+        self.logger = RunLogger.for_run(run.folder, cfg, enabled=di.is_main)
         self.flops = run.raw.flops_per_sample() if hasattr(run.raw, "flops_per_sample") else None
         self.peak = cfg.log.peak_flops or measure_matmul_peak(di.device, run.amp_dtype or torch.float32)
         self._announce()

@@ -169,10 +169,17 @@ class SampleConfig:
 
 @dataclass
 class LogConfig:
-    """Logging: ``every`` steps to the JSONL file, TensorBoard and the progress bar.
+    """Logging: ``every`` steps to the JSONL file, TensorBoard, Weights & Biases and the progress bar.
 
     MFU is ``flops_per_sample * 3 * images_per_second / peak``; ``peak_flops`` (FLOP/s per rank) is
     measured by a short matmul at start when null.
+
+    ``wandb: true`` also sends the records (and the resolved config, once per start) to Weights & Biases
+    from rank 0, into project ``wandb_project`` under the display name ``wandb_name`` (null: the run
+    folder's name). ``wandb_mode`` is W&B's mode: ``offline`` (the default: files under ``OUT/wandb``,
+    uploaded later with ``wandb sync``, nothing sent over the network), ``online`` or ``disabled``. The
+    package ``wandb`` is an optional extra (``pip install 'deltafm[wandb]'``); see
+    :class:`deltafm.train.logging.RunLogger`.
     """
 
     every: int = 10
@@ -180,6 +187,10 @@ class LogConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     peak_flops: float | None = None
+    wandb: bool = False
+    wandb_project: str = "deltafm"
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    wandb_name: str | None = None
 
 
 @dataclass
@@ -389,3 +400,13 @@ def _validate(cfg: Config) -> None:
     _require(0.0 <= lo <= hi <= 1.0, "sample.interval", f"must satisfy 0 <= lo <= hi <= 1, got {[lo, hi]}")
     _require(lg.every >= 1, "log.every", "must be >= 1")
     _require(lg.peak_flops is None or lg.peak_flops > 0, "log.peak_flops", "must be positive or null")
+    _require(bool(lg.wandb_project.strip()) and len(lg.wandb_project) <= 128
+             and not any(c in lg.wandb_project for c in _WANDB_FORBIDDEN), "log.wandb_project",
+             f"must be a W&B project name: 1 to 128 characters, none of {' '.join(_WANDB_FORBIDDEN)}, "
+             f"got {lg.wandb_project!r}")
+    _require(lg.wandb_name is None or bool(lg.wandb_name.strip()), "log.wandb_name",
+             "must be a non-empty name or null (null: the run folder's name)")
+
+
+#: characters W&B does not accept in a project name
+_WANDB_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")

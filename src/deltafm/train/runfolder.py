@@ -5,6 +5,7 @@
     OUT/log.jsonl             append-only
     OUT/samples/step_X.png    written atomically
     OUT/tb/                   TensorBoard's own writer
+    OUT/wandb/, wandb_id.txt  W&B's own offline writer (optional, ``log.wandb``); the id file atomically
     OUT/checkpoints/step_X/   atomic folders (:mod:`deltafm.train.checkpoint`), pruned by rename-then-delete
 
 **The lock.** The process that writes a run holds an exclusive ``fcntl.flock`` on ``OUT/.lock`` for the

@@ -35,7 +35,7 @@ from .checkpoint import Checkpoint, CheckpointError, PickleCheckpointError, load
 from .config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs
 from .distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, set_threads
 from .ema import EMA
-from .logging import console
+from .logging import check_backends, console
 from .runfolder import RunFolder
 from .state import RunState, capture_rng, reseed_rng, restore_rng
 
@@ -206,6 +206,7 @@ def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFM
             f"train.grad_accum = {di.world_size} x {t.grad_accum}"
         )
     _check_negative_pool(cfg, di)
+    check_backends(cfg.log)  # log.wandb needs the package wandb
     ds = load_training_data(cfg)  # ImageDataset checks every label once, here (steps skip the checks)
     if len(ds) < t.batch_size:
         raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) exceeds the dataset size ({len(ds)})")

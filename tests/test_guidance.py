@@ -180,14 +180,13 @@ def test_delta_fm_learns_shifted_optimum_and_correction_recovers_fm(negatives):
 def test_correction_window_modes():
     from deltafm.correction import correction_window
 
-    assert correction_window("off", 2.0, (0.35, 1.0)) is None
-    assert correction_window(False, 2.0, (0.35, 1.0)) is None
-    assert correction_window("always", 1.0, (0.35, 1.0)) == (0.0, 1.0)
-    assert correction_window(True, 2.0, (0.35, 1.0)) == (0.0, 1.0)
-    assert correction_window("guidance", 2.0, (0.35, 1.0)) == (0.35, 1.0)
-    assert correction_window("guidance", 1.0, (0.35, 1.0)) == (0.35, 1.0)  # the reference's rule: the interval
+    assert correction_window("off", (0.35, 1.0)) is None
+    assert correction_window(False, (0.35, 1.0)) is None
+    assert correction_window("always", (0.35, 1.0)) == (0.0, 1.0)
+    assert correction_window(True, (0.35, 1.0)) == (0.0, 1.0)
+    assert correction_window("guidance", (0.35, 1.0)) == (0.35, 1.0)
     with pytest.raises(ValueError, match="correction mode"):
-        correction_window("sometimes", 2.0, (0.0, 1.0))
+        correction_window("sometimes", (0.0, 1.0))
 
 
 def test_bias_correction_acts_only_inside_its_interval():

@@ -36,14 +36,13 @@ __all__ = ["MeanTarget", "BiasCorrection", "CORRECTION_MODES", "correction_windo
 CORRECTION_MODES = ("off", "always", "guidance")
 
 
-def correction_window(mode: str | bool, scale: float, interval: tuple[float, float]) -> tuple[float, float] | None:
+def correction_window(mode: str | bool, interval: tuple[float, float]) -> tuple[float, float] | None:
     """The t-window (inclusive) where the correction applies under ``mode``, or None for nowhere.
 
     ``mode`` is one of :data:`CORRECTION_MODES` (``True``/``False`` mean ``always``/``off``); ``interval``
     is the CFG interval. ``guidance`` follows the reference sampler: the window is the guidance interval
-    whatever the scale (``scale`` is accepted for the record; with w = 1 the interval still bounds it).
+    whatever the CFG scale (with w = 1 the interval still bounds it).
     """
-    del scale
     mode = {True: "always", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
     if mode not in CORRECTION_MODES:
         raise ValueError(f"correction mode must be one of {', '.join(CORRECTION_MODES)}, got {mode!r}")

@@ -229,11 +229,10 @@ class NegativeSampler:
     def pool(self, tensors: dict[str, Tensor], labels: Tensor | None = None) -> NegativePool:
         """The pool of ``tensors`` (all of one shape and dtype) and of ``labels`` (when the rule needs them)."""
         names = list(tensors)
-        first = tensors[names[0]]
         pool_labels = labels if self.needs_labels else None
         if not self.gather_enabled:
-            return NegativePool(dict(tensors), pool_labels, 0, first.shape[0])
-        stacked = tensors[names[0]][:, None] if len(names) == 1 else torch.stack([tensors[n] for n in names], 1)
+            return NegativePool(dict(tensors), pool_labels, 0, tensors[names[0]].shape[0])
+        stacked = torch.stack([tensors[n] for n in names], 1)  # (B, k, ...): one all-gather for all k tensors
         gathered, offset = gather_across_ranks(stacked)
         out = {n: gathered[:, k] for k, n in enumerate(names)}
         if pool_labels is not None:

@@ -262,7 +262,7 @@ def _resolve(args: argparse.Namespace, lm) -> dict[str, Any]:
     v["class_id"], v["threads"] = given["class_id"], given["threads"]
     alias_map, alias_where = _ALIAS.get(args.bias_correction, (None, None))
     try:  # the checkpoint's sample.bias_correction: off / always (true) / guidance
-        off = correction_window(sc.bias_correction, 1.0, (0.0, 1.0)) is None
+        off = correction_window(sc.bias_correction, (0.0, 1.0)) is None
     except ValueError as e:
         raise OptionError(f"the checkpoint's sample.bias_correction (default of --map): {e}") from None
     v["map"] = args.map or alias_map or ("none" if off else "to_fm")
@@ -284,7 +284,7 @@ def _correction(lm, v: dict[str, Any]):
               "identity, skipped")
         return None
     try:
-        return lm.correction(map_, v["lam"], interval=correction_window(v["where"], v["cfg"], v["interval"]))
+        return lm.correction(map_, v["lam"], interval=correction_window(v["where"], v["interval"]))
     except ValueError as e:
         raise OptionError(f"--map {map_}: {e}") from None
 

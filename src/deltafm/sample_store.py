@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import UserError
 
 __all__ = ["SampleStoreError", "ChunkStore", "write_npz", "write_final", "npy_header"]
@@ -47,35 +48,18 @@ class SampleStoreError(UserError, OSError):
     """The output folder cannot be used: other settings, another writer, or a failed write."""
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on ``path.tmp``, fsync, then rename onto ``path`` (a failed write leaves nothing)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """Call ``write(fileobj)`` on ``path.tmp`` and rename it onto ``path`` (:func:`deltafm.atomic.atomic_write`:
+    a failed write leaves nothing); an OS error becomes a :class:`SampleStoreError` naming the file."""
+
+    def fill(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, fill)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise SampleStoreError(f"cannot write {path}: {e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int]:

@@ -122,8 +122,7 @@ class Evaluator:
     @staticmethod
     def correction(lm: Any, u: dict[str, Any]):
         """The BiasCorrection of a unit's variant (None for raw sampling), as the checkpoint decides it."""
-        window = correction_window(u.get("correction", "always"), float(u.get("w", 1.0)),
-                                   tuple(u.get("interval", (0.0, 1.0))))
+        window = correction_window(u.get("correction", "always"), tuple(u.get("interval", (0.0, 1.0))))
         try:
             return lm.correction(u["map"], u.get("lam"), interval=window)
         except ValueError as e:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from deltafm.atomic import atomic_write
 from deltafm.study.evaluator import Evaluator
 from deltafm.study.plan import eval_points, plan_units, resolve_train_config
 from deltafm.study.spec import ArmSpec, CompareConfig, CompareError
@@ -38,9 +39,9 @@ _IGNORED_KEYS = ("train.threads", "train.device", "train.ckpt_every", "train.kee
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON through a temporary file and a rename (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: two compare processes may share OUT
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
+    # a unique temporary name: two compare processes may share OUT
+    atomic_write(path, lambda tmp: tmp.write_text(text), tmp=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -194,7 +194,7 @@ def sample_grid(run: Run) -> Path | None:
     s = run.cfg.sample
     correction = None
     if run.objective.mean_target.initialized:
-        window = correction_window(s.bias_correction, s.cfg, s.interval)
+        window = correction_window(s.bias_correction, s.interval)
         correction = run.objective.sampling_correction("to_fm", run.images, interval=window)
     labels = labels_for(s.num, info.num_classes)
     x = generate(net, labels=labels, shape=(info.channels, info.image_size, info.image_size),

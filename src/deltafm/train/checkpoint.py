@@ -50,6 +50,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deltafm.atomic import fsync_dir, fsync_file
 from deltafm.errors import UserError
 
 __all__ = [
@@ -68,7 +69,6 @@ __all__ = [
     "unpack_state",
     "step_dir_name",
     "step_of",
-    "fsync_dir",
     "DEBRIS_PREFIXES",
     "REPLACED_TAG",
     "TEST_PAUSE_ENV",
@@ -198,27 +198,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -287,7 +266,7 @@ def _write_files(tmp: Path, step: int, model: dict[str, torch.Tensor], state: di
     _write_text(tmp / "state.json", json.dumps(skeleton, indent=1, allow_nan=False))
     files["state.json"] = tmp / "state.json"
     for p in files.values():
-        _fsync_file(p)
+        fsync_file(p)
     manifest = {
         "format": FORMAT,
         "version": VERSION,

@@ -39,13 +39,14 @@ from typing import Any, TextIO
 
 import torch
 
+from deltafm.atomic import atomic_write, fsync_dir
+
 from .builders import SetupError
 from .checkpoint import (
     DEBRIS_PREFIXES,
     REPLACED_TAG,
     CheckpointError,
     discard,
-    fsync_dir,
     list_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
@@ -149,20 +150,7 @@ class RunFolder:
         self._check_open()
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        try:
-            write(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
-        return path
+        return atomic_write(path, write, tmp=path.with_name(f".tmp-{os.getpid()}-{path.name}"))
 
     def write_text(self, name: str, text: str) -> Path:
         """:meth:`write_file` for text; an identical file is left alone (nothing is rewritten)."""

@@ -1,0 +1,55 @@
+"""Crash-safe file writes, one implementation for the whole package.
+
+A file is written to a temporary sibling, fsync'ed, then renamed over its name (``os.replace`` is atomic
+on POSIX), and the folder is fsync'ed so the rename itself survives a power cut. A crash at any point
+leaves the old file or the new one, never a mix, and at most a temporary file that the owner of the
+folder recognises by its name and removes on its next start (run folders: ``.tmp-PID-*``; sample
+stores: ``*.tmp``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["fsync_file", "fsync_dir", "atomic_write"]
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any], tmp: Path | None = None) -> Path:
+    """``write(tmp)`` fills a temporary sibling of ``path`` (default ``path.tmp``), which is fsync'ed and
+    renamed over ``path``; the temporary file is removed when anything fails. Returns ``path``."""
+    tmp = tmp if tmp is not None else path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path

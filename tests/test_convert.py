@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deltafm import safe_load
 from deltafm.cli import main as deltafm_main
 from deltafm.convert import cli as convert_cli
 from deltafm.convert import reader
@@ -263,7 +264,10 @@ def test_other_bad_inputs(tmp_path, capsys, monkeypatch):
     garbage = ["--from", "sit", "--ckpt", str(tmp_path / "garbage.pt"), "--out", str(tmp_path / "o")]
     assert convert_cli.main(garbage) == 2
     assert capsys.readouterr().err.startswith("error:")
-    monkeypatch.setattr(reader, "_torch_version", lambda: (2, 5))
+    (tmp_path / "garbage.pt").write_bytes(b"hello world")  # bytes that made torch.load raise a bare KeyError
+    assert convert_cli.main(garbage) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    monkeypatch.setattr(safe_load, "torch_version", lambda: (2, 5))
     assert convert_cli.main([*base, "--num-heads", "4"]) == 2
     assert "torch >= 2.6" in capsys.readouterr().err
 

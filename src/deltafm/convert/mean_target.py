@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deltafm.atomic import atomic_write
 from deltafm.correction import MeanTarget
 from deltafm.errors import CLI_ERRORS, cli_error
 from deltafm.objective import DeltaFMObjective
@@ -152,6 +153,12 @@ def run(args: argparse.Namespace) -> str:
     from deltafm.train.state import RunState
 
     path = resolve_checkpoint(args.ckpt, lambda m: print(f"warning: {m}", file=sys.stderr))
+    root = path.parent if args.in_place else Path(args.out) / "checkpoints"
+    if not args.in_place:  # checked before the (long) estimation, so a bad --out costs nothing
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConvertError(f"--out {args.out} is a file, not a folder: choose a new --out folder")
+        if root.exists() and any(root.iterdir()):
+            raise ConvertError(f"{root} is not empty: choose a new --out folder")
     c = load_checkpoint(path, verify=False)
     st = RunState.from_checkpoint(c.state)
     if st.config is None or st.data is None:
@@ -163,13 +170,11 @@ def run(args: argparse.Namespace) -> str:
                               progress=not args.no_progress)
     state = dict(c.state)
     state["mean_target"] = mt.state_dict()
-    root = path.parent if args.in_place else Path(args.out) / "checkpoints"
-    if not args.in_place and root.exists() and any(root.iterdir()):
-        raise ConvertError(f"{root} is not empty: choose a new --out folder")
     final = save_checkpoint(root, c.step, c.model, state, c.ema)
     record = dict(source=str(path), data=args.data, root=args.root, split=args.split, items=int(mt.count.sum()),
                   batch_size=args.batch_size, seed=args.seed)
-    (final.parent.parent / "mean_target.json").write_text(json.dumps(record, indent=1) + "\n")
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(final.parent.parent / "mean_target.json", lambda tmp: tmp.write_text(text))
     return f"wrote ū from {record['items']} items of {args.data} into {final}"
 
 

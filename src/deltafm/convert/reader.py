@@ -15,54 +15,27 @@ Top-level layouts recognised (facts from the public trainers):
 from __future__ import annotations
 
 import argparse
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from deltafm.errors import UserError
+from deltafm.safe_load import load_weights_only
 
-__all__ = ["ConvertError", "MIN_TORCH", "read_torch_file", "pick_weights", "args_dict"]
-
-#: the oldest torch whose weights-only unpickler (and ``safe_globals``) this reader relies on
-MIN_TORCH = (2, 6)
-
+__all__ = ["ConvertError", "read_torch_file", "pick_weights", "args_dict"]
 
 class ConvertError(UserError, ValueError):
     """A source checkpoint cannot be converted (unsafe, unreadable, or of an unknown layout)."""
 
 
-def _torch_version() -> tuple[int, int]:
-    parts = torch.__version__.split("+")[0].split(".")
-    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
-
-
 def read_torch_file(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)`` onto the CPU; a file that needs code is a :class:`ConvertError`."""
+    """``torch.load(path, weights_only=True)`` onto the CPU (:func:`deltafm.safe_load.load_weights_only`);
+    a missing file, a file that is not a ``torch.save`` file or one that needs code is a :class:`ConvertError`."""
     path = Path(path)
-    if _torch_version() < MIN_TORCH:
-        raise ConvertError(f"reading a torch.save file safely needs torch >= {'.'.join(map(str, MIN_TORCH))} "
-                           f"(weights-only unpickling); this is torch {torch.__version__}")
     if not path.is_file():
         raise ConvertError(f"checkpoint file not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_can_mmap(path))
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[-1] if first else "")
-        raise ConvertError(f"refusing {path}: it needs code to load (not only tensors), and it was not run. "
-                           f"torch's weights-only reader says: {why}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise ConvertError(f"cannot read {path} as a torch.save checkpoint: {str(e).strip().splitlines()[0]}") from None
-
-
-def _can_mmap(path: Path) -> bool:
-    """Memory-map zip-format files (large checkpoints stay on disk); the legacy format cannot be."""
-    return zipfile.is_zipfile(path)
+    return load_weights_only(path, ConvertError, allow=[argparse.Namespace])
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -40,7 +40,6 @@ loads directly. Nothing is downloaded: :func:`load_inception` takes a path.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -48,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deltafm.eval.metrics import EvalInputError, EvalKeyError
+from deltafm.safe_load import load_weights_only, sniff_weights_format
 
 __all__ = [
     "SPATIAL_FEATURE_DIM",
@@ -284,55 +284,6 @@ class FIDInceptionV3(nn.Module):
         return self.features(x)
 
 
-#: First bytes of a legacy (non-zip) ``torch.save`` file: a protocol-2 pickle of torch's magic number.
-_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
-#: The first torch release whose ``weights_only=True`` loader is not bypassable (CVE-2025-32434).
-_SAFE_TORCH = (2, 6)
-
-
-def sniff_weights_format(path: str | os.PathLike) -> str:
-    """``"safetensors"``, ``"torch"`` (a ``torch.save`` file: zip archive or the legacy format) or
-    ``"unknown"`` (a plain pickle, text, anything else), from the file's first bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-        size = os.fstat(fh.fileno()).st_size
-    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
-        return "torch"
-    return "unknown"
-
-
-def _torch_version() -> tuple[int, int]:
-    parts = torch.__version__.split("+")[0].split(".")
-    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
-
-
-def _load_weights_only(path: Path) -> object:
-    """``torch.load(path, weights_only=True)``, refused on torch < 2.6 and turned into an
-    :class:`EvalInputError` when torch's restricted unpickler rejects the file."""
-    if _torch_version() < _SAFE_TORCH:
-        raise EvalInputError(
-            f"{path}: reading a torch.save file needs torch >= 2.6 (its weights_only loader is safe; this is "
-            f"torch {torch.__version__}); convert it to safetensors on a machine with torch >= 2.6 "
-            "(`deltafm eval convert-inception`, docs/EVAL.md) or upgrade torch"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error below says it all
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure of the restricted unpickler means "not weights only"
-        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
-        reason = next((line.strip() for line in detail if line.strip()), "").split(". ")[0][:200]
-        if not reason or "weights_only" in reason:  # never echo torch's "retry with weights_only=False"
-            reason = type(err).__name__
-        raise EvalInputError(
-            f"{path}: not a weights-only state dict (torch.load with weights_only=True refused it: {reason}). "
-            "deltafm never unpickles arbitrary objects; save the model's state_dict() (tensors only) or a "
-            "safetensors file"
-        ) from None
-
-
 def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file or a ``torch.save`` file holding only tensors.
 
@@ -362,7 +313,7 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
         except SafetensorError as err:
             raise EvalInputError(f"{path}: damaged safetensors file ({err})") from None
     elif kind == "torch":
-        state = _load_weights_only(path)
+        state = load_weights_only(path, EvalInputError)
     else:
         raise EvalInputError(
             f"{path} is neither a safetensors file nor a torch.save state dict (a plain pickle, or not weights "

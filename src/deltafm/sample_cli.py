@@ -404,11 +404,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if world > 1 and device.type == "cuda":
             torch.cuda.set_device(device)
         di = init_distributed("cpu")  # gloo: the ranks exchange small Python objects only, whatever the device
+        ended = False
         try:
-            return _sample(args, device, di)
+            rc, ended = _sample(args, device, di), True
         finally:
-            if di.distributed:
-                shutdown_distributed()
+            shutdown_distributed(wait=ended)  # a no-op without a process group
+        return rc
     finally:
         torch.set_num_threads(threads)
 

@@ -77,8 +77,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait: bool = False) -> None:
+    """Destroy the process group (no-op without one). ``wait``: a barrier first, so that after a normal end
+    every rank tears down together; a rank that destroys its group while another still works (rank 0
+    writing the last sample grid) can make gloo abort at exit ("terminate called without an active
+    exception", seen under load). After an error no barrier is attempted: a peer may never reach it."""
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -79,11 +79,14 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> TrainR
         di = init_distributed(cfg.train.device)
     except RuntimeError as e:
         raise SetupError(f"cannot start on train.device={cfg.train.device!r}: {e}") from None
+    ended = False
     try:
         with RunFolder(out_dir, enabled=di.is_main) as folder:  # the lock is given back however the run ends
-            return _train(cfg, folder, resume, di)
+            result = _train(cfg, folder, resume, di)
+        ended = True
+        return result
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait=ended)
         torch.set_num_threads(threads_before)
 
 

@@ -20,12 +20,14 @@ ALLOWED = {
     "models": {"core"},
     "data": {"core"},
     "eval": {"core", "data"},
-    "train": {"core", "models", "data", "typed_config"},
+    "vae": {"core"},
+    "train": {"core", "models", "data", "vae", "typed_config"},
     "toy": {"core", "models"},
-    "convert": {"core", "models", "data", "train", "typed_config"},
-    "study": {"core", "models", "data", "eval", "train", "typed_config"},
+    "convert": {"core", "models", "data", "vae", "train", "typed_config"},
+    "prepare": {"core", "models", "data", "eval", "vae", "train", "typed_config"},
+    "study": {"core", "models", "data", "eval", "vae", "train", "typed_config"},
     "typed_config": {"core"},
-    "cli": {"core", "models", "data", "eval", "train", "study", "toy", "typed_config"},
+    "cli": {"core", "models", "data", "eval", "vae", "train", "prepare", "study", "toy", "typed_config"},
 }
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
@@ -101,7 +103,7 @@ def _part(module: str) -> str:
     head = parts[1]
     if head in CORE:
         return "core"
-    if head in ("cli", "__main__", "sample_cli"):
+    if head in ("cli", "__main__", "sample_cli", "sample_options"):
         return "cli"
     return head
 

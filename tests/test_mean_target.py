@@ -46,7 +46,7 @@ def test_mean_target_equals_the_objectives_running_mean(tmp_path, capsys):
     gen = torch.Generator().manual_seed(mean_target_seed(SEED))
     other = torch.Generator().manual_seed(0)
     for start in range(0, N_ITEMS, BATCH):
-        x1, y = ds.to_model(ds.images[start:start + BATCH]), ds.labels[start:start + BATCH]
+        x1, y = ds.load_batch(torch.arange(start, min(start + BATCH, N_ITEMS))), ds.labels[start:start + BATCH]
         t = objective.time_sampler.sample(x1.shape[0], generator=gen, dtype=x1.dtype)
         x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype)
         with torch.no_grad():

@@ -115,7 +115,7 @@ def test_latent_samples_stream_into_the_same_npz(tmp_path):
                         shard_size=30, scale_factor=0.2, num_classes=3)
     run = _train(tmp_path / "run", "model.name=SiT-N/4", "data.name=latents", f"data.root={tmp_path / 'lat'}",
                  "train.batch_size=16", "train.steps=2", "train.ckpt_every=2")
-    _sample(run, tmp_path / "s", "--num", "11", "--steps", "2", "--batch-size", "4")
+    _sample(run, tmp_path / "s", "--num", "11", "--steps", "2", "--batch-size", "4", "--no-decode")
     lm = load_for_sampling(run)
     labels = labels_for(11, 3)
     with _one_thread():

@@ -241,11 +241,15 @@ def test_latent_training_and_sampling(tmp_path, capsys):
     cfg = _cfg("model.name=SiT-N/4", "data.name=latents", f"data.root={tmp_path / 'lat'}", "train.batch_size=16",
                "train.steps=2", "sample.every=0")
     res = _train(cfg, tmp_path / "run")
-    assert res.step == 2 and res.sample_grid is None  # no PNG grids for latents
+    assert res.step == 2 and res.sample_grid is None  # these latents record no VAE: no grid, said once
+    assert "no sample grids for these latents: the latents record no VAE" in capsys.readouterr().err
     st = load_checkpoint(res.checkpoint).state
     assert st["data"]["kind"] == "latents" and st["data"]["channels"] == 4 and st["data"]["latent_scale"] == 0.2
-    assert cli(["sample", "--ckpt", str(tmp_path / "run"), "--num", "5", "--steps", "2", "--threads", "1",
-                "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    assert st["data"]["vae_source"] is None and st["data"]["vae_identity"] is None
+    base = ["sample", "--ckpt", str(tmp_path / "run"), "--num", "5", "--steps", "2", "--threads", "1", "--no-progress"]
+    assert cli([*base, "--out", str(tmp_path / "x")]) == 2  # nothing to decode with, and raw latents not asked for
+    assert "cannot decode the samples: the latents record no VAE" in capsys.readouterr().err
+    assert cli([*base, "--no-decode", "--out", str(tmp_path / "s")]) == 0
     with np.load(tmp_path / "s" / "latents.npz") as f:
         assert f["arr_0"].shape == (5, 4, 8, 8) and f["arr_0"].dtype == np.float32
         assert f["labels"].tolist() == [0, 1, 2, 0, 1]

@@ -36,6 +36,8 @@ _DISPATCH = {
     "compare": ("deltafm.study.cli", "FM vs ΔFM side by side: train, sample, evaluate, report"),
     "convert": ("deltafm.convert.cli", "public SiT / REPA / ΔFM-reference .pt -> deltafm checkpoint"),
     "mean-target": ("deltafm.convert.mean_target", "estimate the mean target ū of a checkpoint from data"),
+    "train-autoencoder": ("deltafm.prepare.autoencoder_cli", "train a small diffusers AutoencoderKL on an image set"),
+    "prepare-latents": ("deltafm.prepare.latents_cli", "images (folder / tar shards) -> VAE latent shards"),
 }
 
 

@@ -29,227 +29,45 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import math
 import os
-import shutil
 import socket
 import sys
 import time
 from collections import namedtuple
-from pathlib import Path
 from typing import Any
 
 from deltafm.correction import correction_window
 from deltafm.errors import UserError, cli_error
+from deltafm.sample_options import (
+    _ALIAS,
+    _FLAGS,
+    _KEYS,
+    MAPS,
+    PAUSE_ENV,
+    WORK_DIR,
+    OptionError,
+    _check_map,
+    _check_out,
+    _check_out_names,
+    _check_values,
+    _device,
+    _given,
+    _note,
+    build_parser,
+)
 
-__all__ = ["OptionError", "build_parser", "main"]
-
-PAUSE_ENV = "DELTAFM_SAMPLE_CHUNK_PAUSE"
-WORK_DIR = ".sampling"
-MAPS = ("none", "to_fm", "to_delta")
-#: --bias-correction (the config key's values) -> (--map, --correction)
-_ALIAS = {"on": ("to_fm", "always"), "always": ("to_fm", "always"), "guidance": ("to_fm", "guidance"),
-          "off": ("none", None)}
-
-
-class OptionError(UserError, ValueError):
-    """A ``deltafm sample`` option (or the checkpoint default it stands for) is out of range."""
+__all__ = ["MAPS", "PAUSE_ENV", "WORK_DIR", "OptionError", "build_parser", "main"]
 
 
 class _Relayed(UserError):
     """A failure every rank of a torchrun job stops for; rank 0 prints it (once for the job)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one ``error:`` line (exit status 2) without the usage block."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from deltafm.solvers import SOLVERS
-
-    s = _Parser(prog="deltafm sample",
-                description="Sample from a checkpoint: PNG grid, per-class grids and samples.npz (ADM evaluation "
-                            "layout), streamed to disk batch by batch; a killed run continues when the same "
-                            "command is run again. Defaults come from the checkpoint's sample section.")
-    s.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its newest valid checkpoint)")
-    s.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
-                   help="number of samples (default: sample.num); under torchrun spell it --num-samples (torchrun "
-                        "takes --num for an abbreviation of its --numa-binding)")
-    s.add_argument("--solver", choices=list(SOLVERS), default=None)
-    s.add_argument("--steps", type=int, default=None, help="solver steps (NFE per sample for euler/sde)")
-    s.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance scale w >= 0: 1 = off, > 1 stronger, 0 <= w < 1 moves toward "
-                        "the unconditional model (0 = unconditional samples)")
-    s.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="apply guidance for t in [LO, HI] (t=0 noise, t=1 data)")
-    s.add_argument("--map", choices=list(MAPS), default=None,
-                   help="affine map of the velocity: none; to_fm, the ΔFM bias correction v_FM = (1-lam) v + "
-                        "lam * u_bar at the trained lam with the stored mean target; to_delta, an FM model mapped "
-                        "to the ΔFM optimum with --lam (default: the checkpoint's sample.bias_correction)")
-    s.add_argument("--lam", type=float, default=None, help="lam of --map to_delta, 0 < lam < 1")
-    s.add_argument("--correction", choices=["always", "guidance"], default=None,
-                   help="where the map acts: at every t, or only for t in the guidance interval (the reference "
-                        "code's rule); default: guidance if the checkpoint's sample.bias_correction says so")
-    s.add_argument("--bias-correction", choices=list(_ALIAS), default=None,
-                   help="the older spelling: on/always = --map to_fm, guidance = --map to_fm --correction "
-                        "guidance, off = --map none")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--class", dest="class_id", type=int, default=None, help="sample only this class")
-    s.add_argument("--batch-size", type=int, default=None, help="samples per batch (and per chunk on disk)")
-    ema = s.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw model weights")
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    s.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype for the model")
-    s.add_argument("--out", type=Path, required=True, help="output folder")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return s
-
-
-# ----------------------------------------------------------------------------------------------- checks
-
-_KEYS = ("num", "solver", "steps", "cfg", "interval", "seed", "batch_size")
-_FLAGS = {"num": "--num", "solver": "--solver", "steps": "--steps", "cfg": "--cfg",
-          "interval": "--guidance-interval", "seed": "--seed", "batch_size": "--batch-size",
-          "class_id": "--class", "threads": "--threads"}
-
-
-def _given(args: argparse.Namespace) -> dict[str, Any]:
-    v = {k: getattr(args, k, None) for k in (*_KEYS, "class_id", "threads") if k != "interval"}
-    v["interval"] = tuple(args.guidance_interval) if args.guidance_interval is not None else None
-    return v
-
-
-def _check_values(v: dict[str, Any], origin: dict[str, str], num_classes: int | None = None) -> None:
-    """Raise :class:`OptionError` for the first value out of range (None values are not checked)."""
-    from deltafm.solvers import get_solver
-
-    def bad(key: str, why: str) -> OptionError:
-        return OptionError(f"{origin.get(key, _FLAGS[key])} {why}")
-
-    for key in ("num", "batch_size", "threads"):
-        if v.get(key) is not None and v[key] < 1:
-            raise bad(key, f"must be >= 1, got {v[key]}")
-    if v.get("seed") is not None and v["seed"] < 0:
-        raise bad("seed", f"must be >= 0, got {v['seed']}")
-    if v.get("cfg") is not None and not (math.isfinite(v["cfg"]) and v["cfg"] >= 0):
-        raise bad("cfg", f"must be a finite number >= 0 (w = 1: no guidance; w > 1: stronger; 0 <= w < 1 moves "
-                         f"toward the unconditional model), got {v['cfg']}")
-    if v.get("interval") is not None:
-        lo, hi = v["interval"]
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
-            raise bad("interval", f"must satisfy 0 <= LO <= HI <= 1 (t = 0 noise, t = 1 data), got {lo} {hi}")
-    if v.get("solver") is not None:
-        try:
-            spec = get_solver(v["solver"])
-        except ValueError as e:
-            raise bad("solver", str(e)) from None
-        if v.get("steps") is not None and v["steps"] < spec.min_steps:
-            why = " (stochastic steps, then one deterministic step)" if spec.kind == "sde" else ""
-            raise bad("steps", f"must be >= {spec.min_steps} for the {spec.name} solver{why}, got {v['steps']}")
-    if v.get("steps") is not None and v["steps"] < 1:
-        raise bad("steps", f"must be >= 1, got {v['steps']}")
-    if v.get("class_id") is not None:
-        if v["class_id"] < 0:
-            raise bad("class_id", f"must be a class id >= 0, got {v['class_id']}")
-        if num_classes is not None and v["class_id"] >= num_classes:
-            raise bad("class_id", f"{v['class_id']} is out of range: the model has classes 0 .. {num_classes - 1}")
-
-
-def _check_out(out: Path) -> None:
-    """``--out`` must be a writable folder, or a path where one can be made."""
-    if out.exists():
-        if not out.is_dir():
-            raise OptionError(f"--out {out} exists and is not a folder; give a folder for the samples")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise OptionError(f"--out {out} is not writable")
-        return
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OptionError(f"--out {out} cannot be made: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OptionError(f"--out {out} cannot be made: {parent} is not writable")
-
-
-def _check_out_names(out: Path, names: list[str], need_bytes: int) -> None:
-    """The final files must not be folders, and the disk must have room for the chunks and the npz."""
-    for name in names:
-        if (out / name).exists() and not (out / name).is_file():
-            raise OptionError(f"--out {out}: {out / name} is a folder; the samples are written to that name")
-    if (out / WORK_DIR).exists() and not (out / WORK_DIR).is_dir():
-        raise OptionError(f"--out {out}: {out / WORK_DIR} is a file; it is where unfinished chunks are kept")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need_bytes:
-        raise OptionError(f"--out {out}: needs about {need_bytes / 2**30:.2f} GiB free (chunks, then the npz), "
-                          f"only {free / 2**30:.2f} GiB are free")
-
-
-def _check_map(args: argparse.Namespace) -> None:
-    """``--map`` / ``--bias-correction`` / ``--lam`` combinations that cannot work (before the checkpoint is read)."""
-    alias_map, alias_where = _ALIAS.get(args.bias_correction, (None, None))
-    for flag, given, implied in (("--map", args.map, alias_map), ("--correction", args.correction, alias_where)):
-        if given is not None and implied is not None and given != implied:
-            means = f"--map {alias_map}" + (f" --correction {alias_where}" if alias_where else "")
-            raise OptionError(f"{flag} {given} and --bias-correction {args.bias_correction} ({means}) disagree; "
-                              "give one of them")
-    if args.correction is not None and (args.map or alias_map) == "none":
-        raise OptionError(f"--correction {args.correction} needs a map: --map to_fm or to_delta")
-    if args.lam is not None:
-        if args.map != "to_delta":
-            raise OptionError(f"--lam is only for --map to_delta (got --map {args.map}); to_fm uses the lam the "
-                              "model was trained with")
-        if not (math.isfinite(args.lam) and 0.0 < args.lam < 1.0):
-            raise OptionError(f"--lam must satisfy 0 < lam < 1 (the ΔFM optimum exists only for lam < 1), "
-                              f"got {args.lam}")
-    elif args.map == "to_delta":
-        raise OptionError("--map to_delta needs --lam (0 < lam < 1): the lam of the ΔFM optimum to map to")
-
-
-def _device(name: str, world: int = 1, local_rank: int = 0):
-    """The torch device of ``--device``; under torchrun (world > 1) CUDA means ``cuda:LOCAL_RANK``."""
-    import torch
-
-    if name == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, ValueError):
-            raise OptionError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if world > 1:
-            if dev.index is not None:
-                raise OptionError(f"--device {name} under torchrun would put every rank on one GPU; use --device "
-                                  "cuda or auto (each rank uses cuda:LOCAL_RANK)")
-            dev = torch.device("cuda", local_rank)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise OptionError(f"--device {name!r}: use auto, cpu or cuda[:N]")
-    return dev
-
-
-def _note(message: str) -> None:  # on stderr, once per job (rank 0)
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------- plan
 
 
 #: what every rank agreed on before anything is written
-_Plan = namedtuple("_Plan", "lm v correction store labels images")
+_Plan = namedtuple("_Plan", "lm v correction store labels images decoder")
 
 
 def _resolve(args: argparse.Namespace, lm) -> dict[str, Any]:
@@ -296,7 +114,7 @@ def _map_of(correction) -> dict[str, Any]:
     return dict(map=str(correction.direction), map_lam=float(correction.lam), map_window=list(correction.interval))
 
 
-def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype) -> dict[str, Any]:
+def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype, decoder) -> dict[str, Any]:
     """What determines the samples: a resumed run must match it exactly (the world size does not count)."""
     manifest = lm.checkpoint / "manifest.json"
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
@@ -304,7 +122,8 @@ def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype)
                 images_seen=lm.images_seen, ema=lm.ema, kind=lm.data.kind, shape=list(shape), dtype=str(dtype),
                 num=v["num"], solver=v["solver"], steps=v["steps"], cfg=v["cfg"], guidance_interval=list(v["interval"]),
                 **_map_of(correction), lam=lm.lam, seed=v["seed"], batch_size=v["batch_size"],
-                class_id=v["class_id"], amp=amp, device=device.type)
+                class_id=v["class_id"], amp=amp, device=device.type,
+                decoder=None if decoder is None else decoder.identity)
 
 
 def _prepare(args: argparse.Namespace, device) -> _Plan:
@@ -318,20 +137,42 @@ def _prepare(args: argparse.Namespace, device) -> _Plan:
     lm = load_for_sampling(args.ckpt, ema=args.ema, device=device)
     v = _resolve(args, lm)
     correction = _correction(lm, v)
-    images = lm.data.kind == "images"
+    decoder = _decoder(args, lm, device)
+    images = lm.data.kind == "images" or decoder is not None
     c, s = lm.data.channels, lm.data.image_size
+    if decoder is not None:
+        c, s = decoder.image_channels, s * decoder.downsample
     item_shape, dtype = ((s, s, c), np.uint8) if images else ((c, s, s), np.float32)
     present = [v["class_id"]] if v["class_id"] is not None else range(min(v["num"], lm.data.num_classes))
     names = (["grid.png", "samples.npz", "sample.json"] + [f"class_{k:03d}.png" for k in present]
              if images else ["latents.npz", "sample.json"])
-    settings = _settings(lm, v, correction, device, args.amp, item_shape, np.dtype(dtype))
+    settings = _settings(lm, v, correction, device, args.amp, item_shape, np.dtype(dtype), decoder)
     store = ChunkStore(args.out / WORK_DIR, settings, v["num"], v["batch_size"], item_shape, dtype)
     store.check()
     have = sum(p.stat().st_size for p in store.root.glob("chunk_*.npy")) if store.root.is_dir() else 0
     item_bytes = int(np.prod(item_shape)) * np.dtype(dtype).itemsize
     _check_out_names(args.out, names, 2 * v["num"] * item_bytes - have + (1 << 20))
     labels = labels_for(v["num"], lm.data.num_classes, v["class_id"])
-    return _Plan(lm, v, correction, store, labels, images)
+    return _Plan(lm, v, correction, store, labels, images, decoder)
+
+
+def _decoder(args: argparse.Namespace, lm, device):
+    """The VAE that turns a latent model's samples into images (:func:`deltafm.vae.decoding.find_decoder`),
+    None for pixel models and with ``--no-decode``; a latent model without a usable VAE is an error."""
+    if lm.data.kind != "latents" or args.no_decode:
+        if args.vae is not None:
+            why = "--no-decode writes latents" if args.no_decode else "the model works on pixels"
+            raise OptionError(f"--vae {args.vae}: nothing to decode ({why})")
+        return None
+    from deltafm.vae.decoding import find_decoder
+
+    decoder, why = find_decoder(lm.data.vae_source, lm.data.vae_identity, args.vae, device)
+    if decoder is None:
+        raise OptionError(f"cannot decode the samples: {why}; or pass --no-decode to write latents.npz")
+    if decoder.latent_channels != lm.data.channels:
+        raise OptionError(f"--vae {decoder.source}: it has {decoder.latent_channels} latent channels, the model "
+                          f"{lm.data.channels}")
+    return decoder
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -440,7 +281,8 @@ def _sample(args: argparse.Namespace, device, di) -> int:
         meta = dict(checkpoint=str(lm.checkpoint), step=lm.step, images_seen=lm.images_seen, ema=lm.ema,
                     solver=v["solver"], steps=v["steps"], cfg=v["cfg"], guidance_interval=list(v["interval"]),
                     **maps, bias_correction=maps["map"] == "to_fm", lam=lm.lam, seed=v["seed"],
-                    batch_size=v["batch_size"], class_id=v["class_id"], world_size=di.world_size)
+                    batch_size=v["batch_size"], class_id=v["class_id"], world_size=di.world_size,
+                    **({} if plan.decoder is None else dict(vae=plan.decoder.identity, vae_source=plan.decoder.source)))
         msg = write_final(store, args.out, plan.labels.numpy(), meta, plan.images, lm.data.num_classes,
                           lm.data.class_names)
         store.remove()  # while still holding the lock
@@ -454,6 +296,7 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool) -> None
     """Sample this rank's chunks (starts ``mine``) and write each as it is done."""
     from deltafm.generate import generate_batches
     from deltafm.pixels import to_uint8_nhwc
+    from deltafm.vae.decoding import decode_uint8
 
     store, lm, v = plan.store, plan.lm, plan.v
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
@@ -472,7 +315,9 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool) -> None
                 steps=v["steps"], cfg=v["cfg"], interval=v["interval"], correction=plan.correction, seed=v["seed"],
                 batch_size=v["batch_size"], device=device, path=lm.objective.path, amp_dtype=amp,
                 skip=set(store.starts).difference(mine)):
-            if plan.images:
+            if plan.decoder is not None:
+                store.write(start, decode_uint8(plan.decoder, x))
+            elif plan.images:
                 store.write(start, to_uint8_nhwc(x))
             else:
                 store.write(start, (x / lm.data.latent_scale + lm.data.latent_shift).numpy())

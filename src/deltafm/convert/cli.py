@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λ the model was trained with (default: args.contrastive_weight of a ΔFM-reference "
                         "checkpoint, 0.05 when it has none, 0 for sit and repa)")
     p.add_argument("--latent-scale", type=float, default=SD_VAE_SCALE, help="VAE latent scale (SD-VAE: 0.18215)")
+    p.add_argument("--vae", default=None,
+                   help="the VAE the model was trained with (diffusers folder, e.g. sd-vae-ft-ema), recorded so "
+                        "`deltafm sample` decodes to images; read here to record its identity")
     return p
 
 
@@ -159,6 +162,16 @@ def _interference(path: Path | None, info: Any, objective_path: str) -> dict[str
     return mean_target_from_vector(vec, info.num_classes, shape, objective_path)
 
 
+def _vae_record(source: str | None) -> tuple[str | None, str | None]:
+    """(source, identity) of ``--vae``: the VAE is loaded once to hash its weights (AutoencoderError if not a VAE)."""
+    if source is None:
+        return None, None
+    from deltafm.vae import load_autoencoder
+
+    ae = load_autoencoder(source)
+    return ae.source, ae.identity
+
+
 def convert_checkpoint(args: argparse.Namespace) -> Path:
     """Read, map, check (the weights load strictly into the built model) and write; returns the folder."""
     from deltafm.train.builders import DataInfo, build_model_for
@@ -180,7 +193,8 @@ def convert_checkpoint(args: argparse.Namespace) -> Path:
     k = _num_classes(conv, args.num_classes)
     lam = _lam(args.layout, ref_args, args.lam)
     step = int(obj.get("steps", 0)) if isinstance(obj, dict) and isinstance(obj.get("steps"), int) else 0
-    info = DataInfo("latents", "latents", a.in_channels, a.image_size, k, 0, None, float(args.latent_scale), 0.0)
+    info = DataInfo("latents", "latents", a.in_channels, a.image_size, k, 0, None, float(args.latent_scale), 0.0,
+                    *_vae_record(args.vae))
     mean = _interference(args.interference, info, _path_name(ref_args))
     cfg = config_from_dict(_config(args.layout, name, kw, lam, ref_args, step, mean is not None))
     model = build_model_for(cfg, info, check=False)

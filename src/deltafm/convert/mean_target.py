@@ -5,7 +5,8 @@
 ū(t, y) = α̇_t m1 + σ̇_t m0 needs the data mean m1 and the source mean m0 (overall and per class). Training
 keeps them as it goes (:class:`deltafm.correction.MeanTarget`, updated by the objective on every batch);
 a converted public checkpoint has none, so ``deltafm sample`` could not apply the ΔFM ↔ FM maps. This
-command walks the dataset once in its stored order, in batches, draws for each batch t and
+command walks the dataset once in its stored order, in batches (``ds.load_batch``: one batch in memory at
+a time; for latent shards with a std, x1 is the posterior mean μ, since E[μ + σε] = μ), draws for each batch t and
 x0 ~ N(0, I) from one seeded generator exactly as the objective does (t first, then x0), and adds
 (x1, x0, labels, t) to a fresh MeanTarget: the result is the objective's running state over the same
 batches and draws. It is written into a copy of the checkpoint (``--out``) or, with ``--in-place``, replaces
@@ -64,9 +65,9 @@ def estimate_mean_target(ds: Any, objective: DeltaFMObjective, batch_size: int =
     n = len(ds) if max_items is None else min(len(ds), max_items)
     if n < 1:
         raise ConvertError("the dataset has no items to estimate the mean target from")
-    for start in range(0, n, batch_size):
+    for start in range(0, n, batch_size):  # one batch in memory at a time (a LatentStore reads it from disk)
         end = min(n, start + batch_size)
-        x1 = ds.to_model(ds.images[start:end]).to(device)
+        x1 = ds.load_batch(torch.arange(start, end)).to(device)  # latents: the posterior mean μ, no draw
         labels = ds.labels[start:end].to(device)
         t, x0 = draw_source(objective, x1, gen)
         mt.update(x1, x0, labels if objective.num_classes else None, t, objective.path)

@@ -1,4 +1,5 @@
-"""Data for deltafm: in-memory image / latent datasets, their loaders, and a resumable batch order.
+"""Data for deltafm: in-memory image datasets, the lazy latent store, a resumable batch order and the
+batch loader that turns it into (x, y) batches (workers, prefetch, per-batch posterior draws).
 
 Normalisation is defined once, in :mod:`deltafm.pixels`: uint8 pixels p -> p / 127.5 − 1 ∈ [−1, 1]
 (inverse ``model_to_uint8``), latents unchanged. The one dataset builder is :func:`load_dataset`
@@ -17,20 +18,25 @@ from deltafm.data.idx import (
     read_idx,
     write_idx,
 )
+from deltafm.data.latent_store import LatentStore
 from deltafm.data.latents import SD_VAE_SCALE, LatentShardWriter, load_latent_shards, write_latent_shards
+from deltafm.data.loader import BatchLoader, batch_generator, batches
 from deltafm.data.registry import DATASETS, load_dataset
-from deltafm.data.sampler import EpochBatchSampler, batches, epoch_seed
+from deltafm.data.sampler import EpochBatchSampler, epoch_seed
 from deltafm.pixels import model_to_uint8, uint8_to_model
 
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_ROOT",
     "SD_VAE_SCALE",
+    "BatchLoader",
     "DataError",
     "EpochBatchSampler",
     "IdxFormatError",
     "ImageDataset",
     "LatentShardWriter",
+    "LatentStore",
+    "batch_generator",
     "batches",
     "epoch_seed",
     "load_dataset",

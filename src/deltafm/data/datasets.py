@@ -46,8 +46,9 @@ class ImageDataset:
 
     ``channels`` and ``image_size`` are derived from ``images``; ``image_size`` requires H == W.
     Indexing ``ds[i]`` returns ``(x, label)`` with x in model space, so the object also works with a
-    ``torch.utils.data.DataLoader``; training should rather gather whole batches with
-    :func:`deltafm.data.sampler.batches`.
+    ``torch.utils.data.DataLoader``; training gathers whole batches with :meth:`load_batch`, the one
+    batch method it shares with the lazy :class:`deltafm.data.latent_store.LatentStore` (through
+    :class:`deltafm.data.loader.BatchLoader`).
     """
 
     images: torch.Tensor
@@ -133,6 +134,15 @@ class ImageDataset:
         if self.kind == "images":
             return uint8_to_model(x, dtype)
         return x.to(dtype)
+
+    def load_batch(
+        self, index: torch.Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Items ``index`` (LongTensor (B,)) in model space, ``to_model(images[index], dtype)``, on the
+        device the images live on. ``generator`` is ignored (an in-memory dataset has nothing to draw;
+        the argument makes this the same call as :meth:`LatentStore.load_batch`)."""
+        index = torch.as_tensor(index, dtype=torch.long).to(self.images.device)
+        return self.to_model(self.images.index_select(0, index), dtype)
 
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> storage space: uint8 pixels for images; for latents the un-scaled VAE latents

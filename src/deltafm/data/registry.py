@@ -1,15 +1,23 @@
 """The dataset registry: one builder, by name, for training, the study and the evaluation CLI.
 
 :func:`load_dataset` with names ``fashion-mnist``, ``mnist``, ``digits``, ``folder``, ``latents``.
-Loaders are imported lazily so that ``import deltafm.data`` needs neither PIL nor sklearn.
+Image datasets come back in memory (:class:`ImageDataset`); ``latents`` comes back as a lazy
+:class:`~deltafm.data.latent_store.LatentStore` (labels in memory, items read per batch), which has the
+same attributes and the same batch method ``load_batch`` but no ``images`` tensor. Loaders are imported
+lazily so that ``import deltafm.data`` needs neither PIL nor sklearn.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deltafm.data.datasets import DataError, ImageDataset
+
+if TYPE_CHECKING:
+    from deltafm.data.latent_store import LatentStore
+    from deltafm.data.streamed import StreamedImages
 
 __all__ = ["DATASETS", "load_dataset"]
 
@@ -19,7 +27,9 @@ DATASETS: dict[str, str] = {
     "mnist": "MNIST IDX files at root (required), 28x28 gray",
     "digits": "scikit-learn's bundled 8x8 digits (no files needed)",
     "folder": "image folder at root, one subfolder per class (image_size and channels options)",
-    "latents": "safetensors latent shards at root (see deltafm.data.latents)",
+    "latents": "safetensors latent shards at root, read lazily (see deltafm.data.latents, latent_store)",
+    "webdataset": "webdataset tar shards at root (a .tar, a brace pattern or a folder of .tar), images read per "
+                  "batch and centre-cropped to image_size (required); labels from .cls/.json",
 }
 
 
@@ -36,8 +46,8 @@ def load_dataset(
     image_size: int | None = None,
     channels: int | None = None,
     max_items: int | None = None,
-) -> ImageDataset:
-    """Load a dataset by name into memory.
+) -> ImageDataset | LatentStore | StreamedImages:
+    """Load a dataset by name: images into memory, latents as a lazy store (headers and labels only).
 
     Args:
         name: one of :data:`DATASETS`.
@@ -56,11 +66,12 @@ def load_dataset(
     key = name.lower().replace("_", "-")
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    if key != "folder" and (image_size is not None or channels is not None):
-        raise DataError(f"dataset {key!r} takes no image_size/channels options (only 'folder' does)")
-    if key in ("mnist", "folder", "latents") and root is None:
+    if key not in ("folder", "webdataset") and (image_size is not None or channels is not None):
+        raise DataError(f"dataset {key!r} takes no image_size/channels options (only 'folder' and 'webdataset' do)")
+    if key in ("mnist", "folder", "latents", "webdataset") and root is None:
         raise DataError(f"dataset {key!r} needs a root folder (data.root=DIR)")
 
+    ds: ImageDataset | LatentStore | StreamedImages
     if key == "fashion-mnist":
         from deltafm.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_idx_dataset
 
@@ -86,10 +97,16 @@ def load_dataset(
             image_size=image_size,
             channels=3 if channels is None else channels,
         )
-    else:
-        from deltafm.data.latents import load_latent_shards
+    elif key == "webdataset":
+        from deltafm.data.streamed import StreamedImages
 
-        ds = load_latent_shards(_split_dir(Path(root), split))
+        sub = Path(root) / split
+        ds = StreamedImages([str(sub if sub.is_dir() else root)], image_size=image_size,  # type: ignore[arg-type]
+                            channels=3 if channels is None else channels)
+    else:
+        from deltafm.data.latent_store import LatentStore
+
+        ds = LatentStore(_split_dir(Path(root), split))
     if max_items is not None:
         if max_items < 1:
             raise DataError(f"max_items must be >= 1, got {max_items}")

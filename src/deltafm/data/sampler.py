@@ -17,6 +17,11 @@ it yields global batch k next, with any world size, so a run resumed on a differ
 continues with the same sequence of global batches.
 
 The sampler is an endless stream that rolls over epochs; take as many batches as the run needs.
+Iterating it advances the position as batches are handed out. A loader that reads ahead
+(:class:`deltafm.data.loader.BatchLoader`) instead walks :meth:`EpochBatchSampler.positions`, which does
+not move the position, and calls :meth:`EpochBatchSampler.consume` when the training step takes a batch,
+so the saved position never counts prefetched batches. Turning indices into (x, y) batches is
+:mod:`deltafm.data.loader` (``BatchLoader``, ``batches``).
 """
 
 from __future__ import annotations
@@ -27,9 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltafm.data.datasets import ImageDataset
-
-__all__ = ["EpochBatchSampler", "batches", "epoch_seed"]
+__all__ = ["EpochBatchSampler", "epoch_seed"]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -129,6 +132,21 @@ class EpochBatchSampler:
             self.batch_in_epoch += 1
             yield batch
 
+    def positions(self) -> Iterator[tuple[int, int]]:
+        """Endless (epoch, batch_in_epoch) of the batches that come next, from the current position on,
+        rolling over epochs; does **not** move the position (see :meth:`consume`)."""
+        epoch, index = self.epoch, self.batch_in_epoch
+        while True:
+            if index >= self.batches_per_epoch:
+                epoch, index = epoch + 1, 0
+            yield epoch, index
+            index += 1
+
+    def consume(self, epoch: int, index: int) -> None:
+        """Record that batch ``index`` of ``epoch`` was used: the position becomes (epoch, index + 1),
+        exactly what iterating would have left after handing that batch out."""
+        self.epoch, self.batch_in_epoch = epoch, index + 1
+
     # ------------------------------------------------------------------ progress and resume
     @property
     def global_step(self) -> int:
@@ -180,28 +198,3 @@ class EpochBatchSampler:
         self.epoch, self.batch_in_epoch = epoch, batch
         self._perm_epoch, self._perm = None, None
 
-
-def batches(
-    dataset: ImageDataset,
-    sampler: EpochBatchSampler,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x, labels) batches in the sampler's order: x in model space (see
-    :meth:`ImageDataset.to_model`) of ``dtype`` on ``device``, labels int64.
-
-    Items are gathered from the in-memory tensor where it lives (move the dataset to the GPU with
-    ``dataset.to(device)`` to gather there) and only the batch is converted and moved.
-    """
-    if sampler.num_items != len(dataset):
-        raise ValueError(f"sampler is for {sampler.num_items} items, dataset has {len(dataset)}")
-    target = torch.device(device) if device is not None else dataset.images.device
-    non_blocking = target.type == "cuda" and dataset.images.device.type == "cpu"
-    for index in sampler:
-        index = index.to(dataset.images.device)
-        x = dataset.images.index_select(0, index)
-        y = dataset.labels.index_select(0, index)
-        if non_blocking:
-            x, y = x.pin_memory(), y.pin_memory()
-        x = x.to(target, non_blocking=non_blocking)
-        yield dataset.to_model(x, dtype), y.to(target, non_blocking=non_blocking)

@@ -69,9 +69,29 @@ class Evaluator:
         from deltafm.train.builders import load_training_data
 
         if split not in self._splits:
-            data = dataclasses.replace(self.base.data, split=split, max_items=None)
+            data = dataclasses.replace(self._pixel_data(), split=split, max_items=None)
             self._splits[split] = load_training_data(dataclasses.replace(self.base, data=data))
         return self._splits[split]
+
+    def _pixel_data(self):
+        """The data section the classifier and reference statistics read: the arms' own, or ``eval.images``
+        for arms trained on latents (their samples are decoded to those pixels)."""
+        from deltafm.train.config import DataConfig
+
+        images = self.c.eval.images
+        if self.base.data.name != "latents":
+            if images is not None:
+                raise CompareError("eval.images is for arms trained on latents; these arms train on "
+                                   f"{self.base.data.name!r} and are scored on it")
+            return self.base.data
+        if images is None:
+            raise CompareError("the arms train on latents: set eval.images to the pixel dataset they were encoded "
+                               "from (e.g. eval.images: {name: fashion-mnist}); the samples are decoded and scored "
+                               "against it")
+        try:
+            return DataConfig(**images)
+        except TypeError as e:
+            raise CompareError(f"eval.images: {e} (keys of the training config's data section)") from None
 
     def _ensure_classifier(self, path: str | None) -> str:
         """The classifier weights: ``path``, or trained once on the train split into OUT/classifier."""
@@ -141,7 +161,6 @@ class Evaluator:
         """Draw ``u["num"]`` class-balanced samples with the unit's solver, NFE, guidance and map; score them."""
         from deltafm.generate import generate, labels_for
         from deltafm.images import save_grid
-        from deltafm.pixels import to_uint8_nhwc
 
         t0 = time.perf_counter()
         k = lm.data.num_classes
@@ -151,12 +170,29 @@ class Evaluator:
                      interval=tuple(u.get("interval", (0.0, 1.0))), correction=self.correction(lm, u),
                      seed=u["seed"], batch_size=self.c.eval.batch_size, device=self.device,
                      path=lm.objective.path, amp_dtype=self.amp)
-        imgs = to_uint8_nhwc(x)
+        imgs = self._decoder(lm)(x)
         if grid_to is not None:
             order = [i for c_ in range(k) for i in range(c_, min(len(imgs), 10 * k), k)]
             save_grid(imgs[order], grid_to, ncol=10)
         out = self.score(imgs, labels.numpy())
         return {**out, "seconds": round(time.perf_counter() - t0, 2)}
+
+    def _decoder(self, lm: Any) -> Callable[[Any], Any]:
+        """Model-space samples -> uint8 NHWC images: the pixel map, or the VAE of a latent model."""
+        from deltafm.pixels import to_uint8_nhwc
+
+        if lm.data.kind != "latents":
+            return to_uint8_nhwc
+        from deltafm.vae import AutoencoderError
+        from deltafm.vae.decoding import decode_uint8, find_decoder
+
+        try:
+            ae, why = find_decoder(lm.data.vae_source, lm.data.vae_identity, self.c.eval.vae, self.device)
+        except AutoencoderError as e:
+            raise CompareError(f"eval.vae: {e}") from None
+        if ae is None:
+            raise CompareError(f"checkpoint {lm.checkpoint}: cannot decode its samples: {why}")
+        return lambda x: decode_uint8(ae, x, batch_size=self.c.eval.batch_size)
 
     def test_subset(self, num: int):
         """``num`` test images (model space) and labels: a fixed seeded subset of the reference split."""
@@ -174,6 +210,9 @@ class Evaluator:
         from deltafm.eval.along_path import noised_accuracy, trajectory_accuracy
         from deltafm.generate import labels_for
 
+        if lm.data.kind == "latents":
+            raise CompareError("the along stage scores noised test images in the model's space; it is for pixel "
+                               "arms, not arms trained on latents (drop 'along' from the arms' stages)")
         t0 = time.perf_counter()
         k = lm.data.num_classes
         common = dict(num_classes=k, path=lm.objective.path, correction=self.correction(lm, u), seed=u["seed"],

@@ -87,7 +87,12 @@ class AlongSpec:
 
 @dataclass
 class EvalSpec:
-    """How samples are drawn and scored."""
+    """How samples are drawn and scored.
+
+    Arms trained on VAE latents (``data.name: latents``) are scored on decoded images: ``images`` names the
+    pixel dataset the classifier and the reference statistics use (keys of the training config's ``data``
+    section, e.g. ``{name: fashion-mnist}``), and ``vae`` may override the VAE recorded with the latents
+    (:mod:`deltafm.vae.decoding`). The ``along`` stage needs pixel arms."""
 
     classifier: str | None = None
     classifier_epochs: int = 15
@@ -99,6 +104,8 @@ class EvalSpec:
     sample_seed: int = 1000
     pr_k: int = 3
     threads: int | None = None
+    images: dict[str, Any] | None = None
+    vae: str | None = None
     curve: CurveSpec = field(default_factory=CurveSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
     cfg: CFGSpec = field(default_factory=CFGSpec)

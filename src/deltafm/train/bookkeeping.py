@@ -178,11 +178,17 @@ class Bookkeeper:
 
 
 def sample_grid(run: Run) -> Path | None:
-    """Rank 0 writes ``samples/step_XXXXXXXX.png`` from the EMA model (images only, not latents), with the
-    objective's bias correction where ``sample.bias_correction`` puts it (off / always / guidance)."""
+    """Rank 0 writes ``samples/step_XXXXXXXX.png`` from the EMA model, with the objective's bias correction
+    where ``sample.bias_correction`` puts it (off / always / guidance). Latent samples are decoded with the
+    data's VAE (:func:`deltafm.vae.decoding.find_decoder`); without one the grid is skipped, said once."""
     info = run.info
-    if not run.di.is_main or info.kind != "images":
+    if not run.di.is_main:
         return None
+    decoder = None
+    if info.kind == "latents":
+        decoder = _grid_decoder(run)
+        if decoder is None:
+            return None
     from deltafm.correction import correction_window
     from deltafm.generate import generate, labels_for
     from deltafm.images import save_grid
@@ -202,5 +208,30 @@ def sample_grid(run: Run) -> Path | None:
                  correction=correction, seed=s.seed, batch_size=s.batch_size, device=run.di.device,
                  path=run.objective.path)
     net.train(was_training)
-    images, ncol = to_uint8_nhwc(x), min(info.num_classes, s.num)
+    if decoder is not None:
+        from deltafm.vae.decoding import decode_uint8
+
+        images = decode_uint8(decoder, x)
+    else:
+        images = to_uint8_nhwc(x)
+    ncol = min(info.num_classes, s.num)
     return run.folder.write_file(f"samples/step_{run.step:08d}.png", lambda tmp: save_grid(images, tmp, ncol=ncol))
+
+
+_GRID_NOTES: set[str] = set()
+
+
+def _grid_decoder(run: Run):
+    """The VAE for latent grids, or None (said once per run folder): :func:`deltafm.vae.decoding.find_decoder`."""
+    from deltafm.vae import AutoencoderError
+    from deltafm.vae.decoding import find_decoder
+
+    info = run.info
+    try:
+        decoder, why = find_decoder(info.vae_source, info.vae_identity, run.cfg.sample.vae, run.di.device)
+    except AutoencoderError as e:
+        decoder, why = None, str(e)
+    if decoder is None and str(run.out_dir) not in _GRID_NOTES:
+        _GRID_NOTES.add(str(run.out_dir))
+        run.say(f"note: no sample grids for these latents: {why}")
+    return decoder

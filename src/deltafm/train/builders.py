@@ -40,6 +40,8 @@ class DataInfo:
     class_names: list[str] | None = None
     latent_scale: float = 1.0
     latent_shift: float = 0.0
+    vae_source: str | None = None  # latents: where their VAE was loaded from (decoding, deltafm.vae.decoding)
+    vae_identity: str | None = None  # latents: the VAE's content hash; a decoder must match it
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -69,9 +71,10 @@ def data_info(ds: Any) -> DataInfo:
         image_size = ds.image_size
     except ValueError as e:
         raise SetupError(str(e)) from None
+    meta = getattr(ds, "meta", None) or {}
     return DataInfo(ds.name, ds.kind, ds.channels, image_size, ds.num_classes, len(ds),
                     list(ds.class_names) if ds.class_names else None, float(ds.latent_scale),
-                    float(ds.latent_shift))
+                    float(ds.latent_shift), meta.get("vae_source"), meta.get("vae"))
 
 
 def build_model_for(cfg: Config, info: DataInfo, seed: int | None = None, check: bool = True) -> nn.Module:

@@ -71,9 +71,12 @@ class DataConfig:
     """Dataset: ``deltafm.data.load_dataset(name, root=root, split=split)``.
 
     Images are uint8 and normalised to ``p / 127.5 - 1`` in [-1, 1]; latent shards are used as the loader
-    returns them (already in model space, the VAE scale such as 0.18215 applied from the shard metadata).
-    ``image_size`` and ``channels`` apply to the ``folder`` dataset only; ``max_items`` keeps the first
-    items (quick runs).
+    returns them (already in model space, the VAE scale such as 0.18215 applied from the shard metadata;
+    read lazily from disk, with z = μ + σ·ε drawn per step when the shards hold a std).
+    ``image_size`` and ``channels`` apply to the ``folder`` and ``webdataset`` (tar shards, streamed)
+    datasets only; ``max_items`` keeps the first items (quick runs). ``workers`` loader processes (0: load
+    in the training process) each keep ``prefetch`` batches loaded ahead (:class:`deltafm.data.BatchLoader`;
+    batches and resume do not depend on either).
     """
 
     name: str = "fashion-mnist"
@@ -82,6 +85,8 @@ class DataConfig:
     image_size: int | None = None
     channels: int | None = None
     max_items: int | None = None
+    workers: int = 0
+    prefetch: int = 2
 
 
 @dataclass
@@ -153,7 +158,9 @@ class SampleConfig:
     applied for t in ``interval`` (t = 0 noise, t = 1 data). ``bias_correction`` applies the ΔFM
     correction v_FM = (1 - lam) v + lam * u_bar with the stored mean target: ``off`` (false), ``always``
     (true: at every t) or ``guidance`` (only for t in the guidance ``interval``: the reference
-    code's rule); see :func:`deltafm.correction.correction_window`.
+    code's rule); see :func:`deltafm.correction.correction_window`. ``vae``: for latent data, the VAE that
+    decodes the grids (a diffusers folder; default: the one the latent shards record, see
+    :mod:`deltafm.vae.decoding`); it must be the VAE that encoded the latents.
     """
 
     every: int = 0
@@ -165,6 +172,7 @@ class SampleConfig:
     bias_correction: bool | Literal["off", "always", "guidance"] = False
     seed: int = 0
     batch_size: int = 256
+    vae: str | None = None
 
 
 @dataclass
@@ -360,6 +368,9 @@ def _validate(cfg: Config) -> None:
     _require(op.eps > 0, "optim.eps", "must be positive")
     _require(op.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(op.warmup_images >= 0, "optim.warmup_images", "must be >= 0")
+    _require(cfg.data.workers >= 0, "data.workers", f"must be >= 0 (0: load in the training process), "
+             f"got {cfg.data.workers}")
+    _require(cfg.data.prefetch >= 1, "data.prefetch", f"must be >= 1 (batches per worker), got {cfg.data.prefetch}")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _require(t.batch_size % t.grad_accum == 0, "train.batch_size",

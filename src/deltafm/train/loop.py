@@ -7,7 +7,7 @@ crash-safe checkpoints, removal of a crashed run's debris)::
     run = setup_run(...)          # setup.py: validate and build everything, lock, resume; nothing written yet
     books = Bookkeeper(run)       # bookkeeping.py: open the folder, config.yaml, log, banner, progress bar
     while not run.finished:
-        x, y = next(data)
+        x, y = next(data)         # data.BatchLoader: the sampler position moves only here
         with validation_disabled():
             stats = train_step(run, x, y, stop.requested)   # step.py: one optimizer step, one host sync
         books.after_step(stats)   # log window, progress bar, log records, sample grids
@@ -19,7 +19,9 @@ What a checkpoint holds is :class:`deltafm.train.state.RunState`; :meth:`Run.sna
 :meth:`Run.resume` reads it back.
 
 Randomness is explicit: the batch order comes from :class:`deltafm.data.EpochBatchSampler` (seed, global
-position) and everything the objective draws (t, noise, label dropout, negatives) from one
+position), a latent batch's posterior draw z = μ + σ·ε from a generator per batch seeded from (seed,
+rank, epoch, batch) (:class:`deltafm.data.BatchLoader`, whose ``data.workers`` read ahead without moving
+the saved position), and everything the objective draws (t, noise, label dropout, negatives) from one
 ``torch.Generator`` per rank seeded from (seed, rank). Checkpoints hold every RNG state and the sampler
 position, so a resumed run on the same world size is bit-identical to an uninterrupted one; on a
 different world size the order of global batches and the images-seen count are kept and per-rank
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 
 from deltafm.checks import validation_disabled
-from deltafm.data import batches
+from deltafm.data import BatchLoader
 
 from .bookkeeping import Bookkeeper
 from .builders import SetupError
@@ -93,8 +95,9 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> TrainR
 def _train(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) -> TrainResult:
     run = setup_run(cfg, folder, resume, di)  # everything that can fail on bad input; writes nothing
     books = Bookkeeper(run, resume)
-    data = batches(run.dataset, run.sampler, device=di.device)
-    with StopFlag() as stop:
+    data = BatchLoader(run.dataset, run.sampler, device=di.device, workers=cfg.data.workers,
+                       prefetch=cfg.data.prefetch)
+    with StopFlag() as stop, data:
         try:
             while not run.finished:
                 t0 = time.perf_counter()

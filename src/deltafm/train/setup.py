@@ -211,7 +211,23 @@ def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFM
     if len(ds) < t.batch_size:
         raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) exceeds the dataset size ({len(ds)})")
     info = data_info(ds)
+    _check_grid_vae(cfg, info)
     return ds, info, build_model_for(cfg, info), build_objective(cfg, info.num_classes)
+
+
+def _check_grid_vae(cfg: Config, info: DataInfo) -> None:
+    """``sample.vae`` (the VAE for latent grids) must load and match the latents' VAE, before any step."""
+    if cfg.sample.vae is None:
+        return
+    if info.kind != "latents":
+        raise ConfigError(f"config key 'sample.vae' ({cfg.sample.vae}) is for latent data; {info.name} is pixels")
+    from deltafm.vae import AutoencoderError
+    from deltafm.vae.decoding import find_decoder
+
+    try:
+        find_decoder(info.vae_source, info.vae_identity, cfg.sample.vae)
+    except AutoencoderError as e:
+        raise ConfigError(f"config key 'sample.vae': {e}") from None
 
 
 def _check_negative_pool(cfg: Config, di: DistInfo) -> None:

@@ -1,0 +1,114 @@
+"""A pixel dataset streamed from webdataset tar shards (or an image folder), read item by item.
+
+``load_dataset("webdataset", root="data/shard-{000..099}.tar", image_size=64)`` indexes the tars once
+(:mod:`deltafm.data.image_sources`: member offsets, labels from ``.cls`` / ``.json``, captions from
+``.txt``) and decodes only the images of each batch: PIL decode → ADM centre crop to ``image_size``
+(:mod:`deltafm.data.crop`) → uint8 → x = p / 127.5 − 1. Memory holds the index (labels, offsets), never the
+images, so a CC3M-sized set trains with bounded RSS; order, resume and workers are those of every dataset
+(:class:`deltafm.data.loader.BatchLoader`). An image that cannot be decoded is a ``DataError`` naming
+it (remove the sample, or re-run ``deltafm prepare-latents --skip-bad`` for latents).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltafm.data.crop import crop_to_array
+from deltafm.data.datasets import DataError
+from deltafm.data.image_sources import Source, open_source
+from deltafm.pixels import model_to_uint8, uint8_to_model
+
+__all__ = ["StreamedImages"]
+
+
+class StreamedImages:
+    """Images read on demand from a :class:`~deltafm.data.image_sources.Source`; duck-types
+    :class:`~deltafm.data.datasets.ImageDataset` (``len``, ``labels``, ``num_classes``, ``name``,
+    ``kind == "images"``, ``channels``, ``image_size``, ``shape``, ``subset``, ``class_counts``,
+    ``to_model``, ``from_model``, ``ds[i]``) with the one batch path :meth:`load_batch`.
+
+    Args:
+        inputs: tar files, brace patterns, a folder of ``*.tar`` or an image folder (see ``open_source``).
+        image_size: side of the ADM centre crop (required: the inputs may have any sizes).
+        channels: 3 (RGB) or 1 (grayscale).
+        name: the dataset's name.
+    """
+
+    kind = "images"
+    latent_scale = 1.0
+    latent_shift = 0.0
+
+    def __init__(self, inputs: Sequence[str], image_size: int, channels: int = 3, name: str = "webdataset") -> None:
+        if image_size is None or image_size < 1:
+            raise DataError(f"dataset {name!r} needs data.image_size (the side of the centre crop), got {image_size}")
+        if channels not in (1, 3):
+            raise DataError(f"data.channels must be 1 or 3, got {channels}")
+        self.source: Source = open_source(list(inputs))
+        self.name = name
+        self.num_classes = int(self.source.num_classes)
+        self.class_names = tuple(self.source.class_names) if self.source.class_names else None
+        self.meta = {"source": self.source.description}
+        self._size, self._channels = int(image_size), int(channels)
+        self._rows = np.arange(len(self.source), dtype=np.int64)
+        self.labels = torch.from_numpy(np.asarray(self.source.labels, dtype=np.int64)[self._rows])
+
+    def __len__(self) -> int:
+        return int(self._rows.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    @property
+    def image_size(self) -> int:
+        return self._size
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._channels, self._size, self._size
+
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+    def to_model(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return uint8_to_model(x, dtype)
+
+    def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        return model_to_uint8(x)
+
+    def subset(self, indices: torch.Tensor | Sequence[int] | slice) -> StreamedImages:
+        """A view of the selected items (nothing is read)."""
+        out = object.__new__(StreamedImages)
+        out.__dict__.update(self.__dict__)
+        rows = self._rows[indices] if isinstance(indices, slice) else self._rows[np.asarray(indices, dtype=np.int64)]
+        out._rows = np.ascontiguousarray(rows)
+        out.labels = torch.from_numpy(np.asarray(self.source.labels, dtype=np.int64)[out._rows])
+        return out
+
+    def captions(self, index: torch.Tensor | Sequence[int]) -> list[str | None]:
+        """The ``.txt`` captions of items ``index`` (None where a sample has none)."""
+        return [self.source.caption(int(self._rows[int(i)])) for i in index]
+
+    def uint8_batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Items ``index`` as uint8 (B, C, S, S): decoded, converted to RGB/L and ADM-cropped."""
+        rows = self._rows[torch.as_tensor(index, dtype=torch.long).cpu().numpy()]
+        mode = "RGB" if self._channels == 3 else "L"
+        arrays = [crop_to_array(self.source.open_image(int(r), mode), self._size, self._channels) for r in rows]
+        if not arrays:
+            return torch.zeros((0, *self.shape), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays))
+
+    def load_batch(self, index: torch.Tensor, generator: torch.Generator | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Items ``index`` in model space (B, C, S, S); ``generator`` is unused (no randomness per item)."""
+        return uint8_to_model(self.uint8_batch(index), dtype)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load_batch(torch.tensor([int(index)]))[0], self.labels[int(index)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)

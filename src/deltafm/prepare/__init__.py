@@ -1,0 +1,1 @@
+"""Data preparation for latent models: ``deltafm train-autoencoder`` and ``deltafm prepare-latents``."""

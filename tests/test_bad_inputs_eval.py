@@ -143,7 +143,7 @@ CASES = [
     ("tc-batch-too-big", [*TRAIN, "--dataset", "digits", "--batch-size", "5000"], "larger than the training split"),
     ("tc-mnist-no-root", [*TRAIN, "--dataset", "mnist"], "needs a root folder"),
     ("tc-mnist-missing-root", [*TRAIN, "--dataset", "mnist", "--root", "{K}/nowhere"], "does not exist"),
-    ("tc-digits-image-size", [*TRAIN, "--dataset", "digits", "--image-size", "16"], 
+    ("tc-digits-image-size", [*TRAIN, "--dataset", "digits", "--image-size", "16"],
      "only 'folder' and 'webdataset' do"),
     ("tc-folder-channels", [*TRAIN, "--dataset", "folder", "--root", "{K}/folder16", "--channels", "2"],
      "channels must be 1 or 3"),

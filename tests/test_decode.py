@@ -111,3 +111,50 @@ def test_sample_json_records_the_decoder(latent_run, tmp_path):
     meta = json.loads((tmp_path / "img" / "sample.json").read_text())
     ae = load_autoencoder(vae)
     assert meta["vae"] == ae.identity and meta["vae_source"] == ae.source
+
+
+def _tiny_gray_vae(folder: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=8).save_pretrained(folder)
+    return folder
+
+
+def test_a_study_on_latents_scores_decoded_samples_against_the_pixel_set(tmp_path, capsys):
+    """Arms train on VAE latents of digits; the study decodes their samples and scores them with the classifier
+    and reference statistics of the digits pixels (eval.images); the along stage is refused for latent arms."""
+    import yaml
+
+    from deltafm.data import load_dataset, write_latent_shards
+    from deltafm.pixels import uint8_to_model
+    from deltafm.study.cli import main as compare_main
+    from deltafm.vae import load_autoencoder
+
+    ae = load_autoencoder(_tiny_gray_vae(tmp_path / "vae"))
+    ds = load_dataset("digits", split="train")
+    mean, std = ae.encode_moments(uint8_to_model(ds.images[:200]))
+    write_latent_shards(tmp_path / "lat", mean, ds.labels[:200], std=std, num_classes=10,
+                        scale_factor=ae.scale_factor, metadata={"vae": ae.identity, "vae_source": ae.source})
+    spec = {
+        "name": "latent-tiny", "base": "digits-tiny",
+        "overrides": {"data.name": "latents", "data.root": str(tmp_path / "lat"), "model.name": "SiT-N/4",
+                      "train.batch_size": 50, "train.threads": 1},
+        "seeds": [0], "total_images": 100, "eval_every_images": 100,
+        "arms": [{"name": "dfm", "stages": ["curve"]}], "baseline": "dfm",
+        "eval": {"classifier_epochs": 1, "batch_size": 50, "sample_seed": 3, "images": {"name": "digits"},
+                 "curve": {"solver": "euler", "nfe": 2, "num": 20}},
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert compare_main(["--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--quiet",
+                         "--no-report"]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    (point,) = res["runs"][0]["variants"]["dfm"]["curve"]
+    assert np.isfinite(point["fd"]) and 0 <= point["class_acc"] <= 1 and res["classifier"]["dataset"] == "digits"
+    spec["eval"].pop("images")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    assert compare_main(["--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "out2"), "--quiet",
+                         "--no-report"]) == 2
+    assert "the arms train on latents: set eval.images" in capsys.readouterr().err

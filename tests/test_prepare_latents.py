@@ -465,3 +465,32 @@ def test_bad_tars_are_named(tree, tmp_path):
             tf.addfile(info, io.BytesIO(data))
     with pytest.raises(ImageSourceError, match=r"badcls.tar:a.cls: expected an integer >= 0, got 'cat'"):
         open_source([str(tmp_path / "badcls.tar")])
+
+
+def test_a_dataset_by_name_is_encoded_in_its_own_order(tmp_path):
+    """``--dataset digits``: the in-memory uint8 images, at their own size (the crop is the identity), give
+    exactly the VAE's moments of the dataset's model-space images, with its labels and class names."""
+    from deltafm.data import load_dataset
+    from deltafm.pixels import uint8_to_model
+
+    vae = make_vae(tmp_path / "vae", in_channels=1)
+    rc, _, err = run_cli(["prepare-latents", "--dataset", "digits", "--split", "test", "--max-items", "40",
+                          "--out", str(tmp_path / "out"), "--vae", str(vae), "--image-size", "8", "--workers", "0",
+                          "--no-progress", "--storage-dtype", "float32", "--shard-size", "16", "--batch-size", "8",
+                          "--threads", "1"])
+    assert rc == 0, err
+    ds = load_dataset("digits", split="test").subset(slice(0, 40))
+    ae = load_autoencoder(vae)
+    with torch.random.fork_rng(devices=[]):
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        moments = [ae.encode_moments(uint8_to_model(ds.images[i : i + 8])) for i in range(0, 40, 8)]
+        torch.set_num_threads(old)
+    mu, sigma = torch.cat([m for m, _ in moments]), torch.cat([s for _, s in moments])
+    got = [read_latent_moments(p) for p in shards(tmp_path / "out")]
+    assert [g[0].shape[0] for g in got] == [16, 16, 8]
+    assert torch.equal(torch.cat([g[0] for g in got]), mu) and torch.equal(torch.cat([g[1] for g in got]), sigma)
+    assert torch.equal(torch.cat([g[2] for g in got]), ds.labels)
+    rc, _, err = run_cli(["prepare-latents", "--dataset", "digits", "--input", "x", "--out", str(tmp_path / "o2"),
+                          "--vae", str(vae)])
+    assert rc == 2 and "not allowed with argument" in err

@@ -29,7 +29,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,8 +39,8 @@ from deltafm.data.folder import IMAGE_EXTENSIONS
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["ImageSourceError", "UnreadableImage", "Source", "FolderSource", "TarSource", "TAR_IMAGE_EXTENSIONS",
-           "expand_braces", "open_source"]
+__all__ = ["ImageSourceError", "UnreadableImage", "Source", "DatasetSource", "FolderSource", "TarSource",
+           "TAR_IMAGE_EXTENSIONS", "expand_braces", "open_source", "restrict"]
 
 #: image members of a webdataset sample, in order of preference
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -154,6 +154,41 @@ def _walk_images(folder: Path, base: Path) -> list[str]:
                 p = here / f
                 found.append((p.relative_to(folder).as_posix(), p.relative_to(base).as_posix()))
     return [rel for _, rel in sorted(found)]
+
+
+class DatasetSource(Source):
+    """The uint8 images of a dataset already in memory (``load_dataset``: Fashion-MNIST, MNIST, digits, ...),
+    in the dataset's order with its labels and class names."""
+
+    kind = "dataset"
+
+    def __init__(self, dataset: Any, description: str) -> None:
+        if getattr(dataset, "kind", None) != "images" or not hasattr(dataset, "images"):
+            raise ImageSourceError(f"{description}: not an image dataset held in memory")
+        self.dataset, self.description = dataset, description
+        self.labels = dataset.labels.numpy().astype(np.int64)
+        self.num_classes = int(dataset.num_classes)
+        self.class_names = list(dataset.class_names) if dataset.class_names else None
+
+    def name(self, i: int) -> str:
+        return f"{self.description}[{i}]"
+
+    def relative_name(self, i: int) -> str:
+        return str(i)
+
+    def read(self, i: int) -> bytes:
+        return self.dataset.images[i].numpy().tobytes()
+
+    def open_image(self, i: int, mode: str = "RGB") -> Image.Image:
+        from PIL import Image
+
+        arr = self.dataset.images[i].numpy()  # uint8 (C, H, W)
+        img = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0))
+        return img.convert(mode)
+
+    def limit(self, n: int) -> None:
+        self.dataset = self.dataset.subset(slice(0, n))
+        self.labels = self.labels[:n]
 
 
 class FolderSource(Source):
@@ -408,6 +443,11 @@ def open_source(inputs: list[str], unlabelled: bool = False, max_items: int | No
     else:
         tars, desc = _tar_list(inputs)
         src = TarSource(tars, desc, unlabelled)
+    return restrict(src, max_items, num_classes)
+
+
+def restrict(src: Source, max_items: int | None = None, num_classes: int | None = None) -> Source:
+    """Keep the first ``max_items`` items; record ``num_classes`` classes (it must exceed every label)."""
     if max_items is not None:
         src.limit(max_items)
     if num_classes is not None:

@@ -58,9 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Encode images (an image folder or webdataset tars) with a diffusers VAE into latent "
                             "shards (posterior mean and std) for `deltafm train data.name=latents`. Resumable: "
                             "rerun the same command after a kill. Runs under torchrun (one shard at a time per rank).")
-    p.add_argument("--input", nargs="+", required=True,
-                   help="image folder (ROOT/<class>/*, ROOT/train/<class>/*, or a plain folder of images), or "
-                        "webdataset tars: a brace pattern 'data/shard-{000..009}.tar', a folder of *.tar, or files")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+",
+                     help="image folder (ROOT/<class>/*, ROOT/train/<class>/*, or a plain folder of images), or "
+                          "webdataset tars: a brace pattern 'data/shard-{000..009}.tar', a folder of *.tar, or files")
+    src.add_argument("--dataset", default=None,
+                     help="or a dataset deltafm loads by name (fashion-mnist, mnist, digits), with --root/--split")
+    p.add_argument("--root", default=None, help="--dataset: its data folder (default: the dataset's)")
+    p.add_argument("--split", default="train", help="--dataset: train or test (default train)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (save_pretrained), or a hub id")
     p.add_argument("--vae-subfolder", default=None, help="e.g. vae, for a full pipeline folder")
@@ -161,11 +166,22 @@ def _settings(args: argparse.Namespace, source: Any, ae: Any, layout: Any, chann
         shard_size=args.shard_size, storage_dtype=args.storage_dtype, vae_dtype=args.dtype)
 
 
+def _open_input(args: argparse.Namespace) -> Any:
+    """The enumerated input: files (``--input``) or a dataset loaded by name (``--dataset``)."""
+    from deltafm.data.image_sources import DatasetSource, open_source, restrict
+
+    if args.input is not None:
+        return open_source(args.input, args.unlabelled, args.max_items, args.num_classes)
+    from deltafm.data import load_dataset
+
+    ds = load_dataset(args.dataset, root=args.root, split=args.split)
+    return restrict(DatasetSource(ds, f"{ds.name}:{args.split}"), args.max_items, args.num_classes)
+
+
 def _plan(args: argparse.Namespace, device: Any) -> _Plan:
     """Enumerate the input, load the VAE, check every option against them (writes nothing)."""
     import torch
 
-    from deltafm.data.image_sources import open_source
     from deltafm.data.latent_format import shard_metadata
     from deltafm.prepare.encode import Layout, ShardJob
     from deltafm.prepare.store import OutFolder, PrepareError
@@ -174,7 +190,7 @@ def _plan(args: argparse.Namespace, device: Any) -> _Plan:
 
     if args.out.exists() and not args.out.is_dir():
         raise PrepareError(f"--out {args.out} is a file; give a folder for the latent shards")
-    source = open_source(args.input, args.unlabelled, args.max_items, args.num_classes)
+    source = _open_input(args)
     ae = load_autoencoder(args.vae, subfolder=args.vae_subfolder, device=device, dtype=getattr(torch, args.dtype),
                           scale_factor=args.scale_factor, shift_factor=args.shift_factor)
     if ae.image_channels not in (1, 3):

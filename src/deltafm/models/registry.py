@@ -30,7 +30,9 @@ _SIT_SIZES: dict[str, dict[str, int]] = {
 }
 
 _PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    f"SiT-{size}/{patch}": (SiT, dict(cfg, patch_size=patch)) for size, cfg in _SIT_SIZES.items() for patch in (1, 2, 4, 8)
+    f"SiT-{size}/{patch}": (SiT, dict(cfg, patch_size=patch))
+    for size, cfg in _SIT_SIZES.items()
+    for patch in (1, 2, 4, 8)
 }
 _PRESETS.update(
     {

@@ -39,7 +39,7 @@ def test_two_processes_write_the_shards_of_one_process(inputs, tmp_path):
     done = _torchrun(vae, images, tmp_path / "two", opts)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote 24 latents") == 1  # rank 0 reports
-    rc, _, err = prepare(str(images), tmp_path / "one", vae, *opts)
+    rc, _, err = prepare(str(images), tmp_path / "one", vae, *opts, "--threads", "1")  # as each rank: 1 thread
     assert rc == 0, err
     one, two = shards(tmp_path / "one"), shards(tmp_path / "two")
     assert [p.name for p in one] == [p.name for p in two] == [f"shard-{k:05d}.safetensors" for k in range(8)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cli_cases import run_cli
-from test_prepare_latents import SIZE, make_image_tree, make_vae, shards
+from test_prepare_latents import CLASSES, SIZE, make_image_tree, make_vae, shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,9 @@ def test_images_to_latents_to_a_trained_sit_to_decoded_samples(tmp_path):
     assert rc == 0, err
     one, both = shards(tmp_path / "lat1"), shards(tmp_path / "lat2")
     assert len(one) == 5 and [p.read_bytes() for p in one] == [p.read_bytes() for p in both]  # 24 items
+    from deltafm.data import load_dataset
+
+    assert load_dataset("latents", root=str(tmp_path / "lat2")).class_names == CLASSES  # from classes.json
 
     run = tmp_path / "run"
     rc, _, err = run_cli(["train", "--preset", "digits-tiny", "--out", str(run), "data.name=latents",

@@ -156,6 +156,7 @@ class LatentStore:
             self.num_classes = int(meta0["num_classes"])
         else:
             self.num_classes = int(all_labels.max()) + 1 if all_labels.numel() else 1
+        self.class_names = _class_names(Path(root), self.num_classes)
         self._all_labels = all_labels
         self._rows: torch.Tensor | None = None  # None: items 0 .. len-1 of the shards, in order
         self._length = int(self._starts[-1])
@@ -341,6 +342,18 @@ class LatentStore:
         return (f"LatentStore({self.name!r}, {len(self)} items of {c}x{h}x{w} {self.storage_dtype}, "
                 f"{len(self._shards)} shards, std={self.has_std}, scale={self.latent_scale}, "
                 f"shift={self.latent_shift})")
+
+
+def _class_names(root: Path, num_classes: int) -> tuple[str, ...] | None:
+    """The names in ``root/classes.json`` (written by ``deltafm prepare-latents``: a JSON list in id order)
+    when there are ``num_classes`` of them; else None (the names are a convenience, never required)."""
+    path = root / "classes.json" if root.is_dir() else root.parent / "classes.json"
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)
+    return tuple(names) if ok else None
 
 
 def _open_shard(header: ShardHeader) -> _Shard:

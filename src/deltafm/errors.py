@@ -8,7 +8,14 @@ keeps working. Anything else that escapes a command is a bug and shows its trace
 
 from __future__ import annotations
 
-__all__ = ["UserError", "INPUT_OS_ERRORS", "CLI_ERRORS", "cli_error"]
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["UserError", "INPUT_OS_ERRORS", "CLI_ERRORS", "cli_error", "OneLineParser", "RelayedError",
+           "run_command"]
 
 
 class UserError(Exception):
@@ -28,3 +35,25 @@ def cli_error(exc: BaseException) -> str:
     """The one-line message the CLI prints for ``exc`` (``error: ...``)."""
     text = str(exc).strip() or type(exc).__name__
     return f"error: {text}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one ``error:`` line (exit status 2) without the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class RelayedError(UserError):
+    """A failure every rank of a torchrun job stops for; rank 0 prints it, once for the job."""
+
+
+def run_command(command: Callable[[Any], int], args: Any) -> int:
+    """``command(args)``, with bad input printed as one ``error:`` line and exit status 2 (a
+    :class:`RelayedError` only on rank 0, so a torchrun job says it once)."""
+    try:
+        return command(args)
+    except UserError as e:
+        if not isinstance(e, RelayedError) or os.environ.get("RANK", "0") == "0":
+            print(cli_error(e), file=sys.stderr)
+        return 2

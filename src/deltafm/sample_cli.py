@@ -37,7 +37,7 @@ from collections import namedtuple
 from typing import Any
 
 from deltafm.correction import correction_window
-from deltafm.errors import UserError, cli_error
+from deltafm.errors import RelayedError, run_command
 from deltafm.sample_options import (
     _ALIAS,
     _FLAGS,
@@ -59,8 +59,6 @@ from deltafm.sample_options import (
 __all__ = ["MAPS", "PAUSE_ENV", "WORK_DIR", "OptionError", "build_parser", "main"]
 
 
-class _Relayed(UserError):
-    """A failure every rank of a torchrun job stops for; rank 0 prints it (once for the job)."""
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -178,21 +176,6 @@ def _decoder(args: argparse.Namespace, lm, device):
 # ----------------------------------------------------------------------------------------------- ranks
 
 
-def _together(fn, *args):
-    """``fn(*args)`` on every rank; when it fails on any rank, every rank raises the first failure (which
-    rank 0 prints, once for the job). A barrier too."""
-    from deltafm.train.distributed import all_gather_object
-
-    out, err = None, None
-    try:
-        out = fn(*args)
-    except UserError as e:
-        err = str(e)
-    msgs = all_gather_object(err)
-    for r, msg in enumerate(msgs):
-        if msg is not None:
-            raise _Relayed(msg if len(msgs) == 1 or r == 0 else f"rank {r}: {msg}") from None
-    return out
 
 
 def _visible(store, di, wait_s: float = 120.0) -> None:
@@ -212,11 +195,11 @@ def _visible(store, di, wait_s: float = 120.0) -> None:
 def _open(store, di) -> list[int]:
     """Rank 0 locks and opens the store (settings, debris of a killed run); every rank gets the finished
     chunks' starts and checks that it sees the store."""
-    from deltafm.train.distributed import broadcast_object
+    from deltafm.train.distributed import broadcast_object, together
 
     warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
-    done = broadcast_object(_together(lambda: store.open(warn) if di.is_main else []))
-    _together(_visible, store, di)
+    done = broadcast_object(together(lambda: store.open(warn) if di.is_main else []))
+    together(_visible, store, di)
     return list(done)
 
 
@@ -232,7 +215,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         _check_values(_given(args), {})
         _check_map(args)
     except OptionError as e:  # the same on every rank (same argv): printed once
-        raise _Relayed(str(e)) from None
+        raise RelayedError(str(e)) from None
     _check_out(args.out)
     world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(args.device, world, local_rank)
@@ -259,8 +242,9 @@ def _sample(args: argparse.Namespace, device, di) -> int:
     import torch
 
     from deltafm.sample_store import SampleStoreError, write_final
+    from deltafm.train.distributed import together
 
-    plan = _together(_prepare, args, device)  # every check passed on every rank: from here on the job writes
+    plan = together(_prepare, args, device)  # every check passed on every rank: from here on the job writes
     store, v = plan.store, plan.v
     try:
         done = _open(store, di)
@@ -268,7 +252,7 @@ def _sample(args: argparse.Namespace, device, di) -> int:
             _note(f"resuming: {sum(store.count(s) for s in done)} of {store.num} samples already in {store.root}")
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         _draw(plan, device, amp, store.deal(done, di.rank, di.world_size), di, progress=not args.no_progress)
-        _together(lambda: None)  # every rank has written its chunks
+        together(lambda: None)  # every rank has written its chunks
         if not di.is_main:
             return 0
         missing = store.missing()
@@ -332,13 +316,7 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool) -> None
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``deltafm sample``; returns the exit status (2 with one ``error:`` line on bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _cmd_sample(args)
-    except UserError as e:
-        if not isinstance(e, _Relayed) or os.environ.get("RANK", "0") == "0":
-            print(cli_error(e), file=sys.stderr)
-        return 2
+    return run_command(_cmd_sample, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

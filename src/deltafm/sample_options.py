@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deltafm.errors import UserError
+from deltafm.errors import OneLineParser, UserError
 
 __all__ = ["OptionError", "build_parser", "MAPS", "WORK_DIR", "PAUSE_ENV"]
 
@@ -27,17 +27,12 @@ class OptionError(UserError, ValueError):
     """A ``deltafm sample`` option (or the checkpoint default it stands for) is out of range."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one ``error:`` line (exit status 2) without the usage block."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from deltafm.solvers import SOLVERS
 
-    s = _Parser(prog="deltafm sample",
+    s = OneLineParser(prog="deltafm sample",
                 description="Sample from a checkpoint: PNG grid, per-class grids and samples.npz (ADM evaluation "
                             "layout), streamed to disk batch by batch; a killed run continues when the same "
                             "command is run again. Defaults come from the checkpoint's sample section.")
@@ -187,29 +182,10 @@ def _check_map(args: argparse.Namespace) -> None:
 
 
 def _device(name: str, world: int = 1, local_rank: int = 0):
-    """The torch device of ``--device``; under torchrun (world > 1) CUDA means ``cuda:LOCAL_RANK``."""
-    import torch
+    """The torch device of ``--device`` (:func:`deltafm.train.distributed.device_option`)."""
+    from deltafm.train.distributed import device_option
 
-    if name == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, ValueError):
-            raise OptionError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if world > 1:
-            if dev.index is not None:
-                raise OptionError(f"--device {name} under torchrun would put every rank on one GPU; use --device "
-                                  "cuda or auto (each rank uses cuda:LOCAL_RANK)")
-            dev = torch.device("cuda", local_rank)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise OptionError(f"--device {name!r}: use auto, cpu or cuda[:N]")
-    return dev
+    return device_option(name, world, local_rank, OptionError)
 
 
 def _note(message: str) -> None:  # on stderr, once per job (rank 0)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltafm.errors import UserError, cli_error
+from deltafm.errors import OneLineParser, RelayedError, UserError, run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -44,17 +44,12 @@ _DTYPES = ("float32", "float16", "bfloat16")
 _WAIT_S = 48 * 3600.0
 
 
-class _Relayed(UserError):
-    """A failure every rank stops for; rank 0 prints it, once for the job."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="deltafm prepare-latents",
+    p = OneLineParser(prog="deltafm prepare-latents",
                 description="Encode images (an image folder or webdataset tars) with a diffusers VAE into latent "
                             "shards (posterior mean and std) for `deltafm train data.name=latents`. Resumable: "
                             "rerun the same command after a kill. Runs under torchrun (one shard at a time per rank).")
@@ -106,46 +101,21 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _device(name: str, world: int, local_rank: int) -> Any:
+    """``--device`` (:func:`deltafm.train.distributed.device_option`), made the current CUDA device."""
     import torch
 
     from deltafm.prepare.store import PrepareError
+    from deltafm.train.distributed import device_option
 
-    try:
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except (RuntimeError, ValueError):
-        raise PrepareError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    dev = device_option(name, world, local_rank, PrepareError)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PrepareError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if world > 1:
-            if dev.index is not None:
-                raise PrepareError(f"--device {name} under torchrun would put every rank on one GPU; use --device "
-                                   "cuda or auto (each rank uses cuda:LOCAL_RANK)")
-            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    elif dev.type != "cpu":
-        raise PrepareError(f"--device {name!r}: use auto, cpu or cuda[:N]")
     return dev
 
 
 # ----------------------------------------------------------------------------------------------- ranks
 
 
-def _together(fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` on every rank; when it fails with bad input on any rank, every rank raises the first
-    failure (printed by rank 0 only). A barrier too."""
-    from deltafm.train.distributed import all_gather_object
-
-    out, err = None, None
-    try:
-        out = fn(*args)
-    except UserError as e:
-        err = str(e)
-    msgs = all_gather_object(err)
-    for r, msg in enumerate(msgs):
-        if msg is not None:
-            raise _Relayed(msg if len(msgs) == 1 or r == 0 else f"rank {r}: {msg}") from None
-    return out
 
 
 @dataclass
@@ -277,20 +247,20 @@ def _report(plan: _Plan, summary: Any, new: int) -> str:
 
 
 def _prepare(args: argparse.Namespace, device: Any, di: Any) -> int:
-    from deltafm.train.distributed import broadcast_object
+    from deltafm.train.distributed import broadcast_object, together
 
-    plan: _Plan = _together(_plan, args, device)
+    plan: _Plan = together(_plan, args, device)
     try:
-        _together(_same_input, plan)
-        done: list[int] = broadcast_object(_together(lambda: plan.store.open() if di.is_main else []))  # type: ignore[assignment]
+        together(_same_input, plan)
+        done: list[int] = broadcast_object(together(lambda: plan.store.open() if di.is_main else []))  # type: ignore[assignment]
         if done and di.is_main:
             print(f"resuming: {len(done)} of {plan.job.layout.num_shards} shards already in {args.out}",
                   file=sys.stderr, flush=True)
         finished = set(done)
         todo = [k for k in range(plan.job.layout.num_shards) if k not in finished]
         mine = todo[di.rank::di.world_size]
-        _together(_encode, plan, args, di, mine)
-        summary = _together(lambda: plan.store.finish(plan.source.has_captions) if di.is_main else None)
+        together(_encode, plan, args, di, mine)
+        summary = together(lambda: plan.store.finish(plan.source.has_captions) if di.is_main else None)
         if di.is_main:
             print(_report(plan, summary, len(todo)), flush=True)
     finally:
@@ -309,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
         _check_args(args)
         device = _device(args.device, world, local_rank)
     except UserError as e:  # the same on every rank (same argv): printed once
-        raise _Relayed(str(e)) from None
+        raise RelayedError(str(e)) from None
     threads = torch.get_num_threads()
     if world > 1 and device.type == "cpu":
         set_threads(world, args.threads)
@@ -330,13 +300,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``deltafm prepare-latents``; returns the exit status (2 with one ``error:`` line on bad
     input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as e:
-        if not isinstance(e, _Relayed) or os.environ.get("RANK", "0") == "0":
-            print(cli_error(e), file=sys.stderr)
-        return 2
+    return run_command(_run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

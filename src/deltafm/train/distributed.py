@@ -10,13 +10,19 @@ Seeds per rank and stream come from :mod:`deltafm.seeding`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from deltafm.errors import RelayedError, UserError
+
 __all__ = [
+    "device_option",
+    "together",
     "DistInfo",
     "init_distributed",
     "shutdown_distributed",
@@ -139,3 +145,45 @@ def all_gather_object(obj: object) -> list[object]:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def device_option(name: str, world: int = 1, local_rank: int = 0, error: type[Exception] = ValueError) -> torch.device:
+    """The torch device of a ``--device`` option (auto, cpu, cuda[:N]); under torchrun (world > 1) CUDA
+    means ``cuda:LOCAL_RANK``. A device that cannot be used raises ``error`` (the command's own bad-input
+    class) saying what to pass instead."""
+    if name == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise error(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise error(f"--device {name}: CUDA is not available here; use --device cpu")
+        if world > 1:
+            if dev.index is not None:
+                raise error(f"--device {name} under torchrun would put every rank on one GPU; use --device "
+                            "cuda or auto (each rank uses cuda:LOCAL_RANK)")
+            dev = torch.device("cuda", local_rank)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise error(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise error(f"--device {name!r}: use auto, cpu or cuda[:N]")
+    return dev
+
+
+def together(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on every rank; when it fails with bad input (a ``UserError``) on any rank, every rank
+    raises the first failure as a :class:`~deltafm.errors.RelayedError` (printed by rank 0 only, once for
+    the job). A barrier too. Without a process group: ``fn(*args)``, failures as RelayedError."""
+    out, err = None, None
+    try:
+        out = fn(*args)
+    except UserError as e:
+        err = str(e)
+    msgs = all_gather_object(err)
+    for r, msg in enumerate(msgs):
+        if msg is not None:
+            raise RelayedError(msg if len(msgs) == 1 or r == 0 else f"rank {r}: {msg}") from None
+    return out

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from deltafm.models.layers import ClassEmbedder, TimestepEmbedder, check_time, count_forward_flops, pair
 
-__all__ = ["SiT", "SiTBlock", "sincos_pos_embed_2d"]
+__all__ = ["ATTN_IMPLS", "Attention", "SiT", "SiTBlock", "sincos_pos_embed_2d"]
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -58,22 +58,40 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernel."""
+ATTN_IMPLS = ("sdpa", "matmul")
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection: softmax(q kᵀ / √d_head) v per head.
+
+    ``impl="sdpa"`` (default) calls PyTorch's fused ``scaled_dot_product_attention``, which keeps
+    the logits q kᵀ and the softmax in fp32 even for bf16 inputs. ``impl="matmul"`` spells the same
+    formula as three plain ops, S = (q/√d) kᵀ, P = softmax(S), P v (timm's non-fused path): identical
+    in exact arithmetic, but under bf16 autocast S is rounded to bf16 (relative error ≤ 2⁻⁹ per
+    logit), which is a precision change; on this CPU it is about 1.8× faster in bf16 (see
+    benchmarks/RESULTS.md), so it is an opt-in, never the default.
+    """
+
+    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
         self.num_heads = num_heads
+        self.impl = impl
+        self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) → (B, N, D); softmax(q kᵀ / √d_head) v per head."""
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -93,10 +111,10 @@ class Mlp(nn.Module):
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (see the module docstring)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_impl: str = "sdpa") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, attn_impl)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -137,6 +155,8 @@ class SiT(nn.Module):
         learn_sigma: add C output channels as in DiT (ignored by ``forward``), for parameter parity.
         time_scale: t is fed to the sinusoidal embedding as ``time_scale · t`` (SiT uses 1).
         freq_dim: width of the sinusoidal time features.
+        attn_impl: ``"sdpa"`` (default, fused kernel) or ``"matmul"`` (plain ops, bf16 logits under
+            autocast; faster in bf16 on CPU), see ``Attention``.
     """
 
     def __init__(
@@ -153,6 +173,7 @@ class SiT(nn.Module):
         learn_sigma: bool = False,
         time_scale: float = 1.0,
         freq_dim: int = 256,
+        attn_impl: str = "sdpa",
     ) -> None:
         super().__init__()
         h, w = pair(image_size)
@@ -166,7 +187,7 @@ class SiT(nn.Module):
         self.config = dict(
             in_channels=in_channels, image_size=(h, w), patch_size=patch_size, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
-            learn_sigma=learn_sigma, time_scale=time_scale, freq_dim=freq_dim,
+            learn_sigma=learn_sigma, time_scale=time_scale, freq_dim=freq_dim, attn_impl=attn_impl,
         )  # fmt: skip
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -181,7 +202,7 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, freq_dim=freq_dim, time_scale=time_scale)
         self.y_embedder = ClassEmbedder(num_classes, hidden_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid)[None], persistent=False)
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, attn_impl) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -217,11 +238,15 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p·p·C) → (B, C, H, W), inverse of the raster patch order."""
+        """(B, N, p·p·C) → (B, C, H, W), inverse of the raster patch order.
+
+        Token n = i·gw + j, value (u, v, ch) goes to pixel (ch, i·p + u, j·p + v): a view as
+        (B, gh, gw, p, p, C), one permute to (B, C, gh, p, gw, p) and one reshape (values as the einsum it replaced).
+        """
         b = x.shape[0]
         p, (gh, gw), c = self.patch_size, self.grid, self.out_channels
-        x = x.reshape(b, gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, gh * p, gw * p)
+        x = x.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, gh * p, gw * p)
 
     def _check_features(self, return_features: Sequence[int]) -> list[int]:
         idx = [int(i) for i in return_features]

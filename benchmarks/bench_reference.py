@@ -1,0 +1,340 @@
+"""deltafm's SiT against the reference ΔFM code's SiT: same shapes, same ΔFM step, interleaved rounds.
+
+    .venv/bin/python benchmarks/bench_reference.py MIRROR_GIT_DIR [--rounds N] [--configs S,B]
+        [--threads T] [--batch B] [--nfe 4] [--write]
+
+MIRROR_GIT_DIR is a git directory (bare or not) of github gstoica27/DeltaFM. Its ``models/sit.py`` is
+extracted with ``git show`` into a temporary directory at run time and imported from there (it is never
+copied into this repository); its three timm layers get minimal stand-ins (timm needs torchvision, which
+does not work beside the CPU torch wheel): PatchEmbed = stride-p conv + flatten, Attention = fused qkv
+Linear + ``F.scaled_dot_product_attention`` + proj (timm's fused path), Mlp = fc1 → GELU(tanh) → fc2.
+The reference is built with a tiny REPA projector (z_dims=[8]), whose cost is negligible.
+
+One training step, identical for every variant: x_t on the straight path, v = model(x_t, t, y) (under bf16
+autocast for the bf16 rows), the ΔFM loss
+
+    L = mean_i ‖v_i − u_i‖² / d − λ · mean_i ‖v_i − u_{j(i)}‖² / d,   j(i) ≠ i uniform, λ = 0.05,
+
+backward and AdamW. Each round runs every variant once, in an order rotated per round; the ratio
+ref/variant is taken per round (paired), and its median gets a 95% bootstrap CI over rounds. The fp32 and
+bf16 matmul rates (2·n³ FLOP per n×n product) are measured in the same run, and MFU = 3 · forward FLOPs
+· batch / step time / matmul rate. Sampling: Euler with classifier-free guidance (2 forwards of the batch
+per step, ``torch.inference_mode``), images/s at ``--nfe`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deltafm.models.registry import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+class _PatchEmbed(nn.Module):
+    """Stand-in for timm's PatchEmbed: stride-p convolution, (B, D, h, w) → (B, h·w, D)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.num_patches = (img_size // patch_size) ** 2
+        self.patch_size = (patch_size, patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class _Attention(nn.Module):
+    """Stand-in for timm's Attention (fused path): qkv Linear, SDPA per head, proj Linear."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, **_: object) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.fused_attn = True  # the reference's --fused-attn (default True); False: timm's plain ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class _Mlp(nn.Module):
+    """Stand-in for timm's Mlp: fc1 → act → fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: Callable = nn.GELU, **_: object) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(in_features, hidden_features), act_layer(), nn.Linear(
+            hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def load_reference(git_dir: str) -> types.ModuleType:
+    """Import ``models/sit.py`` of the reference from the git directory ``git_dir`` (read at run time)."""
+    src = subprocess.run(["git", f"--git-dir={git_dir}", "show", "HEAD:models/sit.py"],
+                         capture_output=True, text=True, check=True).stdout
+    vt = types.ModuleType("timm.models.vision_transformer")
+    vt.PatchEmbed, vt.Attention, vt.Mlp = _PatchEmbed, _Attention, _Mlp  # type: ignore[attr-defined]
+    sys.modules.update({"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
+                        "timm.models.vision_transformer": vt})
+    path = Path(tempfile.mkdtemp(prefix="ref_sit_")) / "ref_sit.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("ref_sit", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def dfm_loss(v: torch.Tensor, target: torch.Tensor, lam: float = 0.05) -> torch.Tensor:
+    """ΔFM loss with one uniformly drawn other-index negative per sample (see the module docstring)."""
+    b = v.shape[0]
+    j = (torch.arange(b, device=v.device) + 1 + torch.randint(0, b - 1, (b,), device=v.device)) % b
+    pos = (v - target).pow(2).flatten(1).mean(1)
+    neg = (v - target[j]).pow(2).flatten(1).mean(1)
+    return (pos - lam * neg).mean()
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work (timing only; a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool,
+               sync: bool = True) -> float:
+    """One timed ΔFM + AdamW step; returns seconds. Tuple outputs (the reference's) use element 0.
+
+    The step itself has no host sync; on CUDA the timer synchronises before and after it (``sync``).
+    """
+    if sync:
+        _sync(x.device)
+    t0 = time.perf_counter()
+    t = torch.rand(x.shape[0], device=x.device)
+    eps = torch.randn_like(x)
+    tt = t[:, None, None, None]
+    xt, target = tt * x + (1 - tt) * eps, x - eps
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(xt, t, y)
+    v = out[0] if isinstance(out, tuple) else out
+    loss = dfm_loss(v.float(), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sync:
+        _sync(x.device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def sample_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nfe: int, bf16: bool, null: int) -> float:
+    """Seconds for an Euler sampler with CFG (scale 1.5): each step one forward of the doubled batch."""
+    model.eval()
+    _sync(x.device)
+    t0 = time.perf_counter()
+    yy = torch.cat([y, torch.full_like(y, null)])
+    for k in range(nfe):
+        t = torch.full((2 * x.shape[0],), k / nfe, device=x.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(torch.cat([x, x]), t, yy)
+        v = (out[0] if isinstance(out, tuple) else out).float()
+        vc, vu = v.chunk(2)
+        x = x + (vu + 1.5 * (vc - vu)) / nfe
+    _sync(x.device)
+    model.train()
+    return time.perf_counter() - t0
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0, device: str = "cpu") -> float:
+    """Best GFLOP/s of an n×n by n×n product (2n³ FLOP) over ``seconds`` of repeats."""
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
+    a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        _sync(dev)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the median of ``values``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(reps))
+    return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
+
+
+def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_variants: list[str],
+               device: str) -> dict[str, nn.Module]:
+    """Reference SiT-size/2 models ("ref[sdpa]" first: the baseline) and deltafm's, one per variant.
+
+    A variant is an attention implementation ("sdpa" or "matmul"), optionally with "+compile"
+    (``torch.compile(model, dynamic=False)``; its first steps, which compile, are warm-up).
+    """
+    depth, hid, heads = SIZES[size]
+    models: dict[str, nn.Module] = {}
+    for impl in ["sdpa", *(v for v in ref_variants if v != "sdpa")]:
+        models[f"ref[{impl}]"] = ref.SiT(
+            input_size=32, in_channels=4, num_classes=1000, encoder_depth=depth, z_dims=[8], projector_dim=8,
+            qk_norm=False, fused_attn=impl == "sdpa", depth=depth, hidden_size=hid, decoder_hidden_size=hid,
+            patch_size=2, num_heads=heads)
+    for var in variants:
+        impl, _, comp = var.partition("+")
+        m = build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000, attn_impl=impl).to(device)
+        models[f"deltafm[{var}]"] = torch.compile(m, dynamic=False) if comp == "compile" else m
+    return {k: m.to(device) for k, m in models.items()}
+
+
+def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],
+               nfe: int, device: str = "cpu", ref_variants: tuple[str, ...] = ("sdpa",)) -> list[dict]:
+    """Interleaved training and sampling rounds for one model size; one result row per (variant, precision)."""
+    torch.manual_seed(0)
+    models = build_pair(ref, size, variants, list(ref_variants), device)
+    x = torch.randn(batch, 4, 32, 32, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    flops = 3 * build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000).flops_per_sample() * batch
+    rows = []
+    for bf16 in (False, True):
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device == "cuda") for k, m in models.items()}
+        for k, m in models.items():  # warm-up: compilation, allocator, oneDNN primitives, AdamW state
+            warm = [train_step(m, opts[k], x, y, bf16) for _ in range(2)]
+            print(f"  {size} {'bf16' if bf16 else 'fp32'} {k}: warm-up steps {warm[0]:.1f} s, {warm[1]:.1f} s",
+                  flush=True)
+            if nfe:
+                sample_time(m, x, y, 1, bf16, 1000)
+        times: dict[str, list[float]] = {k: [] for k in models}
+        samp: dict[str, list[float]] = {k: [] for k in models}
+        names = list(models)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for k in order:
+                times[k].append(train_step(models[k], opts[k], x, y, bf16))
+            for k in order if nfe else []:
+                samp[k].append(sample_time(models[k], x, y, nfe, bf16, 1000))
+        for k in names:
+            ratios = [a / b for a, b in zip(times["ref[sdpa]"], times[k], strict=True)]
+            row = dict(size=size, batch=batch, prec="bf16" if bf16 else "fp32", name=k,
+                       ms=1e3 * statistics.median(times[k]), ratio=statistics.median(ratios),
+                       ci=bootstrap_ci(ratios), flops=flops)
+            if nfe:
+                sr = [a / b for a, b in zip(samp["ref[sdpa]"], samp[k], strict=True)]
+                row.update(img_s=batch / statistics.median(samp[k]), s_ratio=statistics.median(sr),
+                           s_ci=bootstrap_ci(sr))
+            rows.append(row)
+            print(_row_md(row, None), flush=True)
+    return rows
+
+
+def _row_md(row: dict, rates: dict[str, float] | None) -> str:
+    mfu = f"{100 * row['flops'] / (row['ms'] / 1e3) / (rates[row['prec']] * 1e9):.0f}%" if rates else "-"
+    lo, hi = row["ci"]
+    s = (f"| SiT-{row['size']}/2 b{row['batch']} | {row['prec']} | {row['name']} | {row['ms']:.0f} | "
+         f"{row['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | {mfu} |")
+    if "img_s" in row:
+        slo, shi = row["s_ci"]
+        s += f" {row['img_s']:.2f} | {row['s_ratio']:.3f} ({slo:.3f}–{shi:.3f}) |"
+    return s
+
+
+def machine() -> str:
+    """CPU model, cores, torch version and the commit of this tree."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+            f"commit `{head[:12]}`{' (tree dirty)' if dirty else ''}")
+
+
+def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int) -> str:
+    """The markdown section: command, date, machine, matmul rates, one table row per variant."""
+    head = "| model | precision | variant | step ms (median) | ref/variant step (95% CI) | MFU |"
+    sep = "|---|---|---|---|---|---|"
+    if nfe:
+        head += f" sample img/s (NFE {nfe}, CFG) | ref/variant sampling (95% CI) |"
+        sep += "---|---|"
+    lines = [
+        "## deltafm SiT vs the reference ΔFM SiT, side by side (`benchmarks/bench_reference.py`)", "",
+        f"Command: `.venv/bin/python benchmarks/bench_reference.py {' '.join(argv)}`  ",
+        f"Date: {datetime.date.today()}. Machine: {machine()}. Matmul rate in the same run (n×n, best of "
+        f"1 s): fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s**; load average at "
+        f"the end {os.getloadavg()[0]:.1f}.", "", head, sep, *(_row_md(r, rates) for r in rows), "",
+        "ref/variant = step time of the reference as published (ref[sdpa]: fused SDPA attention) / the row's "
+        "(median of per-round ratios); > 1: the row is faster. ref[matmul] is the reference run with its "
+        "--no-fused-attn. MFU = 3 × "
+        "forward FLOPs × batch / step time / matmul rate of the row's precision.", "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, run every config, print (and with --write append) the markdown section."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mirror", help="git directory of github gstoica27/DeltaFM")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--configs", default="S,B")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--nfe", type=int, default=0, help="sampling steps to time (0: no sampling rows)")
+    p.add_argument("--variants", default="sdpa,matmul", help="deltafm variants: sdpa|matmul[+compile],...")
+    p.add_argument("--ref-variants", default="sdpa", help="reference attention: sdpa (--fused-attn), matmul")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    ref = load_reference(a.mirror)
+    n = 8192 if a.device == "cuda" else 1024
+    rates = {k: matmul_rate(dt, n, device=a.device) for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"matmul GFLOP/s: fp32 {rates['fp32']:.0f}, bf16 {rates['bf16']:.0f}", flush=True)
+    rows = []
+    for size in a.configs.split(","):
+        rows += run_config(ref, size, a.batch, a.rounds, a.variants.split(","), a.nfe, a.device,
+                           tuple(a.ref_variants.split(",")))
+    text = report(rows, rates, argv, a.nfe)
+    print(text)
+    if a.write:
+        with RESULTS.open("a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

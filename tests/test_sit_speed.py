@@ -1,0 +1,153 @@
+"""The SiT speed work (issue 14) changes no numbers it does not say it changes.
+
+* ``unpatchify`` (one permute instead of an einsum) is pure data movement: bit-equal to the einsum.
+* The default attention (``attn_impl="sdpa"``) is bit-equal, outputs and gradients, to a plain
+  re-implementation of the block with ``F.scaled_dot_product_attention`` on q, k, v = qkv[0], qkv[1], qkv[2].
+* The opt-in ``attn_impl="matmul"`` is bit-equal to the three plain ops softmax((q/√d) kᵀ) v written out
+  here (fp32 and under bf16 autocast), and in fp32 within the fp32 rounding bound of the fused kernel.
+* Both implementations share one parameter layout, so checkpoints load into either.
+* ``benchmarks/gpu_check.py --smoke`` runs end to end on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltafm.models import SiT
+from deltafm.models.sit import SiTBlock, _modulate
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _perturbed(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Give every parameter N(0, 0.05²) noise so no adaLN-Zero branch stays exactly zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+def _plain_attention(attn: torch.nn.Module, x: torch.Tensor, matmul: bool) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v per head, written out with the module's weights."""
+    b, n, d = x.shape
+    h = attn.num_heads
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if matmul:
+        out = torch.softmax(torch.matmul(q * (d // h) ** -0.5, k.transpose(-2, -1)), dim=-1).matmul(v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return F.linear(out.transpose(1, 2).reshape(b, n, d), attn.proj.weight, attn.proj.bias)
+
+
+def _plain_block(block: SiTBlock, x: torch.Tensor, c: torch.Tensor, matmul: bool) -> torch.Tensor:
+    """The adaLN-Zero block of the SiT paper, op by op (see deltafm.models.sit)."""
+    mod = F.linear(F.silu(c), block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)
+    s1, sc1, g1, s2, sc2, g2 = mod.chunk(6, dim=-1)
+    ln = lambda z: F.layer_norm(z, z.shape[-1:], eps=1e-6)  # noqa: E731
+    x = x + g1[:, None, :] * _plain_attention(block.attn, _modulate(ln(x), s1, sc1), matmul)
+    h = F.gelu(F.linear(_modulate(ln(x), s2, sc2), block.mlp.fc1.weight, block.mlp.fc1.bias), approximate="tanh")
+    return x + g2[:, None, :] * F.linear(h, block.mlp.fc2.weight, block.mlp.fc2.bias)
+
+
+def _grads(fn, block: SiTBlock, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output of fn(x, c) and the gradients of Σ out² (fp32) w.r.t. x and every parameter."""
+    block.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    out = fn(x, c)
+    out.float().pow(2).sum().backward()
+    return out.detach(), [x.grad, *(p.grad for p in block.parameters())]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_block_equals_plain_reimplementation_bitwise(impl: str, bf16: bool) -> None:
+    torch.manual_seed(0)
+    block = _perturbed(SiTBlock(64, 4, attn_impl=impl))
+    x, c = torch.randn(3, 16, 64), torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out, grads = _grads(block, block, x, c)
+        ref_out, ref_grads = _grads(lambda a, b: _plain_block(block, a, b, impl == "matmul"), block, x, c)
+    assert out.dtype == torch.float32  # the residual stream stays fp32 under autocast
+    assert torch.equal(out, ref_out)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert torch.equal(g, rg)
+
+
+def test_matmul_attention_matches_sdpa_within_fp32_rounding() -> None:
+    """Same formula, different summation order. First-order rounding analysis: each contraction of length
+    n is accurate to n·u (u = 2⁻²⁴) relative to its scale; here there are four of length ≤ 64 (q kᵀ over
+    d_head = 16, the softmax normaliser and P v over N = 64, the output projection over D = 64), so each
+    implementation is within 4·64·u·max|out| of the exact value, and the two within twice that."""
+    torch.manual_seed(0)
+    sdpa = _perturbed(SiTBlock(64, 4, attn_impl="sdpa"))
+    mm = SiTBlock(64, 4, attn_impl="matmul")
+    mm.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 64, 64)
+    a, b = sdpa.attn(x), mm.attn(x)
+    bound = 2 * 4 * 64 * 2.0**-24 * float(a.detach().abs().max())
+    assert float((a - b).abs().max()) <= bound
+
+
+def test_both_attention_impls_share_parameters_and_default_is_sdpa() -> None:
+    a = SiT(image_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    b = SiT(image_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, attn_impl="matmul")
+    assert a.blocks[0].attn.impl == "sdpa" and a.config["attn_impl"] == "sdpa"
+    assert list(a.state_dict()) == list(b.state_dict())
+    b.load_state_dict(a.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="attn_impl"):
+        SiT(image_size=8, patch_size=2, hidden_size=64, depth=1, num_heads=4, num_classes=10, attn_impl="flash")
+
+
+@pytest.mark.parametrize("image, patch, learn_sigma", [((8, 8), 2, False), ((8, 12), 4, True), ((6, 4), 1, False)])
+def test_unpatchify_equals_einsum(image: tuple[int, int], patch: int, learn_sigma: bool) -> None:
+    m = SiT(in_channels=3, image_size=image, patch_size=patch, hidden_size=32, depth=1, num_heads=2,
+            num_classes=5, learn_sigma=learn_sigma)
+    gh, gw, c = image[0] // patch, image[1] // patch, m.out_channels
+    tok = torch.randn(2, gh * gw, patch * patch * c)
+    plain = torch.einsum("nhwpqc->nchpwq", tok.reshape(2, gh, gw, patch, patch, c)).reshape(2, c, *image)
+    assert torch.equal(m.unpatchify(tok), plain)
+
+
+def test_sit_forward_and_grads_bitwise_equal_to_plain_blocks() -> None:
+    """The whole model with its (default) blocks against the op-by-op blocks, fp32: outputs and grads."""
+    torch.manual_seed(0)
+    m = _perturbed(SiT(image_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    out = m(x, t, y)
+    h = m.x_embedder(x).flatten(2).transpose(1, 2) + m.pos_embed
+    c = m.t_embedder(t) + m.y_embedder(y)
+    for blk in m.blocks:
+        h = _plain_block(blk, h, c, matmul=False)
+    assert torch.equal(out, m.unpatchify(m.final_layer(h, c)))
+
+
+def test_gpu_check_smoke_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    assert gpu_check.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    for word in ("train", "img/s", "MFU", "matmul", "peak memory", "host syncs"):
+        assert word in out
+
+
+def test_bench_reference_helpers() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_reference as br
+    finally:
+        sys.path.remove(str(BENCH))
+    lo, hi = br.bootstrap_ci([1.0, 1.0, 1.0])
+    assert lo == hi == 1.0
+    v, u = torch.zeros(4, 2), torch.arange(8.0).reshape(4, 2)
+    # with λ = 0 the loss is the plain mean squared error, whatever negatives are drawn
+    assert torch.equal(br.dfm_loss(v, u, lam=0.0), u.pow(2).mean(1).mean())

@@ -282,3 +282,29 @@ def test_public_sizes_map_to_the_presets():
     assert convert_cli.model_spec(b4, "sit-b/4", None) == ("SiT-B/4", {})
     with pytest.raises(reader.ConvertError, match="not SiT-B/2"):
         convert_cli.model_spec(xl, "SiT-B/2", None)
+
+
+def test_a_vae_given_to_convert_is_recorded_and_decodes_the_samples(tmp_path):
+    """``convert --vae DIR`` records the VAE's folder and identity, so ``deltafm sample`` writes decoded
+    images (the identity check of deltafm.vae.decoding applies); a folder that is not a VAE is an error."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    from deltafm.vae import load_autoencoder
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=C, norm_num_groups=4).save_pretrained(tmp_path / "vae")
+    out, _, _ = convert(tmp_path, "sit", "--vae", str(tmp_path / "vae"))
+    lm = load_for_sampling(out)
+    ae = load_autoencoder(tmp_path / "vae")
+    assert (lm.data.vae_source, lm.data.vae_identity) == (ae.source, ae.identity)
+    rc = deltafm_main(["sample", "--ckpt", str(out), "--num", "2", "--steps", "2", "--no-progress", "--threads", "1",
+                       "--out", str(tmp_path / "s")])
+    assert rc == 0
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        assert z["arr_0"].shape == (2, 2 * SIDE, 2 * SIDE, 3) and z["arr_0"].dtype == np.uint8
+    src = tmp_path / "ref.pt"
+    assert convert_cli.main(["--from", "sit", "--ckpt", str(src), "--out", str(tmp_path / "o2"), "--num-heads",
+                             str(HEADS), "--vae", str(tmp_path)]) == 2

@@ -30,7 +30,8 @@ from torch import nn
 
 from deltafm.errors import UserError
 
-__all__ = ["AutoencoderError", "Autoencoder", "load_autoencoder", "vae_identity", "check_vae_folder"]
+__all__ = ["AutoencoderError", "Autoencoder", "load_autoencoder", "vae_identity", "check_vae_folder", "split_source",
+           "looks_like_hub_id"]
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -166,7 +167,7 @@ def _from_pretrained(cls: Any, source: str, subfolder: str | None, dtype: torch.
     if Path(source).exists():
         check_vae_folder(folder)
         return cls.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=False)
-    if not _looks_like_hub_id(source):
+    if not looks_like_hub_id(source):
         raise AutoencoderError(f"VAE {source!r}: no such folder (and not a hub id like 'stabilityai/sd-vae-ft-ema')")
     try:
         return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False)
@@ -178,7 +179,18 @@ def _from_pretrained(cls: Any, source: str, subfolder: str | None, dtype: torch.
         ) from None
 
 
-def _looks_like_hub_id(source: str) -> bool:
+def split_source(source: str, subfolder: str | None = None) -> tuple[str, str | None]:
+    """``"org/name:vae"`` (how :attr:`Autoencoder.source` records a hub id with a subfolder) →
+    ``("org/name", "vae")``; anything else, or an explicit ``subfolder``, is returned as given."""
+    if subfolder is None and not Path(source).exists() and ":" in source:
+        repo, _, sub = source.partition(":")
+        if looks_like_hub_id(repo) and sub:
+            return repo, sub
+    return source, subfolder
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``org/name`` (optionally ``org/name:subfolder``): what the hub would be asked for, not a local path."""
     parts = source.split("/")
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
@@ -208,7 +220,8 @@ def load_autoencoder(
             non-positive scale, or a different identity than expected.
     """
     cls = _import_autoencoder_kl()
-    vae = _from_pretrained(cls, str(source), subfolder, dtype)
+    source, subfolder = split_source(str(source), subfolder)
+    vae = _from_pretrained(cls, source, subfolder, dtype)
     vae.eval().requires_grad_(False)
     vae.to(device)
     cfg = vae.config

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from deltafm.pixels import to_uint8_nhwc
-from deltafm.vae.autoencoder import Autoencoder, AutoencoderError, load_autoencoder
+from deltafm.vae.autoencoder import Autoencoder, AutoencoderError, load_autoencoder, looks_like_hub_id
 
 __all__ = ["find_decoder", "decode_uint8"]
 
@@ -48,7 +48,7 @@ def find_decoder(
     pick = override if override is not None else source
     if pick is None:
         return None, "the latents record no VAE; pass the VAE that encoded them (--vae DIR / sample.vae)"
-    if override is None and not Path(pick).exists() and not _hub_like(pick):
+    if override is None and not Path(pick).exists() and not looks_like_hub_id(pick):
         return None, f"the VAE recorded with the latents, {pick}, is not here; pass its folder (--vae DIR / sample.vae)"
     key = (str(pick), identity, str(device))
     if key not in _CACHE:
@@ -60,10 +60,6 @@ def find_decoder(
             raise
     return _CACHE[key], ""
 
-
-def _hub_like(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
 @torch.no_grad()

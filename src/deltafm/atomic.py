@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_file", "fsync_dir", "atomic_write"]
+__all__ = ["fsync_file", "fsync_dir", "atomic_write", "exclusive_lock"]
 
 
 def fsync_file(path: Path) -> None:
@@ -53,3 +53,21 @@ def atomic_write(path: Path, write: Callable[[Path], Any], tmp: Path | None = No
         raise
     fsync_dir(path.parent)
     return path
+
+
+def exclusive_lock(path: Path) -> int | None:
+    """Take an exclusive, non-blocking ``fcntl.flock`` on ``path`` (created if missing) and return its file
+    descriptor, to be kept open while writing (closing it, or the process ending even by SIGKILL, drops the
+    lock). Returns None where flock does not exist (one writer assumed). Raises ``BlockingIOError`` when
+    another process holds the lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows)
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        raise BlockingIOError(e.errno, f"{path} is locked by another process") from None
+    return fd

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, exclusive_lock
 from .errors import UserError
 
 __all__ = ["SampleStoreError", "ChunkStore", "write_npz", "write_final", "npy_header"]
@@ -249,17 +249,10 @@ class ChunkStore:
 
     def _lock(self) -> None:
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - no flock (Windows): single writer assumed
-            return
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            self._lock_fd = exclusive_lock(self.root / "lock")
+        except BlockingIOError:
             raise SampleStoreError(f"another process is writing samples into {self.root}; wait for it or "
                                    "use another --out") from None
-        self._lock_fd = fd
 
     def _clear(self) -> None:
         for p in self.root.iterdir():

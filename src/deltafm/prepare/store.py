@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltafm.atomic import atomic_write
+from deltafm.atomic import atomic_write, exclusive_lock
 from deltafm.data.datasets import DataError
 from deltafm.data.latent_format import check_shards_agree, shard_header
 from deltafm.prepare.encode import captions_name, shard_name
@@ -138,17 +138,10 @@ class OutFolder:
 
     def _lock(self) -> None:
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - no flock (Windows): one writer assumed
-            return
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            self._lock_fd = exclusive_lock(self.root / LOCK_FILE)
+        except BlockingIOError:
             raise PrepareError(f"another prepare-latents job is writing into {self.root}; wait for it to end "
                                "or use another --out") from None
-        self._lock_fd = fd
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -22,7 +22,7 @@ import torch
 from deltafm.errors import UserError
 from deltafm.pixels import model_to_uint8, uint8_to_model
 
-__all__ = ["DataError", "ImageDataset"]
+__all__ = ["DataError", "ImageDataset", "ItemShape"]
 
 
 class DataError(UserError, ValueError):
@@ -30,8 +30,30 @@ class DataError(UserError, ValueError):
     values the project refuses (the message names the file and what is wrong). A ``ValueError`` as well."""
 
 
+class ItemShape:
+    """What every dataset (in memory, lazy latents, streamed tars) derives from its per-item ``shape``
+    (C, H, W), ``labels`` and ``num_classes``: ``channels``, ``image_size`` (square items only) and
+    ``class_counts``. Subclasses define ``shape``, ``labels``, ``num_classes`` and ``name``."""
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]  # type: ignore[attr-defined]
+
+    @property
+    def image_size(self) -> int:
+        """Side length H (= W) of the square items."""
+        _, h, w = self.shape  # type: ignore[attr-defined]
+        if h != w:
+            raise ValueError(f"{self.name}: items are {h}x{w}, not square; use .shape")  # type: ignore[attr-defined]
+        return h
+
+    def class_counts(self) -> torch.Tensor:
+        """Number of items per class, (num_classes,)."""
+        return torch.bincount(self.labels.cpu(), minlength=self.num_classes)  # type: ignore[attr-defined]
+
+
 @dataclass
-class ImageDataset:
+class ImageDataset(ItemShape):
     """A labelled image (or latent) dataset held in memory as one tensor.
 
     Attributes:
@@ -112,22 +134,10 @@ class ImageDataset:
         return self.to_model(self.images[index]), self.labels[index]
 
     @property
-    def channels(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
     def shape(self) -> tuple[int, int, int]:
         """Per-item shape (C, H, W)."""
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
-
-    @property
-    def image_size(self) -> int:
-        """Side length H (= W) of the square items."""
-        _, h, w = self.shape
-        if h != w:
-            raise ValueError(f"{self.name}: items are {h}x{w}, not square; use .shape")
-        return h
 
     def to_model(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Items of this dataset -> model space: uint8 -> p/127.5 − 1; latents unchanged (cast to dtype)."""
@@ -160,7 +170,3 @@ class ImageDataset:
         if not isinstance(indices, slice):
             indices = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
         return replace(self, images=self.images[indices], labels=self.labels[indices])
-
-    def class_counts(self) -> torch.Tensor:
-        """Number of items per class, (num_classes,)."""
-        return torch.bincount(self.labels.cpu(), minlength=self.num_classes)

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltafm.data.datasets import DataError
+from deltafm.data.datasets import DataError, ItemShape
 from deltafm.data.latent_format import (
     RESERVED_KEYS,
     ShardHeader,
@@ -116,7 +116,7 @@ class _Shard:
     labels: TensorSpan
 
 
-class LatentStore:
+class LatentStore(ItemShape):
     """A latent dataset read lazily from safetensors shards (see the module docstring).
 
     Duck-types :class:`~deltafm.data.datasets.ImageDataset` for training, sampling and bookkeeping:
@@ -180,18 +180,6 @@ class LatentStore:
         return int(c), int(h), int(w)
 
     @property
-    def channels(self) -> int:
-        return self.shape[0]
-
-    @property
-    def image_size(self) -> int:
-        """Side length H (= W) of the square items."""
-        _, h, w = self.shape
-        if h != w:
-            raise ValueError(f"{self.name}: items are {h}x{w}, not square; use .shape")
-        return h
-
-    @property
     def storage_dtype(self) -> torch.dtype:
         """The shards' dtype (float16 or float32)."""
         return self._shards[0].latents.dtype
@@ -199,10 +187,6 @@ class LatentStore:
     @property
     def paths(self) -> list[Path]:
         return [s.header.path for s in self._shards]
-
-    def class_counts(self) -> torch.Tensor:
-        """Number of items per class, (num_classes,)."""
-        return torch.bincount(self.labels, minlength=self.num_classes)
 
     def to_model(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Latents from :meth:`load_batch` are already in model space: only cast."""

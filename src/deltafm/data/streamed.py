@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from deltafm.data.crop import crop_to_array
-from deltafm.data.datasets import DataError
+from deltafm.data.datasets import DataError, ItemShape
 from deltafm.data.image_sources import Source, open_source
 from deltafm.pixels import model_to_uint8, uint8_to_model
 
 __all__ = ["StreamedImages"]
 
 
-class StreamedImages:
+class StreamedImages(ItemShape):
     """Images read on demand from a :class:`~deltafm.data.image_sources.Source`; duck-types
     :class:`~deltafm.data.datasets.ImageDataset` (``len``, ``labels``, ``num_classes``, ``name``,
     ``kind == "images"``, ``channels``, ``image_size``, ``shape``, ``subset``, ``class_counts``,
@@ -60,19 +60,8 @@ class StreamedImages:
         return int(self._rows.shape[0])
 
     @property
-    def channels(self) -> int:
-        return self._channels
-
-    @property
-    def image_size(self) -> int:
-        return self._size
-
-    @property
     def shape(self) -> tuple[int, int, int]:
         return self._channels, self._size, self._size
-
-    def class_counts(self) -> torch.Tensor:
-        return torch.bincount(self.labels, minlength=self.num_classes)
 
     def to_model(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return uint8_to_model(x, dtype)

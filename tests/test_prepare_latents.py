@@ -494,3 +494,9 @@ def test_a_dataset_by_name_is_encoded_in_its_own_order(tmp_path):
     rc, _, err = run_cli(["prepare-latents", "--dataset", "digits", "--input", "x", "--out", str(tmp_path / "o2"),
                           "--vae", str(vae)])
     assert rc == 2 and "not allowed with argument" in err
+    rc, _, err = run_cli(["prepare-latents", "--dataset", "digits", "--unlabelled", "--out", str(tmp_path / "o3"),
+                          "--vae", str(vae), "--image-size", "8"])
+    assert rc == 2 and "--unlabelled goes with --input" in err and not (tmp_path / "o3").exists()
+    rc, _, err = run_cli(["prepare-latents", "--input", str(tmp_path), "--split", "test", "--out",
+                          str(tmp_path / "o4"), "--vae", str(vae), "--image-size", "8"])
+    assert rc == 2 and "--root and --split go with --dataset" in err and not (tmp_path / "o4").exists()

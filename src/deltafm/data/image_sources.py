@@ -176,9 +176,6 @@ class DatasetSource(Source):
     def relative_name(self, i: int) -> str:
         return str(i)
 
-    def read(self, i: int) -> bytes:
-        return self.dataset.images[i].numpy().tobytes()
-
     def open_image(self, i: int, mode: str = "RGB") -> Image.Image:
         from PIL import Image
 

@@ -98,6 +98,10 @@ def _check_args(args: argparse.Namespace) -> None:
                              ("--threads", args.threads, 1)):
         if value is not None and value < low:
             raise PrepareError(f"{flag} must be >= {low}, got {value}")
+    if args.input is not None and (args.root is not None or args.split != "train"):
+        raise PrepareError("--root and --split go with --dataset; --input names the image files itself")
+    if args.dataset is not None and args.unlabelled:
+        raise PrepareError("--unlabelled goes with --input; a dataset given by name keeps its labels")
 
 
 def _device(name: str, world: int, local_rank: int) -> Any:

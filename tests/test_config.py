@@ -156,8 +156,10 @@ PRESETS = sorted(p.stem for p in preset_dir().glob("*.yaml"))
 def test_required_presets_exist():
     for name in ["fmnist-unet-deltafm", "fmnist-unet-fm", "fmnist-sit", "digits-tiny"]:
         assert name in PRESETS
-    imagenet = [p for p in PRESETS if p.startswith("imagenet")]
+    imagenet = [p for p in PRESETS if p.startswith("imagenet") and "repa" not in p]
     assert len(imagenet) == 8, imagenet  # SiT-B/2, SiT-XL/2 x 256, 512 x FM, ΔFM
+    repa = [p for p in PRESETS if p.startswith("imagenet") and "repa" in p]
+    assert len(repa) == 4, repa  # REPA-SiT-B/2, REPA-SiT-XL/2 at 256 x FM, ΔFM
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -181,8 +183,12 @@ def test_imagenet_presets_follow_the_paper():
         assert cfg.objective.label_dropout == 0.1 and cfg.objective.path == "linear"
         assert cfg.objective.time_sampler == "uniform" and cfg.objective.negatives == "uniform"
         assert cfg.objective.lam == (0.05 if name.endswith("deltafm") else 0.0)
-        seen.add((cfg.model.name, "512" in name, cfg.objective.lam))
-    assert len(seen) == 8
+        if "repa" in name:  # the reference's REPA recipe: DINOv2 tokens, coeff 0.5, projector 2048, REPA's depths
+            r = cfg.repa
+            assert r.enabled and r.proj_coeff == 0.5 and r.projector_dim == 2048
+            assert r.encoder_depth == (4 if cfg.model.name == "SiT-B/2" else 8)
+        seen.add((cfg.model.name, "512" in name, cfg.objective.lam, cfg.repa.enabled))
+    assert len(seen) == 12
 
 
 def test_unknown_preset_lists_the_close_one():

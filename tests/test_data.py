@@ -512,8 +512,9 @@ def test_batches_gathers_normalised_items() -> None:
     ref = EpochBatchSampler(len(ds), 32, seed=0)
     it, rit = batches(ds, sampler, device="cpu"), iter(ref)
     for _ in range(3):
-        x, y = next(it)
+        x, y, extras = next(it)
         idx = next(rit)
+        assert extras == {}
         assert x.dtype == torch.float32 and x.shape == (32, 1, 8, 8)
         assert torch.equal(x, ds.images[idx].float() / 127.5 - 1) and torch.equal(y, ds.labels[idx])
     with pytest.raises(ValueError, match="sampler is for"):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from deltafm.data import (
+    Batch,
     BatchLoader,
     DataError,
     EpochBatchSampler,
@@ -176,7 +177,7 @@ def test_image_datasets_share_the_batch_method() -> None:
 # ----------------------------------------------------------------------------------------- the loader
 
 
-def _take(loader: BatchLoader, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _take(loader: BatchLoader, k: int) -> list[Batch]:
     return [next(loader) for _ in range(k)]
 
 
@@ -189,8 +190,8 @@ def test_workers_give_the_same_batches_and_draws(tmp_path: Path) -> None:
         with BatchLoader(store, sampler, workers=workers, prefetch=2) as loader:
             runs[workers] = _take(loader, steps)
         assert sampler.state_dict()["epoch"] == 2 and sampler.state_dict()["batch_in_epoch"] == 3
-    for (x0, y0), (x2, y2) in zip(runs[0], runs[2]):
-        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    for (x0, y0, e0), (x2, y2, e2) in zip(runs[0], runs[2]):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2) and e0 == e2 == {}
     # batch 2 of epoch 1 (the 8th batch), by hand: rank 1's half of the global batch, its own generator
     ref = EpochBatchSampler(22, 4, seed=3, rank=1, world_size=2)
     idx = ref.local_batch(1, 2)
@@ -211,7 +212,7 @@ def test_prefetch_does_not_advance_the_saved_position(tmp_path: Path) -> None:
     resumed = EpochBatchSampler(20, 4, seed=0)
     resumed.load_state_dict(state)
     with BatchLoader(store, resumed, workers=0) as again:
-        for (xa, ya), (xb, yb) in zip(more, _take(again, 6)):
+        for (xa, ya, _), (xb, yb, _) in zip(more, _take(again, 6)):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert len(first) == 3
 

@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "deltafm"
 
 #: the core: maths, sampling engine, seeding, normalisation; imports nothing but itself
 CORE = {"paths", "timesteps", "losses", "negatives", "schedules", "objective", "correction", "guidance",
-        "solvers", "generate", "seeding", "pixels", "checks", "images", "errors", "sample_store", "atomic", "safe_load"}
+        "solvers", "generate", "seeding", "pixels", "checks", "images", "errors", "sample_store", "atomic", "safe_load",
+        "alignment"}
 #: which top-level parts each part may import (besides itself)
 ALLOWED = {
     "core": {"core"},
@@ -21,13 +22,14 @@ ALLOWED = {
     "data": {"core"},
     "eval": {"core", "data"},
     "vae": {"core"},
-    "train": {"core", "models", "data", "vae", "typed_config"},
+    "encoders": {"core"},
+    "train": {"core", "models", "data", "vae", "encoders", "typed_config"},
     "toy": {"core", "models"},
     "convert": {"core", "models", "data", "vae", "train", "typed_config"},
-    "prepare": {"core", "models", "data", "eval", "vae", "train", "typed_config"},
-    "study": {"core", "models", "data", "eval", "vae", "train", "typed_config"},
+    "prepare": {"core", "models", "data", "eval", "vae", "encoders", "train", "typed_config"},
+    "study": {"core", "models", "data", "eval", "vae", "encoders", "train", "typed_config"},
     "typed_config": {"core"},
-    "cli": {"core", "models", "data", "eval", "vae", "train", "prepare", "study", "toy", "typed_config"},
+    "cli": {"core", "models", "data", "eval", "vae", "encoders", "train", "prepare", "study", "toy", "typed_config"},
 }
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80

@@ -38,6 +38,8 @@ _DISPATCH = {
     "mean-target": ("deltafm.convert.mean_target", "estimate the mean target ū of a checkpoint from data"),
     "train-autoencoder": ("deltafm.prepare.autoencoder_cli", "train a small diffusers AutoencoderKL on an image set"),
     "prepare-latents": ("deltafm.prepare.latents_cli", "images (folder / tar shards) -> VAE latent shards"),
+    "train-encoder": ("deltafm.prepare.encoder_cli",
+                      "train a small DINOv2-class encoder on an image set (REPA targets)"),
 }
 
 

@@ -11,12 +11,19 @@ One call does, for a batch of data x1 (B, ...) with labels y::
     ũ  = α̇_t x1[j] + σ̇_t x0[j]             (negative_time="anchor", paper Eq. 6)
        or u[j]                              (negative_time="own", reference code; same for linear)
     loss = mean_i [ (1/D)‖v_i − u_i‖² − λ (1/D)‖v_i − ũ_i‖² ]   (aligned form: no host sync)
+         + c_REPA · L_REPA(h_φ(tokens of block k), encoder tokens of x1)   (only when targets are given)
 
 Label dropout is per sample and done here, so the loss knows which samples are unconditional;
 ``contrast_unconditional=False`` drops the negative term for them (the reference contrasts them).
 The running means of x1 and x0 (:class:`~deltafm.guidance.MeanTarget`) are updated on every
 call, for the bias correction at sampling time; :meth:`DeltaFMObjective.sampling_correction` decides
 which map and which λ a model trained with this objective is sampled with.
+
+REPA (:mod:`deltafm.alignment`): given ``align_targets`` (one (B, N, D_e) tensor of encoder tokens per
+projector), the model is called as ``model(x_t, t, c, align=True)`` (an
+:class:`~deltafm.alignment.AlignedModel`), still one forward pass, and ``align_coeff · L_REPA`` is added
+to the loss. It acts on the same x_t, t and c as the velocity loss, so it composes with every path,
+negative kind, λ schedule and label dropout; without targets the computation is exactly the one above.
 
 Class-id range checks read tensor values (a host sync on a GPU); they run unless the caller is inside
 :func:`deltafm.checks.validation_disabled` (the training loop validates its data once instead).
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .alignment import alignment_loss
 from .checks import validation_enabled
 from .correction import BiasCorrection, MeanTarget
 from .losses import check_lambda, contrastive_loss_parts, flow_matching_loss
@@ -43,7 +51,8 @@ __all__ = ["DeltaFMObjective", "ObjectiveOutput"]
 @dataclass
 class ObjectiveOutput:
     """``loss`` (scalar, with grad) and ``parts`` (detached scalar tensors, for logging:
-    "loss", "positive" (= FM loss), "negative", "lam"), plus the pieces of the step."""
+    "loss" (the total), "positive" (= FM loss), "negative", "lam", and "repa" when REPA targets were
+    given), plus the pieces of the step."""
 
     loss: Tensor
     parts: dict[str, Tensor]
@@ -69,6 +78,8 @@ class DeltaFMObjective:
         negative_time: ``anchor`` (ũ at the anchor's t) or ``own`` (ũ = u_j at its own t).
         hard_other_class: with ``hard`` negatives, only mine among other classes.
         track_mean: keep the running data/source means for the bias correction.
+        align_coeff: weight of the REPA term (REPA's ``proj_coeff``); used when a call gives
+            ``align_targets``.
     """
 
     def __init__(
@@ -85,6 +96,7 @@ class DeltaFMObjective:
         hard_other_class: bool = False,
         track_mean: bool = True,
         time_sampler_kwargs: dict[str, float] | None = None,
+        align_coeff: float = 0.0,
     ) -> None:
         self.path = get_path(path)
         self.time_sampler = get_time_sampler(time_sampler, **(time_sampler_kwargs or {}))
@@ -111,6 +123,9 @@ class DeltaFMObjective:
         self.negative_time = negative_time
         self.track_mean = track_mean
         self.mean_target = MeanTarget(num_classes)
+        if not align_coeff >= 0.0:
+            raise ValueError(f"align_coeff must be >= 0, got {align_coeff}")
+        self.align_coeff = float(align_coeff)
 
     @property
     def null_class(self) -> int | None:
@@ -170,8 +185,11 @@ class DeltaFMObjective:
         progress: float = 0.0,
         noise: Tensor | None = None,
         t: Tensor | None = None,
+        align_targets: list[Tensor] | None = None,
     ) -> ObjectiveOutput:
-        """Compute the loss for a batch; ``noise`` / ``t`` override the random draws."""
+        """Compute the loss for a batch; ``noise`` / ``t`` override the random draws. With ``align_targets``
+        (encoder tokens of x1, one (B, N, D_e) tensor per projector) the REPA term is added and
+        ``parts["repa"]`` reports it."""
         b = x1.shape[0]
         if labels is not None and labels.shape != (b,):
             raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
@@ -182,7 +200,11 @@ class DeltaFMObjective:
             noise = torch.randn(x1.shape, generator=generator, device=gen_dev, dtype=x1.dtype).to(x1.device)
         sample = self.path.sample(x1, noise, t)
         cond, dropped = self.drop_labels(labels, generator)
-        pred = model(sample.x_t, t, cond)
+        projected = None
+        if align_targets is None:
+            pred = model(sample.x_t, t, cond)
+        else:
+            pred, projected = model(sample.x_t, t, cond, align=True)
         if pred.shape != x1.shape:
             raise ValueError(f"model output shape {tuple(pred.shape)} differs from the input shape {tuple(x1.shape)}")
         lam = self.lam_at(progress)
@@ -199,6 +221,11 @@ class DeltaFMObjective:
             if not self.contrast_unconditional and dropped is not None:
                 per_sample = torch.where(dropped, positive, per_sample)
         loss = per_sample.mean()
+        repa = None
+        if projected is not None:
+            assert align_targets is not None
+            repa = alignment_loss(projected, align_targets)
+            loss = loss + self.align_coeff * repa
         if self.track_mean:
             self.mean_target.update(x1, noise, labels if self.num_classes else None, t, self.path)
         parts_out = {
@@ -207,6 +234,8 @@ class DeltaFMObjective:
             "negative": negative.detach().mean(),
             "lam": torch.tensor(lam),
         }
+        if repa is not None:
+            parts_out["repa"] = repa.detach()
         return ObjectiveOutput(loss, parts_out, pred, sample, cond, dropped, neg_index)
 
     def bias_correction(self, direction: str = "to_fm", lam: float | None = None) -> BiasCorrection:

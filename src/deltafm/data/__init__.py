@@ -1,5 +1,6 @@
 """Data for deltafm: in-memory image datasets, the lazy latent store, a resumable batch order and the
-batch loader that turns it into (x, y) batches (workers, prefetch, per-batch posterior draws).
+batch loader that turns it into :class:`Batch` es (x, y, extras) (workers, prefetch, per-batch posterior
+draws, REPA extras read with x).
 
 Normalisation is defined once, in :mod:`deltafm.pixels`: uint8 pixels p -> p / 127.5 − 1 ∈ [−1, 1]
 (inverse ``model_to_uint8``), latents unchanged. The one dataset builder is :func:`load_dataset`
@@ -20,7 +21,7 @@ from deltafm.data.idx import (
 )
 from deltafm.data.latent_store import LatentStore
 from deltafm.data.latents import SD_VAE_SCALE, LatentShardWriter, load_latent_shards, write_latent_shards
-from deltafm.data.loader import BatchLoader, batch_generator, batches
+from deltafm.data.loader import Batch, BatchLoader, batch_generator, batches
 from deltafm.data.registry import DATASETS, load_dataset
 from deltafm.data.sampler import EpochBatchSampler, epoch_seed
 from deltafm.pixels import model_to_uint8, uint8_to_model
@@ -29,6 +30,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_ROOT",
     "SD_VAE_SCALE",
+    "Batch",
     "BatchLoader",
     "DataError",
     "EpochBatchSampler",

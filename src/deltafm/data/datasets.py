@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -82,6 +83,8 @@ class ImageDataset(ItemShape):
     latent_scale: float = 1.0
     latent_shift: float = 0.0
     meta: dict[str, str] = field(default_factory=dict)
+    #: REPA extras this dataset can load: none (pixel data is its own image; see :meth:`load_extras`)
+    extra_names: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("images", "latents"):
@@ -153,6 +156,23 @@ class ImageDataset(ItemShape):
         the argument makes this the same call as :meth:`LatentStore.load_batch`)."""
         index = torch.as_tensor(index, dtype=torch.long).to(self.images.device)
         return self.to_model(self.images.index_select(0, index), dtype)
+
+    @property
+    def feature_info(self) -> dict[str, dict[str, Any]]:
+        """No stored encoder features (see :meth:`load_extras`)."""
+        return {}
+
+    def load_extras(self, index: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """REPA extras of items ``index``: an in-memory dataset holds none, so any name is a
+        :class:`DataError` (``{}`` for no names). For pixel data x itself is the clean image an encoder
+        takes; latents with stored features or images are read by the lazy
+        :class:`~deltafm.data.latent_store.LatentStore` (``load_dataset("latents", root)``)."""
+        if not names:
+            return {}
+        hint = ("pixel data carries no extras: run the encoder on x itself" if self.kind == "images" else
+                "in-memory latents carry no extras: read the shards with LatentStore (load_dataset('latents', "
+                "root)), encoded with `deltafm prepare-latents --encoder PATH` or `--keep-images`")
+        raise DataError(f"dataset {self.name!r} has no extras {', '.join(names)}; {hint}")
 
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> storage space: uint8 pixels for images; for latents the un-scaled VAE latents

@@ -34,6 +34,15 @@ else x = (μ − b) · s, bit-identical to :func:`~deltafm.data.latents.load_lat
 is value-checked (finite μ, finite σ ≥ 0; one vectorised pass); a bad item raises a :class:`DataError`
 from :func:`~deltafm.data.latent_format.check_values` naming the shard and the item.
 
+REPA extras (shards written by ``deltafm prepare-latents --encoder PATH`` / ``--keep-images``) are read
+the same way, per batch and only when asked, by :meth:`LatentStore.load_extras`::
+
+    "features.<e>"  ->  float32 (B, T, D)   encoder e's patch tokens (stored float16; checked finite)
+    "images"        ->  uint8 (B, C, H, W)  the cropped image the VAE encoded (p; model space p/127.5 − 1)
+
+``extra_names`` lists what the shards hold and ``feature_info[e]`` what encoder e's tensor is (its
+identity, token grid (gh, gw), dim D, tokens T = gh·gw).
+
 File descriptors are opened lazily, one per shard and process, and keyed by the process id: a store
 pickled to (or forked into) a DataLoader worker opens its own.
 """
@@ -44,7 +53,7 @@ import json
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +62,12 @@ import torch
 
 from deltafm.data.datasets import DataError, ItemShape
 from deltafm.data.latent_format import (
+    FEATURES_PREFIX,
     RESERVED_KEYS,
     ShardHeader,
     check_shards_agree,
     check_values,
+    feature_info,
     meta_number,
     shard_header,
 )
@@ -64,7 +75,7 @@ from deltafm.data.latents import shard_paths
 
 __all__ = ["LatentStore", "TensorSpan", "tensor_spans"]
 
-_DTYPES = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+_DTYPES = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
 _MAX_OPEN = 256  # open shard files per process; the oldest is closed beyond this
 
 
@@ -82,7 +93,7 @@ def tensor_spans(path: Path) -> dict[str, TensorSpan]:
     """Parse a safetensors file's header (8-byte little-endian length + JSON) into :class:`TensorSpan` s.
 
     Raises :class:`DataError` naming the file when the header is unreadable, a dtype is not one of F16,
-    F32, I64, or the file is shorter than its header says (a truncated copy)."""
+    F32, I64, U8, or the file is shorter than its header says (a truncated copy)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -99,7 +110,7 @@ def tensor_spans(path: Path) -> dict[str, TensorSpan]:
         if name == "__metadata__":
             continue
         if entry.get("dtype") not in _DTYPES:
-            raise DataError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')}, expected F16, F32 or I64")
+            raise DataError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')}, expected F16, F32, I64 or U8")
         begin, end = entry["data_offsets"]
         if base + end > size:
             raise DataError(f"{path}: tensor {name!r} ends at byte {base + end} but the file has {size} bytes "
@@ -114,6 +125,13 @@ class _Shard:
     latents: TensorSpan
     std: TensorSpan | None
     labels: TensorSpan
+    extras: dict[str, TensorSpan] = field(default_factory=dict)
+
+    def span(self, name: str) -> TensorSpan:
+        """The span of tensor ``name`` ("latents", "latents_std" or an extra)."""
+        span = {"latents": self.latents, "latents_std": self.std}.get(name) or self.extras.get(name)
+        assert span is not None, name
+        return span
 
 
 class LatentStore(ItemShape):
@@ -123,7 +141,8 @@ class LatentStore(ItemShape):
     ``len``, ``labels``, ``num_classes``, ``name``, ``kind == "latents"``, ``class_names`` (None),
     ``channels``, ``image_size``, ``shape``, ``latent_scale``, ``latent_shift``, ``meta``, ``subset``,
     ``class_counts``, ``to_model``, ``from_model``, ``ds[i]``, and the one batch path :meth:`load_batch`.
-    It has no ``images`` tensor: read items with :meth:`load_batch`.
+    It has no ``images`` tensor: read items with :meth:`load_batch`, and REPA extras (``extra_names``,
+    ``feature_info``) with :meth:`load_extras`.
 
     Args:
         root: a folder of ``*.safetensors`` shards (read in sorted name order) or one shard file.
@@ -131,8 +150,8 @@ class LatentStore(ItemShape):
 
     Raises:
         FileNotFoundError: no folder or no shards.
-        DataError: a damaged header, shards that disagree (item shape, dtype, std present, scale, shift,
-            num_classes, VAE), a label out of range.
+        DataError: a damaged header, shards that disagree (item shape, dtype, std present, extras, scale,
+            shift, num_classes, VAE, encoders), a label out of range.
     """
 
     kind = "latents"
@@ -147,6 +166,12 @@ class LatentStore(ItemShape):
         self.latent_scale = meta_number(paths[0], meta0, "scale_factor", "1.0", positive=True)
         self.latent_shift = meta_number(paths[0], meta0, "shift_factor", "0.0")
         self.meta = {k: v for k, v in meta0.items() if k not in RESERVED_KEYS}
+        #: encoder name e (tensor ``features.<e>``) -> {"encoder": e, "tensor": "features.<e>", "identity",
+        #: "grid": (gh, gw), "dim": D, "tokens": T = gh·gw}
+        self.feature_info: dict[str, dict[str, Any]] = {
+            n[len(FEATURES_PREFIX):]: feature_info(paths[0], meta0, n)
+            for n in headers[0].extras if n.startswith(FEATURES_PREFIX)}
+        self._root = Path(root)
         self._shards = [_open_shard(h) for h in headers]
         labels = [_read_labels(s) for s in self._shards]
         counts = [h.count for h in headers]
@@ -172,6 +197,11 @@ class LatentStore(ItemShape):
     def has_std(self) -> bool:
         """The shards hold the posterior std σ (``latents_std``): batches can be drawn z = μ + σ·ε."""
         return self._shards[0].std is not None
+
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """The REPA extras the shards hold (sorted), e.g. ``("features.dinov2-vitb14", "images")``."""
+        return tuple(sorted(self._shards[0].header.extras))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -248,28 +278,69 @@ class LatentStore(ItemShape):
 
     def _read(self, rows: np.ndarray, with_std: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw μ (and σ) of global rows ``rows``, in the order given, checked (see :meth:`_check`)."""
+        order, shard, local, bufs = self._read_sorted(rows, ("latents", "latents_std") if with_std else ("latents",))
+        mu, std = bufs[0], bufs[1] if with_std else None
+        self._check(mu, std, shard, local)
+        inv = _inverse(order)
+        return mu[inv], None if std is None else std[inv]
+
+    def _read_sorted(
+        self, rows: np.ndarray, names: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[torch.Tensor]]:
+        """Tensors ``names`` of global rows ``rows`` read in sorted row order: (sort order, shard and local
+        index of each sorted row, one (B, *item) buffer of the stored dtype per name). Each run of
+        consecutive items of one shard is one ``preadv`` per tensor."""
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         shard = np.searchsorted(self._starts, srt, side="right") - 1
         local = srt - self._starts[shard]
-        shape, dtype = (len(rows), *self.shape), self.storage_dtype
-        mu = torch.empty(shape, dtype=dtype)
-        std = torch.empty(shape, dtype=dtype) if with_std else None
-        item = mu[0].numel() * mu.element_size()
-        views = (_bytes_of(mu), None if std is None else _bytes_of(std))
+        first = self._shards[0]
+        shapes = [self.shape if n in ("latents", "latents_std") else first.header.extras[n] for n in names]
+        bufs = [torch.empty((len(rows), *sh), dtype=first.span(n).dtype) for n, sh in zip(names, shapes)]
+        items = [int(np.prod(sh)) * b.element_size() for sh, b in zip(shapes, bufs)]
+        views = [_bytes_of(b) for b in bufs]
         breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) != 1)) + 1
-        bounds = np.concatenate([[0], breaks, [len(rows)]]).tolist()
+        bounds = np.concatenate([[0], breaks, [len(rows)]]).tolist() if len(rows) else []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            s, first = int(shard[a]), int(local[a])
+            s, start = int(shard[a]), int(local[a])
             fd, sh = self._fd(s), self._shards[s]
-            for span, view in zip((sh.latents, sh.std), views):
-                if view is not None and span is not None:
-                    _pread_into(fd, sh.header.path, view, a * item, b * item, span.start + first * item)
-        self._check(mu, std, shard, local)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        inv = torch.from_numpy(inverse)
-        return mu[inv], None if std is None else std[inv]
+            for name, view, item in zip(names, views, items):
+                _pread_into(fd, sh.header.path, view, a * item, b * item, sh.span(name).start + start * item)
+        return order, shard, local, bufs
+
+    def load_extras(self, index: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """REPA extras ``names`` of items ``index`` (LongTensor (B,)), in the batch's order, on the CPU:
+        ``features.<e>`` float32 (B, T, D) (stored float16, widened exactly), ``images`` uint8 (B, C, H, W).
+
+        Read lazily like :meth:`load_batch` (``preadv`` of the batch's rows only). Raises
+        :class:`DataError` (a ``ValueError``) for a name the shards do not hold (listing those they
+        hold and what to run to add them) and for a feature row holding NaN or inf (naming shard and item).
+        """
+        names = tuple(names)
+        missing = [n for n in names if n not in self.extra_names]
+        if missing:
+            raise DataError(_missing_extras(self._root, missing, self.extra_names))
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        if index.ndim != 1:
+            raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self._length):
+            raise IndexError(f"index out of range [0, {self._length})")
+        if not names:
+            return {}
+        rows = (self._rows[index] if self._rows is not None else index).numpy()
+        order, shard, local, bufs = self._read_sorted(rows, names)
+        inv = _inverse(order)
+        out = {}
+        for name, buf in zip(names, bufs):
+            if name.startswith(FEATURES_PREFIX):
+                ok = torch.isfinite(buf).flatten(1).all(dim=1)
+                if not bool(ok.all()):
+                    j = int((~ok).nonzero()[0])
+                    raise DataError(f"{self._shards[int(shard[j])].header.path}: {name} of item {int(local[j])} "
+                                    "hold NaN or inf; re-encode this shard with `deltafm prepare-latents --encoder`")
+                buf = buf.to(torch.float32)
+            out[name] = buf[inv]
+        return out
 
     def _check(self, mu: torch.Tensor, std: torch.Tensor | None, shard: np.ndarray, local: np.ndarray) -> None:
         """One vectorised pass: finite μ, finite σ >= 0; the first bad item goes to ``check_values``."""
@@ -345,12 +416,41 @@ def _open_shard(header: ShardHeader) -> _Shard:
     lat, std = spans["latents"], spans.get("latents_std")
     if lat.dtype not in (torch.float16, torch.float32):
         raise DataError(f"{header.path}: 'latents' must be float16 or float32, got {lat.dtype}")
-    item = int(np.prod(header.item_shape)) * torch.empty(0, dtype=lat.dtype).element_size()
-    for name, span in (("latents", lat), ("latents_std", std)):
-        if span is not None and (span.nbytes != header.count * item or span.dtype != lat.dtype):
+    extras = {n: spans[n] for n in header.extras}
+    want = {"latents": (header.item_shape, lat.dtype), "latents_std": (header.item_shape, lat.dtype),
+            **{n: (shape, torch.float16 if n.startswith(FEATURES_PREFIX) else torch.uint8)
+               for n, shape in header.extras.items()}}
+    for name, span in (("latents", lat), ("latents_std", std), *extras.items()):
+        shape, dtype = want[name]
+        nbytes = header.count * int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        if span is not None and (span.nbytes != nbytes or span.dtype != dtype):
             raise DataError(f"{header.path}: {name!r} holds {span.nbytes} bytes of {span.dtype}, expected "
-                            f"{header.count * item} of {lat.dtype}")
-    return _Shard(header, lat, std, spans["labels"])
+                            f"{nbytes} of {dtype}")
+    return _Shard(header, lat, std, spans["labels"], extras)
+
+
+def _inverse(order: np.ndarray) -> torch.Tensor:
+    """The permutation that puts rows read in sorted order (``rows[order]``) back in the asked order."""
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return torch.from_numpy(inverse)
+
+
+def _missing_extras(root: Path, missing: Sequence[str], held: Sequence[str]) -> str:
+    """The error message for extras the shards at ``root`` do not hold: what they hold, what to run."""
+    how = []
+    if any(n.startswith(FEATURES_PREFIX) for n in missing):
+        how.append("`deltafm prepare-latents --encoder PATH` (features.<name>, where name is the encoder's)")
+    if "images" in missing:
+        how.append("`deltafm prepare-latents --keep-images` (images)")
+    unknown = [n for n in missing if n != "images" and not n.startswith(FEATURES_PREFIX)]
+    held_text = ", ".join(held) if held else "no extras"
+    text = f"the latent shards at {root} do not hold {', '.join(missing)} (they hold {held_text})"
+    if unknown:
+        text += "; extras are named 'images' or 'features.<encoder name>'"
+    if how:
+        text += "; encode them into a new folder with " + " or ".join(how)
+    return text
 
 
 def _read_labels(shard: _Shard) -> torch.Tensor:
@@ -371,7 +471,7 @@ def _read_labels(shard: _Shard) -> torch.Tensor:
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's storage."""
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # 1-D uint8: format "B", also for 0 items
 
 
 def _pread_into(fd: int, path: Path, view: memoryview, pos: int, end: int, offset: int) -> None:

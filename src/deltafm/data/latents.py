@@ -8,10 +8,19 @@ Shard format (one ``.safetensors`` file per shard, all shards of a dataset in on
                                                                   step draws z = μ + σ·ε, ε ~ N(0, I),
                                                                   afresh each time (as REPA does)
                "labels"       int64, (N_i,)                       class ids
+               "features.<e>" float16, (N_i, T, D)  (optional)    REPA targets: encoder e's patch tokens
+                                                                  of the clean cropped image item i was
+                                                                  encoded from (the mirrored image for a
+                                                                  flipped copy), T = gh·gw raster order;
+                                                                  every value finite after the fp16 cast
+               "images"       uint8, (N_i, C, H, W)  (optional)   that cropped image itself (to run an
+                                                                  encoder on the fly while training)
     metadata:  "format": "deltafm.latents", "format_version": "2" ("1": no "latents_std"; still read),
                "scale_factor": s, "shift_factor": b            (decimal strings; same in every shard)
                "num_classes": K                                 (optional; same in every shard)
                "vae": identity of the autoencoder (optional; shards of two VAEs never mix)
+               "features.<e>.identity", "features.<e>.grid" ("gh,gw"), "features.<e>.dim" ("D")
+                                                                (one triple per encoder; same in every shard)
                any extra string pairs given to the writer (e.g. "image_size", "flip")
 
 Scale convention (chosen once, here): shards keep the **raw** latents and record the scale in their
@@ -22,9 +31,11 @@ metadata; the loaders return latents in **model space**
 and store s and b on the dataset (``latent_scale``, ``latent_shift``), so that
 ``dataset.from_model(x) = x / s + b`` gives back what the VAE decoder expects. Nothing downstream
 multiplies by 0.18215 again. Shards are named ``{prefix}-{index:05d}.safetensors`` and read in sorted
-name order; shapes (C, H, W), dtype, the presence of ``latents_std`` and the metadata keys of
-:data:`SHARED_KEYS` must agree across shards. Each shard file is written atomically
-(:func:`write_latent_shard`), so a shard that exists is complete.
+name order; shapes (C, H, W), dtype, the presence of ``latents_std``, the extras held (names, item
+shapes, encoder metadata) and the metadata keys of :data:`SHARED_KEYS` must agree across shards. Each
+shard file is written atomically (:func:`write_latent_shard`), so a shard that exists is complete. The
+in-memory :func:`load_latent_shards` ignores the extras; the lazy
+:class:`~deltafm.data.latent_store.LatentStore` reads them (``load_extras``).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from deltafm.data.latent_format import (
     LATENT_FORMAT,
     RESERVED_KEYS,
     SD_VAE_SCALE,
+    check_extras,
     check_moments,
     check_shards_agree,
     meta_number,
@@ -81,7 +93,11 @@ class LatentShardWriter:
         num_classes: stored in metadata when given; labels are checked against it.
         dtype: storage dtype, torch.float16 (default) or torch.float32.
         prefix: shard file name prefix.
-        metadata: extra string key/value pairs stored in every shard (e.g. ``"vae"``).
+        metadata: extra string key/value pairs stored in every shard (e.g. ``"vae"``, and
+            :func:`~deltafm.data.latent_format.feature_metadata` of each encoder whose features are added).
+
+    REPA extras (``features.<name>`` (B, T, D), ``images`` uint8 (B, C, H, W)) go with :meth:`add`'s
+    ``extras``; every batch must give the same extra names.
     """
 
     def __init__(
@@ -120,26 +136,35 @@ class LatentShardWriter:
         self.num_items = 0
         self._item_shape: tuple[int, int, int] | None = None
         self._with_std: bool | None = None
-        self._parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self._extra_names: tuple[str, ...] | None = None
+        self._parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]] = []
         self._buffered = 0
         self._closed = False
 
-    def add(self, latents: torch.Tensor, labels: torch.Tensor, std: torch.Tensor | None = None) -> None:
-        """Append a batch of raw latents (B, C, H, W) (or posterior means with ``std``) and labels (B,);
-        full shards are written at once."""
+    def add(
+        self, latents: torch.Tensor, labels: torch.Tensor, std: torch.Tensor | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Append a batch of raw latents (B, C, H, W) (or posterior means with ``std``), labels (B,) and
+        optional REPA ``extras`` (:func:`~deltafm.data.latent_format.check_extras`); full shards are
+        written at once."""
         if self._closed:
             raise RuntimeError("writer is closed")
         labels = torch.as_tensor(labels)
         check_moments(latents, labels, std, self.num_classes)
+        extra = check_extras(dict(extras or {}), int(latents.shape[0]), self.metadata)
         shape = tuple(int(s) for s in latents.shape[1:])
         if self._item_shape is None:
             self._item_shape, self._with_std = shape, std is not None  # type: ignore[assignment]
+            self._extra_names = tuple(sorted(extra))
         elif shape != self._item_shape:
             raise ValueError(f"latent item shape {shape} differs from earlier batches {self._item_shape}")
         elif (std is not None) != self._with_std:
             raise ValueError("give std with every batch or with none")
+        elif tuple(sorted(extra)) != self._extra_names:
+            raise ValueError(f"extras {sorted(extra)} differ from earlier batches' {list(self._extra_names or ())}")
         cpu = (latents.detach().to("cpu", self.dtype), None if std is None else std.detach().to("cpu", self.dtype),
-               labels.detach().to("cpu", torch.int64))
+               labels.detach().to("cpu", torch.int64), extra)
         self._parts.append(cpu)
         self._buffered += latents.shape[0]
         while self._buffered >= self.shard_size:
@@ -149,12 +174,15 @@ class LatentShardWriter:
         latents = torch.cat([p[0] for p in self._parts])
         std = torch.cat([p[1] for p in self._parts]) if self._with_std else None  # type: ignore[misc]
         labels = torch.cat([p[2] for p in self._parts])
+        extras = {k: torch.cat([p[3][k] for p in self._parts]) for k in self._extra_names or ()}
         path = self.out_dir / f"{self.prefix}-{len(self.paths):05d}.safetensors"
         write_latent_shard(path, latents[:count], labels[:count], self.metadata,
-                           std=None if std is None else std[:count], dtype=self.dtype)
+                           std=None if std is None else std[:count], dtype=self.dtype,
+                           extras={k: v[:count] for k, v in extras.items()})
         self.paths.append(path)
         self.num_items += count
-        self._parts = [(latents[count:], None if std is None else std[count:], labels[count:])]
+        self._parts = [(latents[count:], None if std is None else std[count:], labels[count:],
+                        {k: v[count:] for k, v in extras.items()})]
         self._buffered -= count
 
     def close(self) -> list[Path]:
@@ -188,8 +216,10 @@ def write_latent_shards(
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
     std: torch.Tensor | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> list[Path]:
-    """Write raw latents (N, C, H, W) (or posterior means with ``std``) and labels (N,) as shards; see
+    """Write raw latents (N, C, H, W) (or posterior means with ``std``), labels (N,) and optional REPA
+    ``extras`` (``features.<name>`` (N, T, D), ``images`` uint8 (N, C, H, W)) as shards; see
     :class:`LatentShardWriter`."""
     writer = LatentShardWriter(
         out_dir,
@@ -202,7 +232,7 @@ def write_latent_shards(
         metadata=metadata,
         overwrite=overwrite,
     )
-    writer.add(latents, labels, std=std)
+    writer.add(latents, labels, std=std, extras=extras)
     return writer.close()
 
 

@@ -1,4 +1,4 @@
-"""Training batches: this rank's (x, y) in the sampler's order, read ahead by worker processes if asked.
+"""Training batches: this rank's (x, y, extras) in the sampler's order, read ahead by worker processes if asked.
 
 :class:`BatchLoader` turns the positions of an :class:`~deltafm.data.sampler.EpochBatchSampler` into
 batches through the dataset's one batch method ``load_batch(index, generator, dtype)`` (in-memory
@@ -8,7 +8,14 @@ batches through the dataset's one batch method ``load_batch(index, generator, dt
                      ->  g_{e,b} = Generator(derive_seed(seed, rank, "posterior@e.b"))
                      ->  x = dataset.load_batch(index, g_{e,b})           latents: (μ + σ·ε − shift)·scale
                          y = dataset.labels[index]
-                     ->  pinned, copied to the device with non_blocking=True
+                         extras = dataset.load_extras(index, names)        only when ``extras`` names some
+                     ->  Batch(x, y, extras), pinned, copied to the device with non_blocking=True
+
+Every batch is a :class:`Batch` ``(x, y, extras)``; ``extras`` maps each asked name to a tensor whose
+rows are the batch's items (REPA targets: ``"features.<e>"`` float32 (B, T, D), ``"images"`` uint8
+(B, C, H, W); see :meth:`deltafm.data.latent_store.LatentStore.load_extras`) and is ``{}`` when none
+are asked. Extras are read in the same call as x (so in the worker, pinned and copied like x), after
+x's draw, and never touch g_{e,b}: x and y are bit-identical with and without extras.
 
 Two rules make a run independent of how batches are loaded:
 
@@ -32,9 +39,9 @@ from the global torch RNG that checkpoints save.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,7 +50,20 @@ from deltafm.data.datasets import DataError
 from deltafm.data.sampler import EpochBatchSampler
 from deltafm.seeding import derive_seed
 
-__all__ = ["BatchLoader", "batch_generator", "batches"]
+__all__ = ["Batch", "BatchLoader", "batch_generator", "batches"]
+
+
+class Batch(NamedTuple):
+    """One training batch: x (B, ...) in model space, labels y (B,), and the asked REPA extras by name
+    (``{}`` when none were asked). Unpacks as ``x, y, extras = batch``."""
+
+    x: Tensor
+    y: Tensor
+    extras: dict[str, Tensor]
+
+
+#: what a load returns: (position, x or the DataError that stopped it, y, extras)
+_Loaded = tuple[tuple[int, int], "Tensor | DataError", "Tensor | None", dict[str, Tensor]]
 
 
 def batch_generator(seed: int, rank: int, epoch: int, index: int) -> torch.Generator:
@@ -70,25 +90,28 @@ class _Positions:
 class _BatchSource(torch.utils.data.Dataset):
     """Map-style "dataset" of whole batches, indexed by position (epoch, batch_in_epoch)."""
 
-    def __init__(self, dataset: Any, sampler: EpochBatchSampler, dtype: torch.dtype) -> None:
+    def __init__(self, dataset: Any, sampler: EpochBatchSampler, dtype: torch.dtype,
+                 extras: tuple[str, ...] = ()) -> None:
         self.dataset = dataset
         # a private copy: workers compute indices from (seed, epoch), never from the live position
         self.order = EpochBatchSampler(sampler.num_items, sampler.batch_size, sampler.seed, sampler.rank,
                                        sampler.world_size, sampler.drop_last)
         self.dtype = dtype
+        self.extras = extras
 
-    def __getitem__(self, pos: tuple[int, int]) -> tuple[tuple[int, int], Tensor | DataError, Tensor | None]:
-        """(pos, x, y); a :class:`DataError` (a damaged item) comes back in x's place, so the main process
-        raises it with its own message (a DataLoader would wrap it in a worker traceback)."""
+    def __getitem__(self, pos: tuple[int, int]) -> _Loaded:
+        """(pos, x, y, extras); a :class:`DataError` (a damaged item) comes back in x's place, so the main
+        process raises it with its own message (a DataLoader would wrap it in a worker traceback)."""
         epoch, index = pos
         o = self.order
         idx = o.local_batch(epoch, index)
         try:
             x = self.dataset.load_batch(idx, batch_generator(o.seed, o.rank, epoch, index), self.dtype)
+            extras = self.dataset.load_extras(idx, self.extras) if self.extras else {}
         except DataError as e:
-            return pos, e, None
+            return pos, e, None, {}
         y = self.dataset.labels.index_select(0, idx.to(self.dataset.labels.device))
-        return pos, x, y
+        return pos, x, y, extras
 
 
 def _identity(batch: Any) -> Any:
@@ -102,15 +125,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class BatchLoader:
-    """Endless (x, y) batches of ``dataset`` for this rank, in ``sampler``'s order (module docstring).
+    """Endless :class:`Batch` es (x, y, extras) of ``dataset`` for this rank, in ``sampler``'s order
+    (module docstring).
 
     Args:
-        dataset: an object with ``load_batch(index, generator, dtype)``, ``labels`` and ``len``.
+        dataset: an object with ``load_batch(index, generator, dtype)``, ``labels`` and ``len`` (and
+            ``load_extras(index, names)`` when ``extras`` are asked).
         sampler: the run's sampler; its position advances only as batches are taken from the loader.
         device: where batches go (None: where ``load_batch`` puts them). CUDA: pinned + non_blocking.
         dtype: dtype of x.
         workers: loader processes (0: load in this process, when asked).
         prefetch: batches each worker keeps loaded ahead (``workers > 0`` only).
+        extras: names of the REPA extras to load with every batch (e.g. ``("features.dinov2-vitb14",)``;
+            the dataset's ``extra_names`` lists them). Checked here: a name the dataset does not hold is
+            the dataset's :class:`DataError` saying what it holds and what to run.
 
     Use as an iterator, and :meth:`close` it (or use it as a context manager) to stop the workers.
     """
@@ -123,6 +151,7 @@ class BatchLoader:
         dtype: torch.dtype = torch.float32,
         workers: int = 0,
         prefetch: int = 2,
+        extras: Sequence[str] = (),
     ) -> None:
         if sampler.num_items != len(dataset):
             raise ValueError(f"sampler is for {sampler.num_items} items, dataset has {len(dataset)}")
@@ -131,12 +160,17 @@ class BatchLoader:
         if workers and dataset.labels.device.type != "cpu":
             raise ValueError("loader workers read from CPU memory or disk; keep the dataset on the CPU "
                              "(or use workers=0 to gather on the device)")
+        extras = tuple(extras)
+        if len(set(extras)) != len(extras) or not all(isinstance(n, str) for n in extras):
+            raise ValueError(f"extras must be distinct names, got {list(extras)}")
+        if extras:
+            _check_extras(dataset, extras)
         self.dataset, self.sampler = dataset, sampler
         self.device = torch.device(device) if device is not None else None
-        self.workers, self.prefetch = workers, prefetch
-        self._source = _BatchSource(dataset, sampler, dtype)
+        self.workers, self.prefetch, self.extras = workers, prefetch, extras
+        self._source = _BatchSource(dataset, sampler, dtype, extras)
         self._positions: _Positions | None = None
-        self._it: Iterator[tuple[tuple[int, int], Tensor | DataError, Tensor | None]] | None = None
+        self._it: Iterator[_Loaded] | None = None
 
     @property
     def issued(self) -> int:
@@ -146,17 +180,17 @@ class BatchLoader:
     def __iter__(self) -> BatchLoader:
         return self
 
-    def __next__(self) -> tuple[Tensor, Tensor]:
+    def __next__(self) -> Batch:
         if self._it is None:
             self._it = self._start()
-        (epoch, index), x, y = next(self._it)
+        (epoch, index), x, y, extras = next(self._it)
         if isinstance(x, DataError):
             raise x
         assert y is not None
         self.sampler.consume(epoch, index)  # the step takes this batch: only now does the position move
-        return self._to_device(x, y)
+        return self._to_device(x, y, extras)
 
-    def _start(self) -> Iterator[tuple[tuple[int, int], Tensor | DataError, Tensor | None]]:
+    def _start(self) -> Iterator[_Loaded]:
         self._positions = _Positions(self.sampler)
         if self.workers == 0:
             return map(self._source.__getitem__, self._positions)
@@ -169,13 +203,16 @@ class BatchLoader:
         )  # fmt: skip
         return iter(loader)
 
-    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _to_device(self, x: Tensor, y: Tensor, extras: dict[str, Tensor]) -> Batch:
+        extras = dict(extras)
         if self.device is None or x.device == self.device:
-            return x, y
+            return Batch(x, y, extras)
         non_blocking = self.device.type == "cuda" and x.device.type == "cpu"
         if non_blocking and not x.is_pinned():
             x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+            extras = {k: v.pin_memory() for k, v in extras.items()}
+        return Batch(x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking),
+                     {k: v.to(self.device, non_blocking=non_blocking) for k, v in extras.items()})
 
     def close(self) -> None:
         """Stop the worker processes (if any); the loader starts afresh from the sampler's position when
@@ -199,7 +236,17 @@ def batches(
     sampler: EpochBatchSampler,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless (x, labels) batches in the sampler's order, loaded in this process: a
+    extras: Sequence[str] = (),
+) -> Iterator[Batch]:
+    """Endless :class:`Batch` es (x, labels, extras) in the sampler's order, loaded in this process: a
     :class:`BatchLoader` with ``workers=0`` (x in model space, of ``dtype``, on ``device``)."""
-    return BatchLoader(dataset, sampler, device=device, dtype=dtype)
+    return BatchLoader(dataset, sampler, device=device, dtype=dtype, extras=extras)
+
+
+def _check_extras(dataset: Any, names: tuple[str, ...]) -> None:
+    """Fail early, with the dataset's own message, when it cannot load extras ``names`` (a read of no items)."""
+    load = getattr(dataset, "load_extras", None)
+    if load is None:
+        raise DataError(f"dataset {getattr(dataset, 'name', type(dataset).__name__)!r} carries no extras "
+                        f"({', '.join(names)} asked)")
+    load(torch.zeros(0, dtype=torch.long), names)

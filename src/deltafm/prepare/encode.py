@@ -11,6 +11,10 @@ smaller than the crop (upsampled) is recorded as ``upsampled``.
 Images are read, decoded and cropped by :class:`BatchReader`, a map-style dataset indexed by a whole batch
 of items (a list), so a ``torch.utils.data.DataLoader`` with workers prepares batches in parallel, in
 order; each image is decoded once per batch even with flips.
+
+**REPA extras** (``ShardJob.extras``, :mod:`deltafm.prepare.features`): the same batch x = p / 127.5 − 1
+that the VAE encodes goes through each encoder (``features.<name>``, float16), and the uint8 crop p is
+kept as ``images`` when asked; a flipped item's extras are those of the mirrored crop.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from deltafm.data.latent_format import write_latent_shard
 from deltafm.pixels import uint8_to_model
 
 if TYPE_CHECKING:
+    from deltafm.prepare.features import Extras
     from deltafm.vae.autoencoder import Autoencoder
 
 __all__ = ["STOP_ENV", "Layout", "Batch", "BatchReader", "ShardJob", "encode_shards", "shard_name", "captions_name"]
@@ -141,6 +146,7 @@ class ShardJob:
     storage_dtype: torch.dtype
     skip_bad: bool = False
     workers: int = 0
+    extras: Extras | None = None  # REPA features / images stored with the latents (None: none)
 
 
 def _loader(job: ShardJob, shards: list[int]) -> torch.utils.data.DataLoader:
@@ -156,14 +162,21 @@ def _bad_input(bad: tuple[int, str, str]) -> UnreadableImage:
                            "images out (they are listed in OUT/skipped.txt); shards already written are kept")
 
 
-def _write_shard(job: ShardJob, k: int, parts: list[tuple[torch.Tensor, torch.Tensor, list[int]]],
-                 skipped: list[str], upsampled: int) -> Path:
+#: one encoded batch: (μ, σ, items, extras)
+_Part = tuple[torch.Tensor, torch.Tensor, list[int], dict[str, torch.Tensor]]
+
+
+def _write_shard(job: ShardJob, k: int, parts: list[_Part], skipped: list[str], upsampled: int) -> Path:
     """Write shard k (captions first, so that an existing shard always has its captions)."""
     c, h, w = job.ae.latent_shape(job.image_size)
     items = [i for p in parts for i in p[2]]
     empty = torch.empty((0, c, h, w), dtype=job.storage_dtype)
     mu = torch.cat([p[0] for p in parts]) if parts else empty
     sd = torch.cat([p[1] for p in parts]) if parts else empty
+    extras: dict[str, torch.Tensor] = {}
+    if job.extras is not None and job.extras.any:
+        extras = ({n: torch.cat([p[3][n] for p in parts]) for n in job.extras.names()} if parts
+                  else job.extras.empty(job.channels, job.image_size))
     sources = [job.layout.source_of(i) for i in items]
     labels = torch.as_tensor(job.source.labels[[s for s, _ in sources]], dtype=torch.int64).reshape(-1)
     if job.source.has_captions:
@@ -174,7 +187,8 @@ def _write_shard(job: ShardJob, k: int, parts: list[tuple[torch.Tensor, torch.Te
     meta = {**job.metadata, "upsampled": str(upsampled)}
     if skipped:
         meta["skipped"] = json.dumps(list(dict.fromkeys(skipped)), ensure_ascii=False)
-    return write_latent_shard(job.out / shard_name(k), mu, labels, meta, std=sd, dtype=job.storage_dtype)
+    return write_latent_shard(job.out / shard_name(k), mu, labels, meta, std=sd, dtype=job.storage_dtype,
+                              extras=extras)
 
 
 class _Stopped(RuntimeError):
@@ -187,6 +201,7 @@ def encode_shards(job: ShardJob, shards: list[int], progress: Callable[[int], No
     Raises:
         UnreadableImage: an image cannot be decoded and ``job.skip_bad`` is off (shards finished before
             it are kept).
+        EncoderError: an encoder's features are not finite in float16 (likewise).
     """
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     written: list[Path] = []
@@ -195,7 +210,7 @@ def encode_shards(job: ShardJob, shards: list[int], progress: Callable[[int], No
     batches = iter(_loader(job, shards))
     device = job.ae.device
     for k in shards:
-        parts: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+        parts: list[_Part] = []
         skipped: list[str] = []
         upsampled = 0
         for _ in job.layout.batches(k):
@@ -205,8 +220,10 @@ def encode_shards(job: ShardJob, shards: list[int], progress: Callable[[int], No
             skipped += [name for _, name, _ in b.bad]
             upsampled += b.upsampled
             if b.items:
-                mu, sd = job.ae.encode_moments(uint8_to_model(b.pixels.to(device)))
-                parts.append((mu.to("cpu", job.storage_dtype), sd.to("cpu", job.storage_dtype), b.items))
+                x = uint8_to_model(b.pixels.to(device))
+                mu, sd = job.ae.encode_moments(x)
+                extras = job.extras.compute(x, b.pixels) if job.extras is not None and job.extras.any else {}
+                parts.append((mu.to("cpu", job.storage_dtype), sd.to("cpu", job.storage_dtype), b.items, extras))
             if progress is not None:
                 progress(len(b.items) + len(b.bad))
         written.append(_write_shard(job, k, parts, skipped, upsampled))

@@ -2,12 +2,16 @@
 
     deltafm prepare-latents --input /data/imagenet --vae sd-vae-ft-ema --image-size 256 --out data/in256
     deltafm prepare-latents --input 'data/shard-{000..099}.tar' --vae VAE --flip --out data/latents
+    deltafm prepare-latents --input data/small --vae VAE --encoder dinov2-base --shard-size 1000 --out data/repa
     torchrun --standalone --nproc_per_node=8 -m deltafm prepare-latents --input ... --out ...
 
 Each image is ADM-centre-cropped (:mod:`deltafm.prepare.crop`), encoded to its posterior (μ, σ) by the
 VAE and written to ``OUT/shard-{k:05d}.safetensors`` (:func:`deltafm.data.latent_format.write_latent_shard`:
 raw μ as ``latents``, σ as ``latents_std``, labels, the VAE's scale, shift and identity); train with
-``deltafm train ... data.name=latents data.root=OUT``. Inputs are enumerated once in a fixed order
+``deltafm train ... data.name=latents data.root=OUT``. For REPA, ``--encoder PATH`` (repeatable) also
+stores each encoder's float16 patch tokens of the same crop on a G × G grid (``--encoder-grid G``, default
+latent side // 2) as ``features.<name>``, and ``--keep-images`` the uint8 crop as ``images``
+(:mod:`deltafm.prepare.features`). Inputs are enumerated once in a fixed order
 (:mod:`deltafm.prepare.sources`), shard k holding items [k·S, (k+1)·S) (:mod:`deltafm.prepare.encode`).
 
 **Resumable.** ``OUT/prepare.json`` records the settings; a restart with the same command skips the
@@ -21,9 +25,10 @@ then every rank writes its shards and rank 0 checks the result and prints the su
 bad input stops, says so, and the job ends with that error once the other ranks have finished their
 shards (nothing written is lost).
 
-Bad input (no images, an unreadable image, a VAE folder that is not a diffusers AutoencoderKL, channels
-or image size the VAE cannot take, an output folder of another run) prints one ``error:`` line and exits
-with status 2. Test hook: ``DELTAFM_PREPARE_STOP_AFTER=N`` stops a process after N shards (as a kill would).
+Bad input (no images, an unreadable image, a VAE folder that is not a diffusers AutoencoderKL, an
+encoder folder that is not one, channels or image size the VAE cannot take, an output folder of another
+run) prints one ``error:`` line and exits with status 2. Test hook: ``DELTAFM_PREPARE_STOP_AFTER=N``
+stops a process after N shards (as a kill would).
 """
 
 from __future__ import annotations
@@ -86,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding processes per rank (default: cores / ranks - 1, at most 8; 0: in-process)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch per rank")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    repa = p.add_argument_group("REPA targets (stored with the latents)")
+    repa.add_argument("--encoder", action="append", default=None, metavar="PATH",
+                      help="also store this encoder's float16 patch tokens of each crop as features.<folder name> "
+                           "(a saved DINOv2 folder; repeatable). Large: G*G*D*2 bytes an item, use a smaller "
+                           "--shard-size (e.g. 1000)")
+    repa.add_argument("--encoder-grid", type=int, default=None, metavar="G",
+                      help="token grid side G of the features (default: latent side // 2, the SiT/2 grid)")
+    repa.add_argument("--keep-images", action="store_true",
+                      help="also store each uint8 crop as 'images' (to run an encoder while training)")
     return p
 
 
@@ -95,13 +109,15 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--image-size", args.image_size, 1), ("--shard-size", args.shard_size, 1),
                              ("--batch-size", args.batch_size, 1), ("--max-items", args.max_items, 1),
                              ("--num-classes", args.num_classes, 1), ("--workers", args.workers, 0),
-                             ("--threads", args.threads, 1)):
+                             ("--threads", args.threads, 1), ("--encoder-grid", args.encoder_grid, 1)):
         if value is not None and value < low:
             raise PrepareError(f"{flag} must be >= {low}, got {value}")
     if args.input is not None and (args.root is not None or args.split != "train"):
         raise PrepareError("--root and --split go with --dataset; --input names the image files itself")
     if args.dataset is not None and args.unlabelled:
         raise PrepareError("--unlabelled goes with --input; a dataset given by name keeps its labels")
+    if args.encoder_grid is not None and not args.encoder:
+        raise PrepareError("--encoder-grid goes with --encoder (the token grid of the stored features)")
 
 
 def _device(name: str, world: int, local_rank: int) -> Any:
@@ -131,8 +147,9 @@ class _Plan:
     settings: dict[str, Any]
 
 
-def _settings(args: argparse.Namespace, source: Any, ae: Any, layout: Any, channels: int) -> dict[str, Any]:
-    return dict(
+def _settings(args: argparse.Namespace, source: Any, ae: Any, layout: Any, channels: int,
+              extras: Any) -> dict[str, Any]:
+    return dict(**extras.settings(),
         format="deltafm.prepare-latents", version=1, input=source.description, input_kind=source.kind,
         items_sha256=source.fingerprint(), images=len(source), count=layout.count, num_classes=source.num_classes,
         image_size=args.image_size, channels=channels, flip=args.flip, vae=ae.identity, vae_source=ae.source,
@@ -158,6 +175,7 @@ def _plan(args: argparse.Namespace, device: Any) -> _Plan:
 
     from deltafm.data.latent_format import shard_metadata
     from deltafm.prepare.encode import Layout, ShardJob
+    from deltafm.prepare.features import load_extras_spec
     from deltafm.prepare.store import OutFolder, PrepareError
     from deltafm.train.distributed import available_cores
     from deltafm.vae.autoencoder import AutoencoderError, load_autoencoder
@@ -179,30 +197,32 @@ def _plan(args: argparse.Namespace, device: Any) -> _Plan:
     except AutoencoderError as e:
         near = ae.downsample * max(1, args.image_size // ae.downsample)
         raise PrepareError(f"--image-size: {e} (e.g. --image-size {near})") from None
+    extras = load_extras_spec(args.encoder, args.encoder_grid, args.keep_images,
+                              ae.latent_shape(args.image_size)[1], device)
     layout = Layout(len(source), args.flip, args.shard_size, args.batch_size)
-    settings = _settings(args, source, ae, layout, channels)
+    settings = _settings(args, source, ae, layout, channels, extras)
     meta = shard_metadata(ae.scale_factor, ae.shift_factor, source.num_classes, {
         "vae": ae.identity, "vae_source": ae.source, "image_size": str(args.image_size),
-        "flip": str(args.flip).lower(), "source": source.description})
+        "flip": str(args.flip).lower(), "source": source.description, **extras.metadata()})
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     workers = args.workers if args.workers is not None else min(8, max(0, available_cores() // local - 1))
     job = ShardJob(args.out, source, layout, ae, args.image_size, channels, meta,
-                   getattr(torch, args.storage_dtype), args.skip_bad, workers)
+                   getattr(torch, args.storage_dtype), args.skip_bad, workers, extras)
     store = OutFolder(args.out, settings, layout.num_shards, source.class_names)
     store.check()
     return _Plan(source, ae, store, job, settings)
 
 
 def _same_input(plan: _Plan) -> None:
-    """Every rank must have enumerated the same items and loaded the same VAE."""
+    """Every rank must have enumerated the same items and loaded the same VAE and encoders."""
     from deltafm.prepare.store import PrepareError
     from deltafm.train.distributed import all_gather_object
 
-    mine = (plan.settings["items_sha256"], plan.settings["vae"])
+    mine = (plan.settings["items_sha256"], plan.settings["vae"], plan.settings["encoders"])
     seen = all_gather_object(mine)
     if any(s != seen[0] for s in seen):
-        raise PrepareError("the ranks see different inputs or VAEs (is every path on a file system all nodes "
-                           "see, unchanged while the job starts?)")
+        raise PrepareError("the ranks see different inputs, VAEs or encoders (is every path on a file system all "
+                           "nodes see, unchanged while the job starts?)")
 
 
 def _encode(plan: _Plan, args: argparse.Namespace, di: Any, mine: list[int]) -> None:
@@ -237,6 +257,9 @@ def _report(plan: _Plan, summary: Any, new: int) -> str:
     dtype = {"F16": "float16", "F32": "float32"}.get(s.dtype, s.dtype)
     lines = [f"wrote {s.items} latents ({shape}, {dtype}, posterior mean and std) in {s.shards} shard(s) to "
              f"{out} ({new} new)"]
+    for name, item in plan.job.extras.shapes(plan.job.channels, plan.job.image_size).items():
+        kind = "uint8 crops" if name == "images" else "float16 encoder tokens"
+        lines.append(f"  {name}: {'×'.join(map(str, item))} {kind} an item")
     if s.upsampled:
         lines.append(f"  {s.upsampled} image(s) were smaller than {plan.job.image_size} px and were upsampled "
                      "by the crop")

@@ -11,7 +11,10 @@
 
 A shard file that exists is complete (atomic rename), so a restart with the same settings skips the
 shards on disk and encodes the others; other settings are an error naming the keys that differ, never
-a mix. Only the keys of :data:`COMPARED` count (the batch size, device and number of processes do not).
+a mix. Only the keys of :data:`COMPARED` count (the batch size, device and number of processes do not);
+among them the REPA extras (``encoders``: name and identity of each ``--encoder``, ``encoder_grid``,
+``keep_images``), which a prepare.json written before they existed lacks and reads as their defaults
+(:data:`DEFAULTS`: no encoders, no images).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from deltafm.data.datasets import DataError
 from deltafm.data.latent_format import check_shards_agree, shard_header
 from deltafm.prepare.encode import captions_name, shard_name
 
-__all__ = ["SETTINGS_FILE", "LOCK_FILE", "COMPARED", "OutFolder", "Summary"]
+__all__ = ["SETTINGS_FILE", "LOCK_FILE", "COMPARED", "DEFAULTS", "OutFolder", "Summary"]
 
 SETTINGS_FILE = "prepare.json"
 LOCK_FILE = "prepare.lock"
@@ -37,7 +40,9 @@ CLASSES_FILE = "classes.json"
 #: settings that must be equal to resume into a folder
 COMPARED = ("format", "version", "input", "input_kind", "items_sha256", "images", "count", "num_classes",
             "image_size", "channels", "flip", "vae", "scale_factor", "shift_factor", "shard_size",
-            "storage_dtype", "vae_dtype")
+            "storage_dtype", "vae_dtype", "encoders", "encoder_grid", "keep_images")
+#: the value of a compared key that an older prepare.json lacks
+DEFAULTS: dict[str, Any] = {"encoders": [], "encoder_grid": None, "keep_images": False}
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 
 
@@ -91,6 +96,7 @@ class OutFolder:
                 raise ValueError
         except (OSError, ValueError):
             return [f"{SETTINGS_FILE} (unreadable)"]
+        old = {**DEFAULTS, **old}
         return [f"{k}: {json.dumps(old.get(k))} there, {json.dumps(self.settings.get(k))} now"
                 for k in COMPARED if old.get(k) != self.settings.get(k)]
 

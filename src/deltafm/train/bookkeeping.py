@@ -31,13 +31,13 @@ class Window:
     seconds: float = 0.0
     images: int = 0
     steps: int = 0
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, positive, negative
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, positive, negative, repa
 
     def add(self, stats: StepStats, seconds: float, images: int) -> None:
         self.seconds += seconds
         self.images += images
         self.steps += 1
-        self.sums = [s + v for s, v in zip(self.sums, (stats.loss, stats.positive, stats.negative))]
+        self.sums = [s + v for s, v in zip(self.sums, (stats.loss, stats.positive, stats.negative, stats.repa))]
 
 
 class Bookkeeper:
@@ -93,7 +93,7 @@ class Bookkeeper:
         run.say(f"deltafm train: {cfg.model.name} ({nparams / 1e6:.2f}M params) on {info.name} "
                 f"({info.num_items} items, {info.channels}x{info.image_size}x{info.image_size}); "
                 f"{di.world_size} rank(s) on {di.device.type}, {run.threads} thread(s) each; batch "
-                f"{cfg.train.batch_size}; lam {cfg.objective.lam}; "
+                f"{cfg.train.batch_size}; lam {cfg.objective.lam}; {_repa_text(cfg)}"
                 f"{'resuming from ' + str(ckpt) if ckpt else 'from scratch'}; until step {run.total_steps}; "
                 f"out {run.out_dir}")
         if ckpt is None:
@@ -117,9 +117,11 @@ class Bookkeeper:
         run, w = self.run, self.window
         n = max(w.steps, 1)
         ips = w.images / max(w.seconds, 1e-9)
-        loss, pos, neg = (s / n for s in w.sums)
+        loss, pos, neg, repa = (s / n for s in w.sums)
         m = {"loss": loss, "positive": pos, "negative": neg, "lam": run.objective.lam_at(run.images),
              "lr": stats.lr, "grad_norm": stats.grad_norm, "images_per_s": ips, "s_per_step": w.seconds / n}
+        if run.targets is not None:
+            m["repa"] = repa
         u = mfu(self.flops, ips, self.peak * run.di.world_size)
         if u is not None:
             m["mfu"] = u
@@ -235,3 +237,11 @@ def _grid_decoder(run: Run):
         _GRID_NOTES.add(str(run.out_dir))
         run.say(f"note: no sample grids for these latents: {why}")
     return decoder
+
+
+def _repa_text(cfg) -> str:
+    r = cfg.repa
+    if not r.enabled:
+        return ""
+    return (f"REPA on block {r.encoder_depth} (coeff {r.proj_coeff}) to "
+            f"{', '.join([*(f'features.{n}' for n in r.features), *r.encoders])}; ")

@@ -42,6 +42,7 @@ class DataInfo:
     latent_shift: float = 0.0
     vae_source: str | None = None  # latents: where their VAE was loaded from (decoding, deltafm.vae.decoding)
     vae_identity: str | None = None  # latents: the VAE's content hash; a decoder must match it
+    align_dims: list[int] | None = None  # REPA: the target token widths, one projector each (repa.* set)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -82,6 +83,9 @@ def build_model_for(cfg: Config, info: DataInfo, seed: int | None = None, check:
 
     Initialisation draws from the global torch RNG under ``seed`` (restored afterwards), so every rank
     builds the same weights. ``check`` runs one forward pass on a zero input to catch size problems.
+    With ``repa.*`` targets the backbone is wrapped in an :class:`~deltafm.alignment.AlignedModel` with one
+    projector per width in ``info.align_dims`` (initialised after the backbone, from the same stream, so
+    the backbone's weights are those of the same config without REPA).
     """
     from deltafm.models import build_model
 
@@ -96,6 +100,8 @@ def build_model_for(cfg: Config, info: DataInfo, seed: int | None = None, check:
             torch.manual_seed(derive_seed(cfg.train.seed if seed is None else seed, 0, "model-init"))
             model = build_model(cfg.model.name, in_channels=info.channels, image_size=info.image_size,
                                 num_classes=info.num_classes, **kw)
+            if cfg.repa.enabled:
+                model = _aligned(model, cfg, info)
         if check:
             x = torch.zeros(1, info.channels, info.image_size, info.image_size)
             with torch.no_grad():
@@ -105,6 +111,16 @@ def build_model_for(cfg: Config, info: DataInfo, seed: int | None = None, check:
     except (ValueError, TypeError) as e:
         raise SetupError(f"cannot use {desc}: {e}") from None
     return model
+
+
+def _aligned(backbone: nn.Module, cfg: Config, info: DataInfo) -> nn.Module:
+    from deltafm.alignment import AlignedModel
+
+    r = cfg.repa
+    if not info.align_dims or len(info.align_dims) != len(r.features) + len(r.encoders):
+        raise ValueError(f"REPA needs the token width of each target (repa.features + repa.encoders), got "
+                         f"{info.align_dims}")
+    return AlignedModel(backbone, info.align_dims, encoder_depth=r.encoder_depth, projector_dim=r.projector_dim)
 
 
 def build_objective(cfg: Config, num_classes: int) -> DeltaFMObjective:
@@ -124,6 +140,7 @@ def build_objective(cfg: Config, num_classes: int) -> DeltaFMObjective:
             gather_negatives=o.gather_negatives, num_classes=num_classes, label_dropout=o.label_dropout,
             contrast_unconditional=o.contrast_unconditional, negative_time=o.negative_time,
             hard_other_class=o.hard_other_class, time_sampler_kwargs=dict(o.time_kwargs) or None,
+            align_coeff=cfg.repa.proj_coeff,
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section 'objective': {e}") from None

@@ -1,7 +1,7 @@
 """Typed training configuration: YAML file + ``key.sub=value`` overrides -> :class:`Config`.
 
-A config has seven sections, each a dataclass (``model``, ``data``, ``objective``, ``optim``, ``train``,
-``sample``, ``log``). :func:`load_config` reads a YAML file, applies command-line overrides such as
+A config has eight sections, each a dataclass (``model``, ``data``, ``objective``, ``optim``, ``train``,
+``sample``, ``log``, ``repa``). :func:`load_config` reads a YAML file, applies command-line overrides such as
 ``optim.lr=2e-4`` or ``model.kwargs.base_channels=64`` (each value parsed with ``yaml.safe_load``), and
 checks every key and value against the dataclass types. Unknown keys (typos) and values of the wrong type
 are :class:`ConfigError` naming the dotted key, with the closest valid key suggested (the conversion is
@@ -41,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "SampleConfig",
     "LogConfig",
+    "RepaConfig",
     "Config",
     "load_config",
     "parse_overrides",
@@ -202,6 +203,31 @@ class LogConfig:
 
 
 @dataclass
+class RepaConfig:
+    """REPA: align the tokens of block ``encoder_depth`` (1-based) of a SiT, through one projector per
+    target (REPA's 3-layer SiLU MLP of width ``projector_dim``), to frozen encoder patch tokens of the clean
+    image; the loss gains ``proj_coeff · L_REPA`` (:mod:`deltafm.alignment`). Off unless a target is given.
+
+    Targets: ``encoders`` are encoder folders (:func:`deltafm.encoders.load_encoder`: DINOv2 through
+    ``transformers``, or one made by ``deltafm train-encoder``) run on the fly on the clean images (pixel
+    data: x itself; latent shards: the images stored beside the latents by ``prepare-latents
+    --keep-images``); ``features`` are names of encoder tokens precomputed into the latent shards by
+    ``prepare-latents --encoder`` (tensor ``features.<name>``). Both may be given; each gets a projector.
+    Defaults are REPA's (encoder_depth 8, proj_coeff 0.5, projector_dim 2048).
+    """
+
+    encoders: list[str] = field(default_factory=list)
+    features: list[str] = field(default_factory=list)
+    encoder_depth: int = 8
+    proj_coeff: float = 0.5
+    projector_dim: int = 2048
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.encoders or self.features)
+
+
+@dataclass
 class Config:
     """The full training configuration."""
 
@@ -212,6 +238,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def validate(self) -> Config:
         """Check relations between values; raise :class:`ConfigError` naming the key. Returns self."""
@@ -410,6 +437,13 @@ def _validate(cfg: Config) -> None:
     lo, hi = s.interval
     _require(0.0 <= lo <= hi <= 1.0, "sample.interval", f"must satisfy 0 <= lo <= hi <= 1, got {[lo, hi]}")
     _require(lg.every >= 1, "log.every", "must be >= 1")
+    r = cfg.repa
+    _require(math.isfinite(r.proj_coeff) and r.proj_coeff >= 0, "repa.proj_coeff",
+             f"must be a finite number >= 0, got {r.proj_coeff}")
+    _require(r.encoder_depth >= 1, "repa.encoder_depth", f"must be >= 1 (1-based block index), got {r.encoder_depth}")
+    _require(r.projector_dim >= 1, "repa.projector_dim", f"must be >= 1, got {r.projector_dim}")
+    names = [*r.encoders, *r.features]
+    _require(len(set(names)) == len(names), "repa.encoders", f"and repa.features name each target once, got {names}")
     _require(lg.peak_flops is None or lg.peak_flops > 0, "log.peak_flops", "must be positive or null")
     _require(bool(lg.wandb_project.strip()) and len(lg.wandb_project) <= 128
              and not any(c in lg.wandb_project for c in _WANDB_FORBIDDEN), "log.wandb_project",

@@ -7,9 +7,9 @@ crash-safe checkpoints, removal of a crashed run's debris)::
     run = setup_run(...)          # setup.py: validate and build everything, lock, resume; nothing written yet
     books = Bookkeeper(run)       # bookkeeping.py: open the folder, config.yaml, log, banner, progress bar
     while not run.finished:
-        x, y = next(data)         # data.BatchLoader: the sampler position moves only here
+        x, y, extras = next(data)  # data.BatchLoader: the sampler position moves only here
         with validation_disabled():
-            stats = train_step(run, x, y, stop.requested)   # step.py: one optimizer step, one host sync
+            stats = train_step(run, x, y, stop.requested, extras)  # step.py: one optimizer step, one sync
         books.after_step(stats)   # log window, progress bar, log records, sample grids
         if stats.stop: checkpoint "signal" and return "interrupted"
         checkpoint every train.ckpt_every steps
@@ -96,14 +96,14 @@ def _train(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) -> 
     run = setup_run(cfg, folder, resume, di)  # everything that can fail on bad input; writes nothing
     books = Bookkeeper(run, resume)
     data = BatchLoader(run.dataset, run.sampler, device=di.device, workers=cfg.data.workers,
-                       prefetch=cfg.data.prefetch)
+                       prefetch=cfg.data.prefetch, extras=run.targets.extra_names if run.targets else ())
     with StopFlag() as stop, data:
         try:
             while not run.finished:
                 t0 = time.perf_counter()
-                x, y = next(data)
+                x, y, extras = next(data)
                 with validation_disabled():  # labels were checked at load time; checks would sync
-                    stats = train_step(run, x, y, stop.requested)
+                    stats = train_step(run, x, y, stop.requested, extras)
                 books.after_step(stats, time.perf_counter() - t0)
                 if stats.stop:
                     books.interrupted()

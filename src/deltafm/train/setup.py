@@ -36,6 +36,7 @@ from .config import Config, ConfigError, config_from_dict, config_to_dict, diff_
 from .distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, set_threads
 from .ema import EMA
 from .logging import check_backends, console
+from .repa import RepaTargets
 from .runfolder import RunFolder
 from .state import RunState, capture_rng, reseed_rng, restore_rng
 
@@ -62,6 +63,7 @@ class Run:
     sampler: EpochBatchSampler
     gen: torch.Generator  # everything the objective draws on this rank
     threads: int
+    targets: RepaTargets | None = None  # REPA's encoder tokens (repa.*), None when off
     model: nn.Module = field(init=False)  # what a step calls: raw, compiled and/or DDP-wrapped
     params: list[nn.Parameter] = field(init=False)  # the trained parameters (gradient clipping)
     step: int = 0
@@ -174,7 +176,7 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     on rank 0 ``folder`` holds the lock afterwards (when the folder exists)."""
     t = cfg.train
     threads = set_threads(di.world_size, t.threads) if di.device.type == "cpu" else torch.get_num_threads()
-    ds, info, raw, objective = _build(cfg, di)
+    ds, info, raw, objective, targets = _build(cfg, di)
     ckpt = _checkpoint_to_resume(folder, resume, di)
     if ckpt is not None:
         _load_weights(raw, ckpt, cfg, di)
@@ -188,7 +190,7 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     sampler = EpochBatchSampler(len(ds), t.batch_size, t.seed, di.rank, di.world_size)
     run = Run(cfg, di, folder, ds, info, raw, objective, opt, scaler, ema, sampler,
-              torch.Generator(device=device), threads)
+              torch.Generator(device=device), threads, targets)
     if ckpt is not None:
         run.resume(ckpt)
     else:
@@ -197,8 +199,8 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     return run
 
 
-def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFMObjective]:
-    """The data, the model and the objective; bad input raises before anything is written."""
+def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFMObjective, RepaTargets | None]:
+    """The data, the model, the objective and the REPA targets; bad input raises before anything is written."""
     t = cfg.train
     if t.batch_size % (di.world_size * t.grad_accum):
         raise ConfigError(
@@ -212,7 +214,10 @@ def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFM
         raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) exceeds the dataset size ({len(ds)})")
     info = data_info(ds)
     _check_grid_vae(cfg, info)
-    return ds, info, build_model_for(cfg, info), build_objective(cfg, info.num_classes)
+    targets = RepaTargets.from_config(cfg.repa, ds, info.kind == "latents", di.device)
+    if targets is not None:
+        info.align_dims = targets.dims
+    return ds, info, build_model_for(cfg, info), build_objective(cfg, info.num_classes), targets
 
 
 def _check_grid_vae(cfg: Config, info: DataInfo) -> None:

@@ -8,7 +8,7 @@ does on each rank::
         with autocast(precision):  out = DeltaFMObjective(model, x, y, generator=g_rank, progress=images)
         (out.loss / A).backward()                  # DDP all-reduces gradients on the last micro-step only
     ‖g‖ = clip_grad_norm_(params, grad_clip)       # unscaled first under fp16
-    r = [loss, positive, negative, non-finite, stop]  summed over ranks (all-reduce, on the device)
+    r = [loss, positive, negative, repa, non-finite, stop]  summed over ranks (all-reduce, on the device)
     r, ‖g‖ -> host with ONE .tolist()             # the step's only device -> host synchronisation
     non-finite on any rank -> NonFiniteLossError  (before the optimizer step: the last checkpoint stays good)
     AdamW step;  step += 1;  images += B;  EMA update
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NonFiniteLossError", "StepStats", "learning_rate", "train_step"]
 
-_PARTS = ("loss", "positive", "negative")
+_PARTS = ("loss", "positive", "negative", "repa")
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -54,6 +54,7 @@ class StepStats:
     loss: float  # mean over ranks
     positive: float
     negative: float
+    repa: float  # the REPA term (0 when REPA is off)
     grad_norm: float  # this rank's (the same on every rank: gradients are all-reduced)
     lr: float
     stop: bool  # some rank was asked to stop (SIGTERM / SIGINT)
@@ -65,18 +66,20 @@ def learning_rate(cfg: Config, images: int) -> float:
     return o.lr * (min(1.0, (images + batch) / o.warmup_images) if o.warmup_images > 0 else 1.0)
 
 
-def train_step(run: Run, x: Tensor, y: Tensor, stop_requested: bool = False) -> StepStats:
+def train_step(run: Run, x: Tensor, y: Tensor, stop_requested: bool = False,
+               extras: dict[str, Tensor] | None = None) -> StepStats:
     """One optimizer step on this rank's share (x, y) of a global batch; see the module docstring.
+    ``extras``: per-item tensors read with the batch (REPA's precomputed tokens or stored images).
 
     Advances ``run.step`` and ``run.images``. Raises :class:`NonFiniteLossError` (on every rank) when
     any rank saw a non-finite loss (or gradient norm, outside fp16), before the optimizer step."""
     lr = learning_rate(run.cfg, run.images)
     for g in run.opt.param_groups:
         g["lr"] = lr
-    sums = _forward_backward(run, x, y)
+    sums = _forward_backward(run, x, y, extras or {})
     run.scaler.unscale_(run.opt)
     gnorm = torch.nn.utils.clip_grad_norm_(run.params, run.clip)
-    loss, positive, negative, nonfinite, stop, grad_norm = _reduce(run, sums, gnorm, stop_requested)
+    loss, positive, negative, repa, nonfinite, stop, grad_norm = _reduce(run, sums, gnorm, stop_requested)
     if nonfinite > 0:
         raise NonFiniteLossError(
             f"non-finite loss or gradient at step {run.step + 1} (images {run.images}): "
@@ -93,28 +96,33 @@ def train_step(run: Run, x: Tensor, y: Tensor, stop_requested: bool = False) -> 
     if run.ema is not None:
         run.ema.update(run.raw, batch, run.images)
     w = run.di.world_size
-    return StepStats(loss / w, positive / w, negative / w, grad_norm, lr, stop > 0)
+    return StepStats(loss / w, positive / w, negative / w, repa / w, grad_norm, lr, stop > 0)
 
 
-def _forward_backward(run: Run, x: Tensor, y: Tensor) -> Tensor:
-    """Forward and backward over the micro-batches; returns [loss, positive, negative] (float64, on the
-    device) averaged over them."""
+def _forward_backward(run: Run, x: Tensor, y: Tensor, extras: dict[str, Tensor]) -> Tensor:
+    """Forward and backward over the micro-batches; returns [loss, positive, negative, repa] (float64, on
+    the device) averaged over them. With REPA the targets of each micro-batch are made first (no grad)."""
     accum, m, device = run.cfg.train.grad_accum, run.micro_batch, run.di.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(_PARTS), dtype=torch.float64, device=device)
+    zero = torch.zeros((), device=device)
     for i in range(accum):
         xm, ym = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
         last = i == accum - 1
         no_sync = run.model.no_sync() if (run.di.distributed and not last) else contextlib.nullcontext()
         with no_sync:
             with _autocast(device, run.amp_dtype):
-                out = run.objective(run.model, xm, ym, generator=run.gen, progress=run.images)
+                targets = None
+                if run.targets is not None:
+                    em = {k: v[i * m:(i + 1) * m] for k, v in extras.items()}
+                    targets = run.targets(xm, em, run.raw.grid)
+                out = run.objective(run.model, xm, ym, generator=run.gen, progress=run.images, align_targets=targets)
             run.scaler.scale(out.loss / accum).backward()
-        sums += torch.stack([out.parts[k].to(device) for k in _PARTS]).double() / accum
+        sums += torch.stack([out.parts.get(k, zero).to(device) for k in _PARTS]).double() / accum
     return sums
 
 
 def _reduce(run: Run, sums: Tensor, gnorm: Tensor, stop_requested: bool) -> list[float]:
-    """The step's one synchronisation: [loss, positive, negative, non-finite, stop] summed over ranks
+    """The step's one synchronisation: [loss, positive, negative, repa, non-finite, stop] summed over ranks
     (an all-reduce queued on the device) and this rank's grad norm, read with a single ``.tolist()``."""
     bad = ~torch.isfinite(sums[0])
     if run.cfg.train.precision != "fp16":  # under fp16 the GradScaler skips steps with inf gradients

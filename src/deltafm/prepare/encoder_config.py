@@ -1,0 +1,121 @@
+"""Settings of ``deltafm train-encoder``: one dataclass, its checks, and the transformers config it makes.
+
+The model is transformers' own ``Dinov2Model`` (the class of facebook/dinov2-*, so the result loads with
+:func:`deltafm.encoders.load_encoder` like a real DINOv2): patch embedding of ``patch_size`` p, a CLS
+token, learned position embeddings for a ``grid`` × ``grid`` token grid (input side S = grid · p),
+``depth`` pre-norm transformer blocks of width ``hidden`` with ``heads`` attention heads, an MLP of width
+``mlp_ratio`` · ``hidden`` and LayerScale, and a final LayerNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from deltafm.errors import UserError
+
+__all__ = ["TrainEncoderError", "EncoderSettings", "check_settings", "dinov2_config", "resolve_device"]
+
+
+class TrainEncoderError(UserError, ValueError):
+    """``deltafm train-encoder`` cannot run as asked (an option out of range, a dataset without classes, an
+    output folder that is not empty); the message names the fix."""
+
+
+@dataclass
+class EncoderSettings:
+    """Everything a run of ``deltafm train-encoder`` depends on (the CLI's options, resolved).
+
+    Data: ``dataset``/``root``/``max_items`` as in :func:`deltafm.data.load_dataset`; ``heldout``: at most
+    this many items of the test split (or, for a folder without one, carved from the training images) to
+    measure the accuracy. Augmentation: every training image is shifted by (dy, dx) drawn uniformly from
+    {−``shift``, …, ``shift``}² (zero-padded, black), at the dataset's resolution.
+
+    Model: a ``Dinov2Model`` at ``grid`` × ``grid`` tokens of ``patch_size`` px (input side grid · patch),
+    ``hidden``, ``depth``, ``heads``, ``mlp_ratio``; the classifier is Linear([CLS ; mean of patches]).
+
+    Optimisation: AdamW(``lr``, betas (0.9, 0.999), ``weight_decay`` on matrices only), cross-entropy with
+    ``label_smoothing``, ``epochs`` passes of ``batch_size`` (the last incomplete batch of an epoch is
+    dropped), linear warm-up over ``warmup`` steps then cosine decay to 0, gradient norm clipped to
+    ``grad_clip`` (0: off).
+    """
+
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    max_items: int | None = None
+    heldout: int = 10_000
+    grid: int = 7
+    patch_size: int = 4
+    hidden: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    shift: int = 2
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def image_size(self) -> int:
+        """The side the encoder sees: grid · patch_size."""
+        return self.grid * self.patch_size
+
+
+def _bad(msg: str) -> TrainEncoderError:
+    return TrainEncoderError(msg)
+
+
+def check_settings(s: EncoderSettings) -> None:
+    """Refuse settings that cannot make a model (before any data is read)."""
+    positive = dict(heldout=s.heldout, grid=s.grid, patch_size=s.patch_size, hidden=s.hidden, depth=s.depth,
+                    heads=s.heads, mlp_ratio=s.mlp_ratio, epochs=s.epochs, batch_size=s.batch_size)
+    for name, v in positive.items():
+        if int(v) < 1:
+            raise _bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    for name, v in dict(max_items=s.max_items, threads=s.threads).items():
+        if v is not None and v < 1:
+            raise _bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    nonneg = dict(shift=s.shift, warmup=s.warmup, weight_decay=s.weight_decay, grad_clip=s.grad_clip, seed=s.seed)
+    for name, v in nonneg.items():
+        if not (math.isfinite(float(v)) and float(v) >= 0):
+            raise _bad(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
+    if not (math.isfinite(s.lr) and s.lr > 0):
+        raise _bad(f"--lr must be finite and > 0, got {s.lr}")
+    if not 0 <= s.label_smoothing < 1:
+        raise _bad(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
+    if s.hidden % s.heads:
+        raise _bad(f"--hidden {s.hidden} must be a multiple of --heads {s.heads} (the width of each head)")
+    if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
+        raise _bad(f"--device must be auto, cpu or cuda[:N], got {s.device!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainEncoderError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def dinov2_config(s: EncoderSettings) -> dict[str, Any]:
+    """The ``transformers.Dinov2Config`` arguments of these settings (RGB input: gray images are repeated,
+    as at use time)."""
+    return dict(hidden_size=s.hidden, num_hidden_layers=s.depth, num_attention_heads=s.heads,
+                mlp_ratio=s.mlp_ratio, image_size=s.image_size, patch_size=s.patch_size, num_channels=3,
+                hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, layerscale_value=1.0, drop_path_rate=0.0,
+                use_swiglu_ffn=False)

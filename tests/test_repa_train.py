@@ -1,0 +1,114 @@
+"""REPA in training runs: logged parts, resume bit-exactness, REPA off leaves the backbone's training
+unchanged, sampling a REPA checkpoint, clear errors, and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltafm.train.builders import SetupError
+from deltafm.train.checkpoint import list_checkpoints, load_checkpoint
+from deltafm.train.config import find_preset, load_config
+from deltafm.train.loop import train
+from deltafm.train.restore import load_for_sampling
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["log.progress_bar=false", "log.tensorboard=false", "train.threads=1", "log.every=1", "sample.every=-1",
+        "model.name=SiT-N/2", "train.batch_size=32", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised DINOv2 (patch 2): 8×8 digits at the SiT-N/2 grid 4×4 need no resize."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       patch_size=2, image_size=8)
+    folder = tmp_path_factory.mktemp("enc") / "tiny-dino"
+    Dinov2Model(cfg).save_pretrained(folder)
+    return folder
+
+
+def _cfg(encoder_dir: Path | None, *overrides: str):
+    repa = [f"repa.encoders=[{encoder_dir}]", "repa.encoder_depth=2", "repa.projector_dim=32"] if encoder_dir else []
+    return load_config(find_preset("digits-tiny"), [*FAST, *repa, *overrides])
+
+
+def _train(cfg, out, resume=None):
+    with torch.random.fork_rng(devices=[]):
+        return train(cfg, out, resume=resume)
+
+
+def _records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_repa_run_logs_its_part_resumes_bit_exactly_and_samples(encoder_dir, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _train(_cfg(encoder_dir, "train.steps=6", "train.ckpt_every=3"), whole)
+    recs = _records(whole)
+    assert all("repa" in r for r in recs) and -1.0 <= recs[-1]["repa"] <= 1.0
+    # loss = ΔFM part + 0.5 · REPA part, per step
+    for r in recs:
+        assert r["loss"] == pytest.approx(r["positive"] - 0.05 * r["negative"] + 0.5 * r["repa"], rel=1e-5, abs=1e-6)
+    _train(_cfg(encoder_dir, "train.steps=3", "train.ckpt_every=3"), split)
+    _train(_cfg(encoder_dir, "train.steps=6", "train.ckpt_every=3"), split, resume="auto")
+    a = load_checkpoint(list_checkpoints(whole / "checkpoints")[-1])
+    b = load_checkpoint(list_checkpoints(split / "checkpoints")[-1])
+    assert any(k.startswith("projectors.") for k in a.model)
+    for part in ("model", "ema"):
+        wa, wb = getattr(a, part), getattr(b, part)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    loaded = load_for_sampling(whole)
+    x = torch.randn(2, 1, 8, 8)
+    v = loaded.model(x, torch.rand(2), torch.tensor([1, 2]))
+    assert v.shape == x.shape and loaded.data.align_dims == [16]
+
+
+def test_repa_off_and_coefficient_zero_train_the_backbone_identically(encoder_dir, tmp_path):
+    """Same data order, draws, losses and backbone updates. Gradient clipping is off here: its global norm
+    over more parameters (the projectors' zero gradients) is summed in another order (last-bit changes)."""
+    off, zero = tmp_path / "off", tmp_path / "zero"
+    _train(_cfg(None, "train.steps=4", "optim.grad_clip=null"), off)
+    _train(_cfg(encoder_dir, "train.steps=4", "repa.proj_coeff=0.0", "optim.grad_clip=null"), zero)
+    a = load_checkpoint(list_checkpoints(off / "checkpoints")[-1]).model
+    b = load_checkpoint(list_checkpoints(zero / "checkpoints")[-1]).model
+    backbone = {k.removeprefix("backbone."): v for k, v in b.items() if k.startswith("backbone.")}
+    assert backbone.keys() == a.keys() and all(torch.equal(a[k], backbone[k]) for k in a)
+    assert [r["loss"] for r in _records(off)] == [r["loss"] for r in _records(zero)]
+
+
+def test_bad_repa_settings_are_clear_errors(encoder_dir, tmp_path):
+    with pytest.raises(SetupError, match="SiT"):
+        _train(_cfg(encoder_dir, "train.steps=1", "model.name=unet-t"), tmp_path / "a")
+    with pytest.raises(SetupError, match="prepare-latents --encoder"):
+        _train(_cfg(None, "train.steps=1", "repa.features=[dino]"), tmp_path / "b")
+    with pytest.raises(SetupError, match="no such folder"):
+        _train(_cfg(None, "train.steps=1", f"repa.encoders=[{tmp_path / 'nothing'}]"), tmp_path / "c")
+    with pytest.raises(SetupError, match="encoder_depth"):
+        _train(_cfg(encoder_dir, "train.steps=1", "repa.encoder_depth=9"), tmp_path / "d")
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abcd")
+
+
+def test_torchrun_two_processes_with_repa(encoder_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "deltafm",
+           "train", "--preset", "digits-tiny", *FAST, f"repa.encoders=[{encoder_dir}]", "repa.encoder_depth=2",
+           "repa.projector_dim=32", "train.steps=3", "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all("repa" in r for r in recs)
+    w = load_checkpoint(list_checkpoints(out / "checkpoints")[-1]).model
+    assert any(k.startswith("projectors.") for k in w)

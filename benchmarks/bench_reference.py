@@ -20,6 +20,13 @@ ref/variant is taken per round (paired), and its median gets a 95% bootstrap CI 
 bf16 matmul rates (2·n³ FLOP per n×n product) are measured in the same run, and MFU = 3 · forward FLOPs
 · batch / step time / matmul rate. Sampling: Euler with classifier-free guidance (2 forwards of the batch
 per step, ``torch.inference_mode``), images/s at ``--nfe`` steps.
+
+``--repa``: the REPA step instead. Both models carry REPA's projector (width 2048, one encoder of width 768,
+DINOv2-B's; block 4 for S/B, 8 for L/XL), the step adds 0.5 · L_REPA (``deltafm.alignment.alignment_loss``,
+the same function for both) against fixed encoder tokens on the 16×16 grid (the encoder's own forward is
+the same for both and left out). deltafm's model is :class:`deltafm.alignment.AlignedModel`; the
+reference's SiT computes its projections inside every forward (sampling included), deltafm's only when
+asked (``align=True``).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deltafm.alignment import AlignedModel, alignment_loss
 from deltafm.models.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,9 +136,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _RefAligned(nn.Module):
+    """The reference SiT called like :class:`AlignedModel`: ``(v, zs)`` with ``align=True``, else v."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, align: bool = False):
+        out = self.model(x, t, y)
+        return (out[0], out[1]) if align else out[0]
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool,
-               sync: bool = True) -> float:
-    """One timed ΔFM + AdamW step; returns seconds. Tuple outputs (the reference's) use element 0.
+               sync: bool = True, tokens: list[torch.Tensor] | None = None) -> float:
+    """One timed ΔFM + AdamW step (+ 0.5 · REPA against ``tokens`` when given); returns seconds. Tuple
+    outputs (the reference's) use element 0.
 
     The step itself has no host sync; on CUDA the timer synchronises before and after it (``sync``).
     """
@@ -142,9 +163,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     tt = t[:, None, None, None]
     xt, target = tt * x + (1 - tt) * eps, x - eps
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(xt, t, y)
+        out = model(xt, t, y, align=True) if tokens is not None else model(xt, t, y)
     v = out[0] if isinstance(out, tuple) else out
     loss = dfm_loss(v.float(), target)
+    if tokens is not None:
+        loss = loss + 0.5 * alignment_loss(out[1], tokens)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -195,39 +218,46 @@ def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[
 
 
 def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_variants: list[str],
-               device: str) -> dict[str, nn.Module]:
+               device: str, repa: bool = False) -> dict[str, nn.Module]:
     """Reference SiT-size/2 models ("ref[sdpa]" first: the baseline) and deltafm's, one per variant.
 
     A variant is an attention implementation ("sdpa" or "matmul"), optionally with "+compile"
     (``torch.compile(model, dynamic=False)``; its first steps, which compile, are warm-up).
     """
     depth, hid, heads = SIZES[size]
+    enc_depth = (4 if depth <= 12 else 8) if repa else depth
+    zdim, pdim = (768, 2048) if repa else (8, 8)
     models: dict[str, nn.Module] = {}
     for impl in ["sdpa", *(v for v in ref_variants if v != "sdpa")]:
-        models[f"ref[{impl}]"] = ref.SiT(
-            input_size=32, in_channels=4, num_classes=1000, encoder_depth=depth, z_dims=[8], projector_dim=8,
-            qk_norm=False, fused_attn=impl == "sdpa", depth=depth, hidden_size=hid, decoder_hidden_size=hid,
-            patch_size=2, num_heads=heads)
+        r = ref.SiT(
+            input_size=32, in_channels=4, num_classes=1000, encoder_depth=enc_depth, z_dims=[zdim],
+            projector_dim=pdim, qk_norm=False, fused_attn=impl == "sdpa", depth=depth, hidden_size=hid,
+            decoder_hidden_size=hid, patch_size=2, num_heads=heads)
+        models[f"ref[{impl}]"] = _RefAligned(r) if repa else r
     for var in variants:
         impl, _, comp = var.partition("+")
         m = build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000, attn_impl=impl).to(device)
+        if repa:
+            m = AlignedModel(m, [zdim], encoder_depth=enc_depth, projector_dim=pdim)
         models[f"deltafm[{var}]"] = torch.compile(m, dynamic=False) if comp == "compile" else m
     return {k: m.to(device) for k, m in models.items()}
 
 
 def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],
-               nfe: int, device: str = "cpu", ref_variants: tuple[str, ...] = ("sdpa",)) -> list[dict]:
+               nfe: int, device: str = "cpu", ref_variants: tuple[str, ...] = ("sdpa",),
+               repa: bool = False) -> list[dict]:
     """Interleaved training and sampling rounds for one model size; one result row per (variant, precision)."""
     torch.manual_seed(0)
-    models = build_pair(ref, size, variants, list(ref_variants), device)
+    models = build_pair(ref, size, variants, list(ref_variants), device, repa)
     x = torch.randn(batch, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
+    tokens = [torch.randn(batch, 256, 768, device=device)] if repa else None
     flops = 3 * build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000).flops_per_sample() * batch
     rows = []
     for bf16 in (False, True):
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device == "cuda") for k, m in models.items()}
         for k, m in models.items():  # warm-up: compilation, allocator, oneDNN primitives, AdamW state
-            warm = [train_step(m, opts[k], x, y, bf16) for _ in range(2)]
+            warm = [train_step(m, opts[k], x, y, bf16, tokens=tokens) for _ in range(2)]
             print(f"  {size} {'bf16' if bf16 else 'fp32'} {k}: warm-up steps {warm[0]:.1f} s, {warm[1]:.1f} s",
                   flush=True)
             if nfe:
@@ -238,12 +268,12 @@ def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, varian
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for k in order:
-                times[k].append(train_step(models[k], opts[k], x, y, bf16))
+                times[k].append(train_step(models[k], opts[k], x, y, bf16, tokens=tokens))
             for k in order if nfe else []:
                 samp[k].append(sample_time(models[k], x, y, nfe, bf16, 1000))
         for k in names:
             ratios = [a / b for a, b in zip(times["ref[sdpa]"], times[k], strict=True)]
-            row = dict(size=size, batch=batch, prec="bf16" if bf16 else "fp32", name=k,
+            row = dict(size=size, repa=repa, batch=batch, prec="bf16" if bf16 else "fp32", name=k,
                        ms=1e3 * statistics.median(times[k]), ratio=statistics.median(ratios),
                        ci=bootstrap_ci(ratios), flops=flops)
             if nfe:
@@ -258,7 +288,8 @@ def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, varian
 def _row_md(row: dict, rates: dict[str, float] | None) -> str:
     mfu = f"{100 * row['flops'] / (row['ms'] / 1e3) / (rates[row['prec']] * 1e9):.0f}%" if rates else "-"
     lo, hi = row["ci"]
-    s = (f"| SiT-{row['size']}/2 b{row['batch']} | {row['prec']} | {row['name']} | {row['ms']:.0f} | "
+    model = f"{'REPA-' if row.get('repa') else ''}SiT-{row['size']}/2"
+    s = (f"| {model} b{row['batch']} | {row['prec']} | {row['name']} | {row['ms']:.0f} | "
          f"{row['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | {mfu} |")
     if "img_s" in row:
         slo, shi = row["s_ci"]
@@ -317,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="sdpa,matmul", help="deltafm variants: sdpa|matmul[+compile],...")
     p.add_argument("--ref-variants", default="sdpa", help="reference attention: sdpa (--fused-attn), matmul")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--repa", action="store_true", help="time the REPA (+ΔFM) step: projectors and L_REPA")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -327,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in a.configs.split(","):
         rows += run_config(ref, size, a.batch, a.rounds, a.variants.split(","), a.nfe, a.device,
-                           tuple(a.ref_variants.split(",")))
+                           tuple(a.ref_variants.split(",")), a.repa)
     text = report(rows, rates, argv, a.nfe)
     print(text)
     if a.write:

@@ -46,8 +46,11 @@ def make_dino(folder: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> dict[str, Path]:
+    return make_parts(tmp_path_factory.mktemp("repa"))
+
+
+def make_parts(base: Path) -> dict[str, Path]:
     """The VAE, two encoders, the image tree, and folders prepared with extras and without."""
-    base = tmp_path_factory.mktemp("repa")
     vae, root = make_vae(base / "vae"), base / "imagenet"
     files = make_image_tree(root)
     d = {"vae": vae, "root": root, "dino": make_dino(base / "dino"), "dino2": make_dino(base / "dino2", seed=1),

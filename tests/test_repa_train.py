@@ -112,3 +112,48 @@ def test_torchrun_two_processes_with_repa(encoder_dir, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3] and all("repa" in r for r in recs)
     w = load_checkpoint(list_checkpoints(out / "checkpoints")[-1]).model
     assert any(k.startswith("projectors.") for k in w)
+
+
+# ----------------------------------------------------------------------------------------- latent shards
+
+from test_repa_data import make_parts  # noqa: E402  (shards made with the real prepare-latents)
+
+
+@pytest.fixture(scope="module")
+def latent_parts(tmp_path_factory) -> dict[str, Path]:
+    return make_parts(tmp_path_factory.mktemp("repa-latent"))
+
+LATENT = ["data.name=latents", "model.name=SiT-N/2", "train.batch_size=8", "train.steps=2", "repa.encoder_depth=2",
+          "repa.projector_dim=16", "objective.label_dropout=0.0"]
+
+
+def _latent_cfg(root: Path, *overrides: str):
+    base = [o for o in FAST if not o.startswith(("model.name", "train.batch_size"))]
+    return load_config(find_preset("digits-tiny"), [*base, *LATENT, f"data.root={root}", *overrides])
+
+
+def test_latent_runs_align_to_stored_tokens_or_to_the_encoder_on_stored_images(latent_parts, tmp_path):
+    parts = latent_parts
+    from deltafm.data import LatentStore
+    from deltafm.train.repa import RepaTargets
+
+    store = LatentStore(parts["extras"])
+    stored = RepaTargets.from_config(_latent_cfg(parts["extras"], "repa.features=[dino]").repa, store, True,
+                                     torch.device("cpu"))
+    live = RepaTargets.from_config(_latent_cfg(parts["extras"], f"repa.encoders=[{parts['dino']}]").repa, store,
+                                   True, torch.device("cpu"))
+    assert stored.extra_names == ("features.dino",) and live.extra_names == ("images",)
+    assert stored.dims == live.dims == [32]
+    idx = torch.tensor([3, 0, 7])
+    extras = store.load_extras(idx, ["features.dino", "images"])
+    x = store.load_batch(idx)
+    a, b = stored(x, extras, (4, 4))[0], live(x, extras, (4, 4))[0]
+    assert torch.equal(a, extras["features.dino"])
+    torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)  # stored tokens are float16
+    # grid mismatch: stored 4x4 tokens resampled to the model's grid
+    assert stored(x, extras, (2, 2))[0].shape == (3, 4, 32)
+    for name, extra in (("feat", "repa.features=[dino]"), ("live", f"repa.encoders=[{parts['dino']}]")):
+        res = _train(_latent_cfg(parts["extras"], extra), tmp_path / name)
+        assert res.status == "done" and all("repa" in r for r in _records(tmp_path / name))
+    with pytest.raises(SetupError, match="--keep-images"):
+        _train(_latent_cfg(parts["plain"], f"repa.encoders=[{parts['dino']}]"), tmp_path / "plain")

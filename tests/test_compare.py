@@ -305,3 +305,31 @@ def test_compare_end_to_end_skip_and_exact_resume(tmp_path):
     after = _units(out, "dfm")
     strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
     assert {k: strip(v["metrics"]) for k, v in after.items()} == {k: strip(v["metrics"]) for k, v in before.items()}
+
+
+def test_paired_comparisons_with_t_intervals(tmp_path):
+    from deltafm.study.paired import t_interval
+
+    # n = 3: mean 1, sd 1, t_{0.975, 2} = 4.302652729911275 -> half-width 4.3027 / sqrt(3)
+    mean, lo, hi = t_interval([0.0, 1.0, 2.0])
+    assert mean == pytest.approx(1.0) and hi - mean == pytest.approx(4.302652729911275 / 3**0.5)
+    assert t_interval([1.0]) is None
+    data = _fake_results()
+    data["study"]["comparisons"] = [["dfm", "fm"]]
+    md = build_report(data, tmp_path / "fig", "figs")
+    # paired ΔFD = (-2, -6): mean -4, sd 2.83, t_{0.975, 1} = 12.706 -> ±25.4; cfg differences are all 0
+    assert "Paired comparisons (fake" in md
+    assert "| dfm | fm | 2 | -4.00 [-29.4, 21.4] | 2/2 |" in md
+    assert "| 0 [0, 0] | 0 [0, 0] |" in md
+
+
+def test_comparisons_must_name_two_variants(tmp_path):
+    from deltafm.study.spec import CompareError, load_compare_config
+
+    src = (ROOT / "configs" / "compare" / "digits-tiny.yaml").read_text()
+    for bad in ("[[dfm, nothing]]", "[[dfm, dfm]]", "[[dfm]]"):
+        p = tmp_path / "c.yaml"
+        p.write_text(src.replace("base: ../digits-tiny.yaml", f"base: {ROOT / 'configs' / 'digits-tiny.yaml'}")
+                     + f"\ncomparisons: {bad}\n")
+        with pytest.raises(CompareError, match="comparisons"):
+            load_compare_config(p)

@@ -116,6 +116,15 @@ def test_identity_follows_the_content(tmp_path):
     assert load_encoder(tmp_path / "a").identity != a.identity  # the normalisation changes the tokens
 
 
+def test_a_half_precision_folder_loads_in_float32(tmp_path):
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(_save(tmp_path / "a")).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    enc = load_encoder(tmp_path / "bf16")
+    assert {p.dtype for p in enc.parameters()} == {torch.float32}
+    assert enc(_images(), (7, 7)).dtype == torch.float32
+
+
 def test_the_encoder_is_frozen(tmp_path):
     enc = load_encoder(_save(tmp_path / "enc"))
     assert not enc.training and all(not p.requires_grad for p in enc.parameters())

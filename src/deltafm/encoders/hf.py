@@ -133,7 +133,7 @@ def load_dinov2(folder: str | Path, *, name: str | None = None, device: torch.de
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        model = cls.from_pretrained(str(folder), local_files_only=True)  # saved dtype ("auto" in v5); cast below
     except Exception as e:  # damaged files fail in many classes (safetensors, torch.load, shapes)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise EncoderError(f"{folder}: cannot load the {DINOV2_TYPES[cfg['model_type']]} weights "
@@ -141,6 +141,6 @@ def load_dinov2(folder: str | Path, *, name: str | None = None, device: torch.de
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    model.to(device)
+    model.to(device=device, dtype=dtype)
     src = str(folder.resolve())
     return Dinov2Encoder(model, name if name is not None else encoder_name(folder.resolve().name), mean, std, src)

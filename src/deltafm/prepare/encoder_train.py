@@ -259,8 +259,9 @@ def _epochs(model: EncoderClassifier, data: EncoderData, norm: tuple[Tensor, Ten
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", acc=f"{right / seen:.3f}")
             history.append(dict(epoch=epoch + 1, step=step, loss=loss_sum / seen, train_accuracy=right / seen,
                                 seconds=time.perf_counter() - start))
-            say(f"epoch {epoch + 1}/{s.epochs}: loss {loss_sum / seen:.4f}, training accuracy {right / seen:.4f} "
-                f"(augmented), {history[-1]['seconds']:.0f} s")
+            aug = f" (shifted up to {s.shift} px)" if s.shift else ""
+            say(f"epoch {epoch + 1}/{s.epochs}: loss {loss_sum / seen:.4f}, training accuracy {right / seen:.4f}"
+                f"{aug}, {history[-1]['seconds']:.0f} s")
     finally:
         bar.close()
     return history
@@ -302,7 +303,7 @@ def train_encoder(s: EncoderSettings, out: str | os.PathLike, overwrite: bool = 
     history = _epochs(model, data, norm, s, device, say)
     train_seconds = time.perf_counter() - train_start
     acc = accuracy(model, data, norm, s, device)
-    enc = Dinov2Encoder(model.backbone.to("cpu"), out.name, data.mean, data.std)
+    enc = Dinov2Encoder(model.backbone.to("cpu"), out.resolve().name, data.mean, data.std)
     record = _record(s, data, enc, acc, history, train_seconds, time.perf_counter() - began)
     _write_folder(out, model, enc, record)
     loaded = load_encoder(out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import shutil
 import sys
@@ -24,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from deltafm.study import figures
-from deltafm.study.ratios import METRICS, REL_PREFIX, format_ratio, nfe_to_match, steps_to_match, summarize
+from deltafm.study.markdown import fmt as _fmt
+from deltafm.study.markdown import pm as _pm
+from deltafm.study.markdown import table as _table
+from deltafm.study.paired import section_comparisons as _section_comparisons
+from deltafm.study.ratios import METRICS, REL_PREFIX, format_ratio, nfe_to_match, steps_to_match
 from deltafm.study.results import VIEWS, Results, mean_band
 
 __all__ = ["build_report", "write_report", "update_section", "main"]
@@ -35,33 +38,6 @@ GENERATED_BY = "python -m deltafm.study.report"
 # ----------------------------------------------------------------------------------------------------
 # Markdown helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    if abs(x) < 1e-9:  # round-off of a zero spread
-        return "0"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.2f}"
-
-
-def _pm(values: Sequence[float | None], digits: int = 3) -> str:
-    s = summarize(values)
-    if s["n"] == 0:
-        return "–"
-    if s["n"] == 1:
-        return _fmt(s["mean"], digits)
-    return f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], 2)}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
 
 
 def _paired(r: Results, a: str, b: str, metric: str) -> list[float]:
@@ -381,8 +357,8 @@ def _section_grids(R: _Report) -> list[str]:
             " · ".join(f"{i + 1}: {v}" for i, (v, _) in enumerate(grids)), ""]
 
 
-_SECTIONS = (_section_setup, _section_final, _section_curves, _section_one_seed, _section_nfe, _section_along,
-             _section_cfg, _section_grids)
+_SECTIONS = (_section_setup, _section_final, _section_comparisons, _section_curves, _section_one_seed,
+             _section_nfe, _section_along, _section_cfg, _section_grids)
 
 
 def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figures",

@@ -157,6 +157,7 @@ class CompareConfig:
     description: str = ""
     eval: EvalSpec = field(default_factory=EvalSpec)
     source: str | None = None
+    comparisons: list[list[str]] = field(default_factory=list)  # extra [variant, baseline] pairs, with CIs
 
     def variants(self) -> list[tuple[ArmSpec, VariantSpec]]:
         return [(a, v) for a in self.arms for v in a.variants]
@@ -298,6 +299,10 @@ def _validate_arms(c: CompareConfig) -> None:
     for name in c.main_variants or []:
         if name not in vnames:
             raise CompareError(f"main_variants: {name!r} is not a variant")
+    for pair in c.comparisons:
+        if len(pair) != 2 or pair[0] == pair[1] or any(n not in vnames for n in pair):
+            raise CompareError(f"comparisons: each entry must be [variant, baseline], two different variants, got "
+                               f"{pair}; variants: {vnames}")
 
 
 def _validate_eval(e: EvalSpec) -> None:

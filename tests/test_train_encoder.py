@@ -21,7 +21,7 @@ from cli_cases import run_cli, tree_digest  # noqa: E402
 from deltafm.data import load_dataset  # noqa: E402
 from deltafm.encoders import load_encoder, preprocess  # noqa: E402
 from deltafm.pixels import uint8_to_model  # noqa: E402
-from deltafm.prepare.encoder_train import channel_stats, lr_at, random_shift  # noqa: E402
+from deltafm.prepare.encoder_train import channel_stats, lr_at, random_flip, random_shift  # noqa: E402
 
 TINY = ["--dataset", "digits", "--max-items", "512", "--depth", "1", "--hidden", "32", "--heads", "2",
         "--epochs", "1", "--batch-size", "128", "--warmup", "1", "--no-progress"]
@@ -56,6 +56,7 @@ def test_the_folder_loads_as_an_encoder(trained):
     assert (enc.embed_dim, enc.patch_size, record["grid"], record["image_size"]) == (32, 4, [7, 7], 28)
     assert record["data"]["train_items"] == 512 and record["data"]["heldout_source"] == "test split"
     assert record["settings"]["seed"] == 0 and record["versions"]["torch"] == torch.__version__
+    assert record["augmentation"] == {"shift_px": 0, "flip": False}  # digits: no mirroring
     assert record["duration_s"] > 0 and "not the network that computes the evaluation metrics" in record["note"]
     x = uint8_to_model(load_dataset("digits", split="test").images[:5])  # 8 x 8 gray
     assert enc(x, (7, 7)).shape == (5, 49, 32)
@@ -126,7 +127,7 @@ def test_bad_input_is_one_error_line(tmp_path, change, message):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_channel_stats_shift_and_schedule():
+def test_channel_stats_augmentation_and_schedule():
     imgs = torch.tensor([[[[0, 255]]], [[[51, 102]]]], dtype=torch.uint8)  # (2, 1, 1, 2)
     mean, std = channel_stats(imgs)
     u = torch.tensor([0.0, 1.0, 0.2, 0.4], dtype=torch.float64)
@@ -152,6 +153,10 @@ def test_channel_stats_shift_and_schedule():
         ref[ys, xs] = src[yd, xd]
         assert torch.equal(y[i, 0], ref), (dy, dx)
     assert torch.equal(random_shift(x, 0, g), x)
+    y = random_flip(x, torch.Generator().manual_seed(3))
+    mirrored = torch.rand(2, generator=torch.Generator().manual_seed(3)) < 0.5
+    for i in range(2):
+        assert torch.equal(y[i], x[i].flip(-1) if mirrored[i] else x[i])
 
     from deltafm.prepare.encoder_config import EncoderSettings
 

@@ -1,7 +1,7 @@
 """``deltafm train-encoder``: train a small DINOv2-class encoder on an image set, for REPA targets.
 
     deltafm train-encoder --out runs/encoders/fmnist-dinov2-s            # Fashion-MNIST, 7x7 tokens of 4 px
-    deltafm train-encoder --dataset digits --epochs 20 --out runs/encoders/digits-dinov2
+    deltafm train-encoder --dataset digits --epochs 30 --out runs/encoders/digits-dinov2
     deltafm train-encoder --dataset folder --root IMAGES --grid 8 --patch-size 8 --out runs/encoders/mine
 
 The result is a transformers ``Dinov2Model.save_pretrained`` folder (plus ``preprocessor_config.json``
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"up to N test-split images for the accuracy (default {_D.heldout})")
     g.add_argument("--shift", type=int, default=_D.shift,
                    help=f"augmentation: random shifts of up to N px each way (default {_D.shift}; 0: none)")
+    g.add_argument("--flip", action="store_true",
+                   help="augmentation: mirror left-right with probability 1/2 (not for digits; default off)")
     g = p.add_argument_group("model (transformers Dinov2Model)")
     g.add_argument("--grid", type=int, default=_D.grid,
                    help=f"token grid side G; the encoder sees G*P px (default {_D.grid})")
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"AdamW weight decay of the matrices (default {_D.weight_decay:g})")
     g.add_argument("--label-smoothing", type=float, default=_D.label_smoothing, help="cross-entropy label smoothing")
     g.add_argument("--grad-clip", type=float, default=_D.grad_clip, help="gradient norm clip (0: off; default 1)")
-    g.add_argument("--seed", type=int, default=_D.seed, help="seed of the weights, data order and shifts")
+    g.add_argument("--seed", type=int, default=_D.seed, help="seed of the weights, data order and augmentation")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, required=True, help="output folder (missing or empty)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -73,7 +75,8 @@ def settings_from_args(args: argparse.Namespace) -> EncoderSettings:
     return EncoderSettings(
         dataset=args.dataset, root=str(args.root) if args.root is not None else None, max_items=args.max_items,
         heldout=args.heldout, grid=args.grid, patch_size=args.patch_size, hidden=args.hidden, depth=args.depth,
-        heads=args.heads, mlp_ratio=args.mlp_ratio, shift=args.shift, epochs=args.epochs, batch_size=args.batch_size,
+        heads=args.heads, mlp_ratio=args.mlp_ratio, shift=args.shift, flip=args.flip, epochs=args.epochs,
+        batch_size=args.batch_size,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
         grad_clip=args.grad_clip, seed=args.seed, device=args.device, threads=args.threads,
         progress=not args.no_progress,

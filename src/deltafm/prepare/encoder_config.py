@@ -32,7 +32,10 @@ class EncoderSettings:
     Data: ``dataset``/``root``/``max_items`` as in :func:`deltafm.data.load_dataset`; ``heldout``: at most
     this many items of the test split (or, for a folder without one, carved from the training images) to
     measure the accuracy. Augmentation: every training image is shifted by (dy, dx) drawn uniformly from
-    {−``shift``, …, ``shift``}² (zero-padded, black), at the dataset's resolution.
+    {−``shift``, …, ``shift``}² (zero-padded, black), at the dataset's resolution, then mirrored left–right
+    with probability ½ when ``flip`` (only for data whose classes survive mirroring: Fashion-MNIST, not
+    digits). Both are off by default: in the few epochs of the default run they cost held-out accuracy
+    (docs/ENCODERS.md).
 
     Model: a ``Dinov2Model`` at ``grid`` × ``grid`` tokens of ``patch_size`` px (input side grid · patch),
     ``hidden``, ``depth``, ``heads``, ``mlp_ratio``; the classifier is Linear([CLS ; mean of patches]).
@@ -54,6 +57,7 @@ class EncoderSettings:
     heads: int = 4
     mlp_ratio: int = 2
     shift: int = 0
+    flip: bool = False
     epochs: int = 7
     batch_size: int = 64
     lr: float = 1e-3

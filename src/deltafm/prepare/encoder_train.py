@@ -4,7 +4,8 @@ REPA needs a frozen encoder of the clean images. Where DINOv2 weights cannot be 
 transformers ``Dinov2Model`` (:mod:`deltafm.prepare.encoder_config`) on the labelled images of the run's
 dataset. Each training image x ∈ [−1, 1] (uint8 p ↦ p / 127.5 − 1) is
 
-1. shifted by (dy, dx) ~ U{−shift, …, shift}² at the dataset's resolution (zero padding: black);
+1. optionally augmented (both off by default): shifted by (dy, dx) ~ U{−shift, …, shift}² at the
+   dataset's resolution (zero padding: black) and mirrored left–right with probability ½ (``flip``);
 2. preprocessed by :func:`deltafm.encoders.preprocess`, the very function the encoder applies at use
    time: u = (x + 1)/2, gray → RGB, v_c = (u_c − μ_c)/σ_c, bicubic to S = grid · patch; μ, σ are the
    per-channel mean and (population) standard deviation of the training pixels in [0, 1] (after gray → RGB),
@@ -13,7 +14,7 @@ dataset. Each training image x ∈ [−1, 1] (uint8 p ↦ p / 127.5 − 1) is
    z = W [h_cls ; (1/N) Σ_n h_n] + b, loss = cross-entropy(z, y) (with ``label_smoothing``).
 
 AdamW (weight decay on matrices only), linear warm-up then cosine decay, gradient clipping. The weights,
-the data order and the shifts come from their own seeded streams (:func:`deltafm.seeding.derive_seed`), so
+the data order and the augmentation come from their own seeded streams (:func:`deltafm.seeding.derive_seed`), so
 a run is reproducible bit for bit on the same machine and thread count. The held-out accuracy is measured
 without augmentation on the dataset's test split (or a seeded held-out slice of a folder without one).
 
@@ -50,7 +51,7 @@ from deltafm.seeding import derive_seed, make_generator
 from .encoder_config import EncoderSettings, TrainEncoderError, check_settings, dinov2_config, resolve_device
 
 __all__ = ["DONE_FILE", "EncoderData", "EncoderResult", "EncoderClassifier", "channel_stats", "load_encoder_data",
-           "lr_at", "random_shift", "train_encoder"]
+           "lr_at", "random_flip", "random_shift", "train_encoder"]
 
 DONE_FILE = "train_encoder.json"
 Say = Callable[[str], None]
@@ -152,6 +153,13 @@ def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image of x (B, C, H, W) mirrored left–right with probability ½ (one draw per image from
+    ``generator``, CPU)."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def lr_at(step: int, total: int, s: EncoderSettings) -> float:
     """lr·(step + 1)/W for step < W (W = warmup), then lr·½(1 + cos(π (step − W)/(T − W))) down to 0 at T."""
     if step < s.warmup:
@@ -199,6 +207,8 @@ def _pixels(images_u8: Tensor, data: EncoderData, norm: tuple[Tensor, Tensor], s
     x = uint8_to_model(images_u8.to(device))
     if gen is not None:
         x = random_shift(x, s.shift, gen)
+        if s.flip:
+            x = random_flip(x, gen)
     return preprocess(x, norm[0], norm[1], (s.image_size, s.image_size))
 
 
@@ -215,9 +225,28 @@ def accuracy(model: EncoderClassifier, data: EncoderData, norm: tuple[Tensor, Te
     return right / max(1, int(data.heldout.shape[0]))
 
 
+def _step(model: EncoderClassifier, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, lr: float,
+          s: EncoderSettings, step: int) -> tuple[float, int]:
+    """One optimizer step on (x, y); returns the loss and the number of right predictions."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainEncoderError(f"the loss is {value} at step {step + 1}: the training diverged; lower --lr")
+    if s.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+    opt.step()
+    return value, int((logits.detach().argmax(-1) == y).sum())
+
+
 def _epochs(model: EncoderClassifier, data: EncoderData, norm: tuple[Tensor, Tensor], s: EncoderSettings,
             device: torch.device, say: Say) -> list[dict[str, Any]]:
-    """The training passes; one log record per epoch (mean loss, training accuracy, seconds)."""
+    """The training passes; one log record per epoch (mean loss, training accuracy on the augmented batches
+    as they were trained, held-out accuracy after the epoch, seconds of training)."""
     from tqdm.auto import tqdm
 
     from deltafm.data.sampler import EpochBatchSampler
@@ -228,8 +257,10 @@ def _epochs(model: EncoderClassifier, data: EncoderData, norm: tuple[Tensor, Ten
     gen = make_generator(s.seed, 0, "encoder-augment")
     opt = _optimizer(model, s)
     bar = tqdm(total=total, unit="step", desc="encoder", dynamic_ncols=True, disable=not s.progress, file=sys.stderr)
+    aug = [f"shifts up to {s.shift} px"] * bool(s.shift) + ["mirrored"] * s.flip
+    aug_text = f" ({', '.join(aug)})" if aug else ""
     history: list[dict[str, Any]] = []
-    it, step = iter(sampler), 0
+    it, step, held = iter(sampler), 0, None
     try:
         for epoch in range(s.epochs):
             model.train()
@@ -237,31 +268,17 @@ def _epochs(model: EncoderClassifier, data: EncoderData, norm: tuple[Tensor, Ten
             for _ in range(per_epoch):
                 idx = next(it)
                 x = _pixels(data.train[idx], data, norm, s, device, gen)
-                y = data.train_labels[idx].to(device)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total, s)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainEncoderError(f"the loss is {value} at step {step + 1}: the training diverged; "
-                                            "lower --lr")
-                if s.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-                opt.step()
-                step += 1
-                loss_sum += value * len(idx)
-                right += int((logits.detach().argmax(-1) == y).sum())
-                seen += len(idx)
+                value, ok = _step(model, opt, x, data.train_labels[idx].to(device), lr_at(step, total, s), s, step)
+                step, loss_sum, right, seen = step + 1, loss_sum + value * len(idx), right + ok, seen + len(idx)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", acc=f"{right / seen:.3f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", acc=f"{right / seen:.3f}",
+                                held=f"{held:.4f}" if held is not None else "-", refresh=False)
+            seconds = time.perf_counter() - start
+            held = accuracy(model, data, norm, s, device)
             history.append(dict(epoch=epoch + 1, step=step, loss=loss_sum / seen, train_accuracy=right / seen,
-                                seconds=time.perf_counter() - start))
-            aug = f" (shifted up to {s.shift} px)" if s.shift else ""
+                                heldout_accuracy=held, seconds=seconds))
             say(f"epoch {epoch + 1}/{s.epochs}: loss {loss_sum / seen:.4f}, training accuracy {right / seen:.4f}"
-                f"{aug}, {history[-1]['seconds']:.0f} s")
+                f"{aug_text}, held-out accuracy {held:.4f}, {seconds:.0f} s")
     finally:
         bar.close()
     return history
@@ -302,7 +319,7 @@ def train_encoder(s: EncoderSettings, out: str | os.PathLike, overwrite: bool = 
     train_start = time.perf_counter()
     history = _epochs(model, data, norm, s, device, say)
     train_seconds = time.perf_counter() - train_start
-    acc = accuracy(model, data, norm, s, device)
+    acc = history[-1]["heldout_accuracy"]  # the final weights, measured after the last epoch
     enc = Dinov2Encoder(model.backbone.to("cpu"), out.resolve().name, data.mean, data.std)
     record = _record(s, data, enc, acc, history, train_seconds, time.perf_counter() - began)
     _write_folder(out, model, enc, record)
@@ -328,6 +345,7 @@ def _record(s: EncoderSettings, data: EncoderData, enc: Dinov2Encoder, acc: floa
                     "heldout_source": data.heldout_source},
         "history": history, "train": {"epochs": s.epochs, "steps": history[-1]["step"] if history else 0,
                                       "seconds": train_seconds},
+        "augmentation": {"shift_px": s.shift, "flip": s.flip},
         "duration_s": duration, "seed": s.seed, "settings": s.to_dict(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "note": "REPA target encoder; not the network that computes the evaluation metrics (docs/ENCODERS.md)",

@@ -118,6 +118,9 @@ def _section_setup(R: _Report) -> list[str]:
         lines += [st["description"].strip(), ""]
     seeds_done = sorted({run["seed"] for run in r.runs})
     has_cfg = any("cfg" in a.get("stages", ["cfg"]) for a in st["arms"])
+    has_sweep = any("sweep" in a.get("stages", ["sweep"]) for a in st["arms"])
+    sweep = (f"Sweep: {', '.join(ev['sweep']['solvers'])} at NFE {ev['sweep']['nfe']} with {ev['sweep']['num']} "
+             "samples" if has_sweep else "No NFE sweep")
     lines += [
         f"- Base training config: `{st['base']}`; study config: `{st.get('source')}`; overrides for every arm: "
         + (", ".join(f"`{k}={v}`" for k, v in st.get("overrides", {}).items()) or "none") + ".",
@@ -125,9 +128,8 @@ def _section_setup(R: _Report) -> list[str]:
         f"study seeds {st['seeds']} (seeds with results: {seeds_done}).",
         f"- Curve sampler: {ev['curve']['solver']}, NFE {ev['curve']['nfe']}, {ev['curve']['num']} samples "
         f"(balanced classes), EMA weights, sample seed {ev['sample_seed']}, amp {ev['amp']}.",
-        f"- Sweep: {', '.join(ev['sweep']['solvers'])} at NFE {ev['sweep']['nfe']} with {ev['sweep']['num']} "
-        "samples" + (f"; CFG: w in {ev['cfg']['scales']} ({ev['cfg']['solver']}, NFE {ev['cfg']['nfe']}, "
-                     f"{ev['cfg']['num']} samples)" if has_cfg else "") + ".",
+        f"- {sweep}" + (f"; CFG: w in {ev['cfg']['scales']} ({ev['cfg']['solver']}, NFE {ev['cfg']['nfe']}, "
+                         f"{ev['cfg']['num']} samples)" if has_cfg else "") + ".",
     ]
     if cls:
         lines.append(_setup_metrics_line(cls, ev["pr_k"]))

@@ -157,3 +157,28 @@ def test_latent_runs_align_to_stored_tokens_or_to_the_encoder_on_stored_images(l
         assert res.status == "done" and all("repa" in r for r in _records(tmp_path / name))
     with pytest.raises(SetupError, match="--keep-images"):
         _train(_latent_cfg(parts["plain"], f"repa.encoders=[{parts['dino']}]"), tmp_path / "plain")
+
+
+def test_a_python_encoder_spec_plugs_any_module_into_a_run(tmp_path, monkeypatch):
+    """repa.encoders=[python:MODULE:FUNCTION]: the user's network (here a stride-2 conv on 8x8 digits)."""
+    from deltafm.encoders import EncoderError, load_encoder
+
+    (tmp_path / "my_encoders.py").write_text(
+        "import torch\nfrom deltafm.encoders import ModuleEncoder\n\n"
+        "class Patches(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        torch.manual_seed(0)\n        self.conv = torch.nn.Conv2d(3, 12, 2, 2)\n\n"
+        "    def forward(self, x):\n        return self.conv(x).flatten(2).transpose(1, 2)\n\n"
+        "def make():\n    return ModuleEncoder(Patches(), 'patches', 12, patch_size=2)\n\n"
+        "def wrong():\n    return torch.nn.Identity()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    enc = load_encoder("python:my_encoders:make")
+    assert enc.name == "patches" and enc(torch.zeros(2, 1, 8, 8), grid=(4, 4)).shape == (2, 16, 12)
+    with pytest.raises(EncoderError, match="not an ImageEncoder"):
+        load_encoder("python:my_encoders:wrong")
+    with pytest.raises(EncoderError, match="cannot import"):
+        load_encoder("python:my_encoders:nothing")
+    res = _train(load_config(find_preset("digits-tiny"), [*FAST, "repa.encoders=[python:my_encoders:make]",
+                                                          "repa.encoder_depth=2", "repa.projector_dim=16",
+                                                          "train.steps=2"]), tmp_path / "run")
+    assert res.status == "done" and all("repa" in r for r in _records(tmp_path / "run"))

@@ -16,6 +16,8 @@ from typing import Any
 
 from deltafm.errors import UserError
 
+from .settings_checks import check_device_name, check_ranges
+
 __all__ = ["TrainAutoencoderError", "AutoencoderSettings", "FITS", "RESUME_KEYS", "check_settings", "vae_config",
            "downsample_of"]
 
@@ -115,23 +117,18 @@ def _bad(msg: str) -> TrainAutoencoderError:
 
 
 def _check_numbers(s: AutoencoderSettings) -> None:
-    positive = dict(latent_channels=s.latent_channels, layers_per_block=s.layers_per_block,
-                    norm_groups=s.norm_groups, steps=s.steps, batch_size=s.batch_size,
-                    checkpoint_every=s.checkpoint_every, grid_every=s.grid_every, log_every=s.log_every,
-                    scale_items=s.scale_items, keep_last=s.keep_last)
-    for name, v in positive.items():
-        if int(v) < 1:
-            raise _bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    for name, v in dict(max_items=s.max_items, threads=s.threads).items():
-        if v is not None and v < 1:
-            raise _bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    check_ranges(TrainAutoencoderError,
+                 positive=dict(latent_channels=s.latent_channels, layers_per_block=s.layers_per_block,
+                               norm_groups=s.norm_groups, steps=s.steps, batch_size=s.batch_size,
+                               checkpoint_every=s.checkpoint_every, grid_every=s.grid_every, log_every=s.log_every,
+                               scale_items=s.scale_items, keep_last=s.keep_last),
+                 optional_positive=dict(max_items=s.max_items, threads=s.threads))
     if s.heldout < 2:
         raise _bad(f"--heldout must be >= 2 (a Fréchet distance needs two images), got {s.heldout}")
-    nonneg = dict(l1=s.l1, mse=s.mse, kl_weight=s.kl_weight, warmup=s.warmup, weight_decay=s.weight_decay,
-                  grad_clip=s.grad_clip, ema_halflife=s.ema_halflife, ema_rampup=s.ema_rampup, seed=s.seed)
-    for name, v in nonneg.items():
-        if not (math.isfinite(float(v)) and float(v) >= 0):
-            raise _bad(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
+    check_ranges(TrainAutoencoderError,
+                 nonnegative=dict(l1=s.l1, mse=s.mse, kl_weight=s.kl_weight, warmup=s.warmup,
+                                  weight_decay=s.weight_decay, grad_clip=s.grad_clip, ema_halflife=s.ema_halflife,
+                                  ema_rampup=s.ema_rampup, seed=s.seed))
     if s.l1 == 0 and s.mse == 0:
         raise _bad("--l1 and --mse are both 0: there would be no reconstruction loss")
     if not (math.isfinite(s.lr) and s.lr > 0):
@@ -157,8 +154,7 @@ def check_settings(s: AutoencoderSettings) -> None:
             raise _bad(f"--image-size {s.image_size} is not a multiple of the downsampling factor {f} "
                        f"(2^(levels − 1) for --block-channels {','.join(map(str, s.block_channels))}); "
                        f"use e.g. {max(f, (s.image_size // f) * f)} or {(s.image_size // f + 1) * f}")
-    if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
-        raise _bad(f"--device must be auto, cpu or cuda[:N], got {s.device!r}")
+    check_device_name(s.device, TrainAutoencoderError)
 
 
 def vae_config(s: AutoencoderSettings, image_size: int, channels: int) -> dict[str, Any]:

@@ -41,7 +41,8 @@ from deltafm.vae import Autoencoder, load_autoencoder, vae_identity
 from .autoencoder_config import AutoencoderSettings, TrainAutoencoderError, check_settings
 from .autoencoder_data import Fitted, load_autoencoder_data
 from .autoencoder_eval import FeatureSet, heldout_metrics, latent_statistics, psnr, recon_grid, reconstruct
-from .autoencoder_train import Trainer, build_trainer, resolve_device
+from .autoencoder_train import Trainer, build_trainer
+from .settings_checks import resolve_device
 
 __all__ = ["RunResult", "train_autoencoder", "DONE_FILE"]
 
@@ -96,7 +97,7 @@ def train_autoencoder(s: AutoencoderSettings, out: str | os.PathLike, resume: st
         return RunResult("finished", out, int(record.get("train", {}).get("steps", 0)), record)
     if out.exists() and not out.is_dir():
         raise TrainAutoencoderError(f"--out {out} is a file, not a folder")
-    device = resolve_device(s.device)
+    device = resolve_device(s.device, TrainAutoencoderError)
     fitted = load_autoencoder_data(s)
     features = FeatureSet(s.extractor, fitted, device)
     trainer = build_trainer(s, fitted, device)

@@ -48,7 +48,7 @@ from .autoencoder_config import RESUME_KEYS, AutoencoderSettings, TrainAutoencod
 from .autoencoder_data import Fitted
 
 __all__ = ["FORMAT", "LossParts", "Trainer", "autoencoder_loss", "build_trainer", "kl_per_element", "lr_at",
-           "resolve_device", "new_autoencoder"]
+           "new_autoencoder"]
 
 #: the ``format`` key of a train-autoencoder checkpoint's state
 FORMAT = "deltafm.train-autoencoder"
@@ -89,15 +89,6 @@ def lr_at(step: int, s: AutoencoderSettings) -> float:
         return s.lr * (step + 1) / s.warmup
     span = max(1, s.steps - s.warmup)
     return s.lr * 0.5 * (1.0 + math.cos(math.pi * min(step - s.warmup, span) / span))
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainAutoencoderError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
 
 
 def new_autoencoder(config: dict[str, Any]) -> nn.Module:

@@ -13,11 +13,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from deltafm.errors import UserError
 
-__all__ = ["TrainEncoderError", "EncoderSettings", "check_settings", "dinov2_config", "resolve_device"]
+from .settings_checks import check_device_name, check_ranges
+
+__all__ = ["TrainEncoderError", "EncoderSettings", "check_settings", "dinov2_config"]
 
 
 class TrainEncoderError(UserError, ValueError):
@@ -85,35 +85,20 @@ def _bad(msg: str) -> TrainEncoderError:
 
 def check_settings(s: EncoderSettings) -> None:
     """Refuse settings that cannot make a model (before any data is read)."""
-    positive = dict(heldout=s.heldout, grid=s.grid, patch_size=s.patch_size, hidden=s.hidden, depth=s.depth,
-                    heads=s.heads, mlp_ratio=s.mlp_ratio, epochs=s.epochs, batch_size=s.batch_size)
-    for name, v in positive.items():
-        if int(v) < 1:
-            raise _bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    for name, v in dict(max_items=s.max_items, threads=s.threads).items():
-        if v is not None and v < 1:
-            raise _bad(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    nonneg = dict(shift=s.shift, warmup=s.warmup, weight_decay=s.weight_decay, grad_clip=s.grad_clip, seed=s.seed)
-    for name, v in nonneg.items():
-        if not (math.isfinite(float(v)) and float(v) >= 0):
-            raise _bad(f"--{name.replace('_', '-')} must be finite and >= 0, got {v}")
+    check_ranges(TrainEncoderError,
+                 positive=dict(heldout=s.heldout, grid=s.grid, patch_size=s.patch_size, hidden=s.hidden,
+                               depth=s.depth, heads=s.heads, mlp_ratio=s.mlp_ratio, epochs=s.epochs,
+                               batch_size=s.batch_size),
+                 optional_positive=dict(max_items=s.max_items, threads=s.threads),
+                 nonnegative=dict(shift=s.shift, warmup=s.warmup, weight_decay=s.weight_decay,
+                                  grad_clip=s.grad_clip, seed=s.seed))
     if not (math.isfinite(s.lr) and s.lr > 0):
         raise _bad(f"--lr must be finite and > 0, got {s.lr}")
     if not 0 <= s.label_smoothing < 1:
         raise _bad(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
     if s.hidden % s.heads:
         raise _bad(f"--hidden {s.hidden} must be a multiple of --heads {s.heads} (the width of each head)")
-    if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
-        raise _bad(f"--device must be auto, cpu or cuda[:N], got {s.device!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainEncoderError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
+    check_device_name(s.device, TrainEncoderError)
 
 
 def dinov2_config(s: EncoderSettings) -> dict[str, Any]:

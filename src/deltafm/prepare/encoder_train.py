@@ -48,7 +48,8 @@ from deltafm.encoders import Dinov2Encoder, load_encoder, preprocess
 from deltafm.pixels import uint8_to_model
 from deltafm.seeding import derive_seed, make_generator
 
-from .encoder_config import EncoderSettings, TrainEncoderError, check_settings, dinov2_config, resolve_device
+from .encoder_config import EncoderSettings, TrainEncoderError, check_settings, dinov2_config
+from .settings_checks import resolve_device
 
 __all__ = ["DONE_FILE", "EncoderData", "EncoderResult", "EncoderClassifier", "channel_stats", "load_encoder_data",
            "lr_at", "random_flip", "random_shift", "train_encoder"]
@@ -309,7 +310,7 @@ def train_encoder(s: EncoderSettings, out: str | os.PathLike, overwrite: bool = 
     check_settings(s)
     check_out(out, overwrite)
     began = time.perf_counter()
-    device = resolve_device(s.device)
+    device = resolve_device(s.device, TrainEncoderError)
     data = load_encoder_data(s)
     model = _new_model(s, data.num_classes, device)
     norm = (torch.tensor(data.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1),

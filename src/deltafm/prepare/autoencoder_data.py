@@ -23,17 +23,16 @@ without one, are carved off the training images by a seeded permutation (and nev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deltafm.data import load_dataset
 from deltafm.seeding import derive_seed
 
 from .autoencoder_config import AutoencoderSettings, TrainAutoencoderError
+from .splits import train_heldout_splits
 
 __all__ = ["Fitted", "fit_images", "load_autoencoder_data", "target_size"]
 
@@ -132,21 +131,15 @@ def _load_splits(s: AutoencoderSettings) -> tuple[Any, Any, str]:
     if key == "latents":
         raise TrainAutoencoderError("dataset 'latents' holds latents, not images: train the autoencoder on the "
                                     "images (fashion-mnist, mnist, digits or folder)")
-    has_test = key != "folder" or (s.root is not None and (Path(s.root) / "test").is_dir())
-    if has_test:
-        train = load_dataset(s.dataset, s.root, "train", max_items=s.max_items, **opts)
-        held = load_dataset(s.dataset, s.root, "test", max_items=s.heldout, **opts)
-        return train, held, "test split"
-    full = load_dataset(s.dataset, s.root, "train", **opts)
-    if len(full) <= s.heldout:
-        raise TrainAutoencoderError(f"{s.root} has {len(full)} images and no test/ subfolder: cannot hold out "
-                                    f"--heldout {s.heldout} of them and still train; lower --heldout")
+
+    def held_count(n: int) -> int:
+        if n <= s.heldout:
+            raise TrainAutoencoderError(f"{s.root} has {n} images and no test/ subfolder: cannot hold out "
+                                        f"--heldout {s.heldout} of them and still train; lower --heldout")
+        return s.heldout
+
     g = torch.Generator().manual_seed(derive_seed(s.seed, 0, "autoencoder-heldout"))
-    perm = torch.randperm(len(full), generator=g)
-    held_idx, train_idx = perm[:s.heldout].sort().values, perm[s.heldout:].sort().values
-    if s.max_items is not None:
-        train_idx = train_idx[:s.max_items]
-    return full.subset(train_idx), full.subset(held_idx), f"{s.heldout} training images set aside (seeded)"
+    return train_heldout_splits(s.dataset, s.root, opts, s.max_items, s.heldout, g, held_count)
 
 
 def load_autoencoder_data(s: AutoencoderSettings) -> Fitted:

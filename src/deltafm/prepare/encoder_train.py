@@ -43,13 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltafm.atomic import fsync_dir, fsync_file
-from deltafm.data import load_dataset
 from deltafm.encoders import Dinov2Encoder, load_encoder, preprocess
 from deltafm.pixels import uint8_to_model
 from deltafm.seeding import derive_seed, make_generator
 
 from .encoder_config import EncoderSettings, TrainEncoderError, check_settings, dinov2_config
 from .settings_checks import resolve_device
+from .splits import train_heldout_splits
 
 __all__ = ["DONE_FILE", "EncoderData", "EncoderResult", "EncoderClassifier", "channel_stats", "load_encoder_data",
            "lr_at", "random_flip", "random_shift", "train_encoder"]
@@ -108,21 +108,14 @@ def _load_splits(s: EncoderSettings) -> tuple[Any, Any, str]:
         raise TrainEncoderError(f"dataset {key!r} is not held in memory as labelled images; train the encoder on "
                                 "fashion-mnist, mnist, digits or an image folder (--dataset folder --root DIR)")
     opts: dict[str, Any] = dict(image_size=s.image_size, channels=3) if key == "folder" else {}
-    has_test = key != "folder" or (s.root is not None and (Path(s.root) / "test").is_dir())
-    if has_test:
-        train = load_dataset(s.dataset, s.root, "train", max_items=s.max_items, **opts)
-        held = load_dataset(s.dataset, s.root, "test", max_items=s.heldout, **opts)
-        return train, held, "test split"
-    full = load_dataset(s.dataset, s.root, "train", **opts)
-    n_held = min(s.heldout, len(full) // 5)
-    if n_held < 1:
-        raise TrainEncoderError(f"{s.root} has {len(full)} images and no test/ subfolder: too few to hold some out")
+
+    def held_count(n: int) -> int:
+        if n // 5 < 1:
+            raise TrainEncoderError(f"{s.root} has {n} images and no test/ subfolder: too few to hold some out")
+        return min(s.heldout, n // 5)
+
     g = torch.Generator().manual_seed(derive_seed(s.seed, 0, "encoder-heldout"))
-    perm = torch.randperm(len(full), generator=g)
-    held_idx, train_idx = perm[:n_held].sort().values, perm[n_held:].sort().values
-    if s.max_items is not None:
-        train_idx = train_idx[:s.max_items]
-    return full.subset(train_idx), full.subset(held_idx), f"{n_held} training images set aside (seeded)"
+    return train_heldout_splits(s.dataset, s.root, opts, s.max_items, s.heldout, g, held_count)
 
 
 def load_encoder_data(s: EncoderSettings) -> EncoderData:

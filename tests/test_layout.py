@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "deltafm"
 #: the core: maths, sampling engine, seeding, normalisation; imports nothing but itself
 CORE = {"paths", "timesteps", "losses", "negatives", "schedules", "objective", "correction", "guidance",
         "solvers", "generate", "seeding", "pixels", "checks", "images", "errors", "sample_store", "atomic", "safe_load",
-        "alignment"}
+        "alignment", "conditioning"}
 #: which top-level parts each part may import (besides itself)
 ALLOWED = {
     "core": {"core"},
@@ -23,6 +23,7 @@ ALLOWED = {
     "eval": {"core", "data"},
     "vae": {"core"},
     "encoders": {"core"},
+    "adapters": {"core"},
     "train": {"core", "models", "data", "vae", "encoders", "typed_config"},
     "toy": {"core", "models"},
     "convert": {"core", "models", "data", "vae", "train", "typed_config"},

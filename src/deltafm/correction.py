@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .checks import validation_enabled
+from .conditioning import Cond, class_ids, null_mask
 from .losses import check_lambda
 from .paths import ProbPath, get_path
 
@@ -229,6 +230,11 @@ class BiasCorrection:
     cond is ``null_class`` are left unchanged: their optimum is plain FM.  ``interval`` (inclusive,
     t = 0 noise) restricts the map to part of the path; elsewhere the velocity passes unchanged
     (see :func:`correction_window`).
+
+    ``cond`` may be class ids, a :class:`~deltafm.conditioning.TextCond` or a
+    :class:`~deltafm.conditioning.MultiCond`: class-wise ū reads the ids of part ``label_key`` (the part
+    negatives were chosen to differ in); a text has no classes, so ū is the overall mean; the rows left
+    unchanged under ``correct_null=False`` are the fully unconditional ones.
     """
 
     lam: float
@@ -240,6 +246,7 @@ class BiasCorrection:
     null_class: int | None = None
     correct_null: bool = True
     interval: tuple[float, float] = (0.0, 1.0)
+    label_key: str | None = None
 
     def __post_init__(self) -> None:
         self.lam = check_lambda(self.lam)
@@ -254,12 +261,17 @@ class BiasCorrection:
     def u_bar(self, t: Tensor, cond: Tensor | None) -> Tensor:
         return self.mean_target.u_bar(t, cond, self.path, self.other_classes, self.negative_time)
 
-    def __call__(self, v: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        u_bar = self.u_bar(t.to(v.dtype), cond).to(v.dtype)
+    def __call__(self, v: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        labels = cond if cond is None or isinstance(cond, Tensor) else class_ids(cond, self.label_key)
+        u_bar = self.u_bar(t.to(v.dtype), labels).to(v.dtype)
         out = bias_correct(v, u_bar, self.lam) if self.direction == "to_fm" else to_delta_optimum(v, u_bar, self.lam)
-        if not self.correct_null and cond is not None and self.null_class is not None:
-            keep = (cond == self.null_class).reshape(-1, *([1] * (v.dim() - 1)))
-            out = torch.where(keep, v, out)
+        if not self.correct_null and cond is not None:
+            if isinstance(cond, Tensor):
+                keep = (cond == self.null_class) if self.null_class is not None else None
+            else:
+                keep = null_mask(cond).to(v.device)
+            if keep is not None:
+                out = torch.where(keep.reshape(-1, *([1] * (v.dim() - 1))), v, out)
         if self.interval != (0.0, 1.0):
             lo, hi = self.interval
             inside = ((t >= lo) & (t <= hi)).reshape(-1, *([1] * (v.dim() - 1)))

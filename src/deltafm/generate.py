@@ -16,11 +16,13 @@ Which map and which λ a trained checkpoint is sampled with is decided by
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .conditioning import Cond, cond_to, select
+from .conditioning import batch_size as count_conditions
 from .correction import BiasCorrection
 from .guidance import GuidedVelocity
 from .paths import ProbPath
@@ -53,12 +55,12 @@ def initial_noise(start: int, count: int, shape: Sequence[int], seed: int) -> Te
 def generate_batches(
     model: nn.Module,
     *,
-    labels: Tensor,
+    labels: Cond,
     shape: Sequence[int],
-    num_classes: int,
+    num_classes: int | None,
     solver: str = "euler",
     steps: int = 50,
-    cfg: float = 1.0,
+    cfg: float | Mapping[str, float] = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     correction: BiasCorrection | None = None,
     seed: int = 0,
@@ -74,17 +76,20 @@ def generate_batches(
     A batch is the same whether or not the others are drawn (per-image noise, SDE noise seeded with the
     batch start), so skipping finished batches and drawing the rest gives what one pass gives, and so do
     several processes that each draw a disjoint share (``deltafm sample`` under torchrun).
+
+    ``labels`` is any condition of :mod:`deltafm.conditioning` (class ids, a TextCond, a MultiCond; then
+    ``num_classes`` is not used and ``cfg`` may give one weight per part).
     """
     spec = get_solver(solver)
     device = torch.device(device)
-    n = labels.shape[0]
+    n = count_conditions(labels)
     skip = set(skip)
     for start in range(0, n, batch_size):
         if start in skip:
             continue
         count = min(batch_size, n - start)
         x0 = initial_noise(start, count, shape, seed).to(device)
-        cond = labels[start:start + count].to(device)
+        cond = cond_to(select(labels, slice(start, start + count)), device)
         vel = GuidedVelocity(model, cond, scale=cfg, interval=interval, null_class=num_classes,
                              correction=correction, amp_dtype=amp_dtype)
         gen = make_generator(seed, start, "sample-sde", device) if spec.kind == "sde" else None
@@ -96,12 +101,12 @@ def generate_batches(
 def generate(
     model: nn.Module,
     *,
-    labels: Tensor,
+    labels: Cond,
     shape: Sequence[int],
-    num_classes: int,
+    num_classes: int | None,
     solver: str = "euler",
     steps: int = 50,
-    cfg: float = 1.0,
+    cfg: float | Mapping[str, float] = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     correction: BiasCorrection | None = None,
     seed: int = 0,
@@ -111,9 +116,9 @@ def generate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Samples in model space (float32, N×C×H×W, on CPU) for ``labels`` (N,), all in memory (see
+    """Samples in model space (float32, N×C×H×W, on CPU) for ``labels`` (N conditions), all in memory (see
     :func:`generate_batches` to stream them)."""
-    n = labels.shape[0]
+    n = count_conditions(labels)
     outs = []
     bar = None
     if progress:

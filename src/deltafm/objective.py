@@ -25,6 +25,14 @@ projector), the model is called as ``model(x_t, t, c, align=True)`` (an
 to the loss. It acts on the same x_t, t and c as the velocity loss, so it composes with every path,
 negative kind, λ schedule and label dropout; without targets the computation is exactly the one above.
 
+**Conditioning** (:mod:`deltafm.conditioning`): ``conditioning="class"`` (class ids, as above),
+``"text"`` (a :class:`~deltafm.conditioning.TextCond` per batch; dropout nulls the text) or ``"multi"``
+(a :class:`~deltafm.conditioning.MultiCond`; each part dropped on its own with its rate, then all parts
+together with ``joint_dropout``). Negatives stay over the batch; with several conditions,
+``contrast_on`` names the part whose class ids different-class / hard-other-class negatives and the
+class-wise ū use (negatives "that differ in a named condition"). Class conditioning takes exactly the
+path it always took.
+
 Class-id range checks read tensor values (a host sync on a GPU); they run unless the caller is inside
 :func:`deltafm.checks.validation_disabled` (the training loop validates its data once instead).
 """
@@ -38,6 +46,7 @@ from torch import Tensor, nn
 
 from .alignment import alignment_loss
 from .checks import validation_enabled
+from .conditioning import Cond, Labels, MultiCond, TextCond, batch_size, class_ids, drop_condition
 from .correction import BiasCorrection, MeanTarget
 from .losses import check_lambda, contrastive_loss_parts, flow_matching_loss
 from .negatives import NEGATIVE_KINDS, NegativeSampler
@@ -58,7 +67,7 @@ class ObjectiveOutput:
     parts: dict[str, Tensor]
     pred: Tensor
     sample: PathSample
-    cond: Tensor | None
+    cond: Cond | None
     dropped: Tensor | None
     neg_index: Tensor | None
 
@@ -80,6 +89,13 @@ class DeltaFMObjective:
         track_mean: keep the running data/source means for the bias correction.
         align_coeff: weight of the REPA term (REPA's ``proj_coeff``); used when a call gives
             ``align_targets``.
+        conditioning: ``class`` (class ids), ``text`` (TextCond) or ``multi`` (MultiCond).
+        condition_dropout: ``multi`` only: dropout rate per part name (parts not named use
+            ``label_dropout``).
+        joint_dropout: ``text``/``multi``: probability of nulling every part of a sample at once, after
+            the per-part draws.
+        contrast_on: ``multi`` only: the Labels part that class-wise negatives and ū refer to
+            (``num_classes`` is then that part's number of values).
     """
 
     def __init__(
@@ -97,7 +113,29 @@ class DeltaFMObjective:
         track_mean: bool = True,
         time_sampler_kwargs: dict[str, float] | None = None,
         align_coeff: float = 0.0,
+        conditioning: str = "class",
+        condition_dropout: dict[str, float] | None = None,
+        joint_dropout: float = 0.0,
+        contrast_on: str | None = None,
     ) -> None:
+        if conditioning not in ("class", "text", "multi"):
+            raise ValueError(f"conditioning must be 'class', 'text' or 'multi', got {conditioning!r}")
+        if conditioning != "multi" and (condition_dropout or contrast_on is not None):
+            raise ValueError("condition_dropout and contrast_on need conditioning='multi'")
+        if conditioning == "class" and joint_dropout:
+            raise ValueError("joint_dropout needs conditioning='text' or 'multi' (class ids use label_dropout)")
+        class_wise = negatives == "different_class" or (negatives == "hard" and hard_other_class)
+        if conditioning == "text" and (class_wise or num_classes):
+            raise ValueError("a text has no class ids: use uniform, derangement or hard negatives and no num_classes")
+        if conditioning == "multi" and (class_wise or num_classes) and contrast_on is None:
+            raise ValueError("class-wise negatives or num_classes with several conditions need contrast_on (the "
+                             "class-id part the negatives must differ in)")
+        if not 0.0 <= joint_dropout < 1.0:
+            raise ValueError(f"joint_dropout must be in [0, 1), got {joint_dropout}")
+        self.conditioning = conditioning
+        self.condition_dropout = dict(condition_dropout or {})
+        self.joint_dropout = float(joint_dropout)
+        self.contrast_on = contrast_on
         self.path = get_path(path)
         self.time_sampler = get_time_sampler(time_sampler, **(time_sampler_kwargs or {}))
         self.lam_schedule = as_schedule(lam)
@@ -107,7 +145,7 @@ class DeltaFMObjective:
             raise ValueError("different_class negatives need num_classes")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        if label_dropout > 0 and not num_classes:
+        if label_dropout > 0 and not num_classes and conditioning == "class":
             raise ValueError("label_dropout > 0 needs num_classes (the null class id is num_classes)")
         if negative_time not in ("anchor", "own"):
             raise ValueError(f"negative_time must be 'anchor' or 'own', got {negative_time!r}")
@@ -136,11 +174,18 @@ class DeltaFMObjective:
         return 0.0 if self.negative_sampler is None else self.lam_schedule(progress)
 
     def drop_labels(
-        self, labels: Tensor | None, generator: torch.Generator | None = None
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Per-sample label dropout: returns (cond, dropped_mask)."""
+        self, labels: Cond | None, generator: torch.Generator | None = None
+    ) -> tuple[Cond | None, Tensor | None]:
+        """Per-sample label dropout: returns (cond, dropped_mask); for a text or several conditions, see
+        :func:`deltafm.conditioning.drop_condition` (the mask marks fully unconditional samples)."""
         if labels is None:
             return None, None
+        if not isinstance(labels, Tensor):
+            assert isinstance(labels, TextCond | MultiCond)
+            rate: float | dict[str, float] = self.label_dropout
+            if isinstance(labels, MultiCond):
+                rate = {n: self.condition_dropout.get(n, self.label_dropout) for n in labels.names}
+            return drop_condition(labels, rate, self.joint_dropout, generator)
         if self.num_classes is not None and validation_enabled():
             bad = (labels < 0) | (labels >= self.num_classes)
             if bool(bad.any()):
@@ -191,8 +236,7 @@ class DeltaFMObjective:
         (encoder tokens of x1, one (B, N, D_e) tensor per projector) the REPA term is added and
         ``parts["repa"]`` reports it."""
         b = x1.shape[0]
-        if labels is not None and labels.shape != (b,):
-            raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
+        labels = self._check_cond(labels, b)
         if t is None:
             t = self.time_sampler.sample(b, generator=generator, device=x1.device, dtype=x1.dtype)
         if noise is None:
@@ -200,6 +244,8 @@ class DeltaFMObjective:
             noise = torch.randn(x1.shape, generator=generator, device=gen_dev, dtype=x1.dtype).to(x1.device)
         sample = self.path.sample(x1, noise, t)
         cond, dropped = self.drop_labels(labels, generator)
+        if not isinstance(labels, Tensor):  # the ids negatives and ū are class-wise over (None for a text)
+            labels = class_ids(labels, self.contrast_on)
         projected = None
         if align_targets is None:
             pred = model(sample.x_t, t, cond)
@@ -238,6 +284,30 @@ class DeltaFMObjective:
             parts_out["repa"] = repa.detach()
         return ObjectiveOutput(loss, parts_out, pred, sample, cond, dropped, neg_index)
 
+    def _check_cond(self, labels: Cond | None, b: int) -> Cond | None:
+        """The batch's condition, checked against ``conditioning`` and the batch size."""
+        if labels is None:
+            return None
+        kind = ("class" if isinstance(labels, Tensor) else "text" if isinstance(labels, TextCond)
+                else "multi" if isinstance(labels, MultiCond) else type(labels).__name__)
+        if kind != self.conditioning:
+            raise ValueError(f"this objective is for {self.conditioning} conditioning, got a "
+                             f"{type(labels).__name__} ({kind} conditioning)")
+        if isinstance(labels, Tensor):
+            if labels.shape != (b,):
+                raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
+            return labels
+        if batch_size(labels) != b:
+            raise ValueError(f"the condition describes {batch_size(labels)} samples, the batch has {b}")
+        if isinstance(labels, MultiCond) and self.contrast_on is not None:
+            part = labels[self.contrast_on]
+            if not isinstance(part, Labels):
+                raise ValueError(f"contrast_on={self.contrast_on!r} must name class ids, not a text")
+            if self.num_classes is not None and part.num_classes != self.num_classes:
+                raise ValueError(f"condition {self.contrast_on!r} has {part.num_classes} values, the objective "
+                                 f"was built with num_classes={self.num_classes}")
+        return labels
+
     def bias_correction(self, direction: str = "to_fm", lam: float | None = None) -> BiasCorrection:
         """The sampling-time correction matching this objective (λ defaults to its final value)."""
         return BiasCorrection(
@@ -247,8 +317,9 @@ class DeltaFMObjective:
             other_classes=self.negatives == "different_class",
             negative_time=self.negative_time,
             direction=direction,
-            null_class=self.num_classes,
+            null_class=self.num_classes if self.conditioning == "class" else None,
             correct_null=self.contrast_unconditional,
+            label_key=self.contrast_on,
         )
 
     def sampling_correction(

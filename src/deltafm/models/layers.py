@@ -18,6 +18,7 @@ from deltafm.checks import validation_enabled
 
 __all__ = [
     "ClassEmbedder",
+    "MultiClassEmbedder",
     "TimestepEmbedder",
     "check_time",
     "count_forward_flops",
@@ -112,6 +113,42 @@ class ClassEmbedder(nn.Module):
                     f"class); got ids in [{lo}, {hi}]"
                 )
         return self.table(cond)
+
+
+class MultiClassEmbedder(nn.Module):
+    """Several named class-id conditions: c_y = Σ_k Table_k[ids_k], one :class:`ClassEmbedder` per name.
+
+    ``conditions`` maps each name to its number of values K_k (row K_k of table k is that condition's
+    learned null). The input is a :class:`~deltafm.conditioning.MultiCond` whose parts are exactly these
+    names, each :class:`~deltafm.conditioning.Labels` with the same K_k (checked, with clear errors).
+    """
+
+    def __init__(self, conditions: dict[str, int], dim: int) -> None:
+        super().__init__()
+        if not conditions:
+            raise ValueError("MultiClassEmbedder needs at least one condition")
+        self.conditions = {str(k): int(v) for k, v in conditions.items()}
+        self.tables = nn.ModuleDict({k: ClassEmbedder(v, dim) for k, v in self.conditions.items()})
+
+    def forward(self, cond: object) -> torch.Tensor:
+        """MultiCond of Labels parts → (B, dim)."""
+        from deltafm.conditioning import Labels, MultiCond
+
+        if not isinstance(cond, MultiCond):
+            raise ValueError(f"this model is conditioned on {list(self.conditions)} and needs a MultiCond, got "
+                             f"{type(cond).__name__}")
+        if set(cond.names) != set(self.conditions):
+            raise ValueError(f"this model is conditioned on {sorted(self.conditions)}, got {sorted(cond.names)}")
+        out = None
+        for name, k in self.conditions.items():
+            part = cond[name]
+            if not isinstance(part, Labels) or part.num_classes != k:
+                got = f"Labels with {part.num_classes} values" if isinstance(part, Labels) else type(part).__name__
+                raise ValueError(f"condition {name!r} must be Labels with {k} values, got {got}")
+            emb = self.tables[name](part.ids)
+            out = emb if out is None else out + emb
+        assert out is not None
+        return out
 
 
 def check_time(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:

@@ -27,7 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deltafm.models.layers import ClassEmbedder, TimestepEmbedder, check_time, count_forward_flops, pair
+from deltafm.conditioning import MultiCond
+from deltafm.models.layers import (
+    ClassEmbedder,
+    MultiClassEmbedder,
+    TimestepEmbedder,
+    check_time,
+    count_forward_flops,
+    pair,
+)
 
 __all__ = ["ATTN_IMPLS", "Attention", "SiT", "SiTBlock", "sincos_pos_embed_2d"]
 
@@ -157,6 +165,9 @@ class SiT(nn.Module):
         freq_dim: width of the sinusoidal time features.
         attn_impl: ``"sdpa"`` (default, fused kernel) or ``"matmul"`` (plain ops, bf16 logits under
             autocast; faster in bf16 on CPU), see ``Attention``.
+        conditions: several named class-id conditions instead of one class (name → number of values);
+            ``cond`` is then a :class:`~deltafm.conditioning.MultiCond` and c adds one learned table per
+            name (:class:`~deltafm.models.layers.MultiClassEmbedder`); ``num_classes`` is not used.
     """
 
     def __init__(
@@ -174,6 +185,7 @@ class SiT(nn.Module):
         time_scale: float = 1.0,
         freq_dim: int = 256,
         attn_impl: str = "sdpa",
+        conditions: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         h, w = pair(image_size)
@@ -189,6 +201,9 @@ class SiT(nn.Module):
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
             learn_sigma=learn_sigma, time_scale=time_scale, freq_dim=freq_dim, attn_impl=attn_impl,
         )  # fmt: skip
+        if conditions is not None:  # only then, so class-conditional configs stay as they were
+            self.config["conditions"] = dict(conditions)
+        self.conditions = dict(conditions) if conditions is not None else None
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.image_size = (h, w)
@@ -200,7 +215,10 @@ class SiT(nn.Module):
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_dim=freq_dim, time_scale=time_scale)
-        self.y_embedder = ClassEmbedder(num_classes, hidden_size)
+        self.y_embedder: ClassEmbedder | MultiClassEmbedder = (
+            ClassEmbedder(num_classes, hidden_size) if conditions is None
+            else MultiClassEmbedder(conditions, hidden_size)
+        )
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, attn_impl) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -226,7 +244,9 @@ class SiT(nn.Module):
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        tables = [self.y_embedder] if isinstance(self.y_embedder, ClassEmbedder) else self.y_embedder.tables.values()
+        for table in tables:
+            nn.init.normal_(table.table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
@@ -259,7 +279,7 @@ class SiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        cond: torch.Tensor,
+        cond: torch.Tensor | MultiCond,
         return_features: Sequence[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Velocity v(x, t, cond) of shape (B, C, H, W).
@@ -301,4 +321,9 @@ class SiT(nn.Module):
             x = torch.zeros(1, self.in_channels, h, w)
             t = torch.zeros(1)
             y = torch.zeros(1, dtype=torch.long)
+        if self.conditions is not None:
+            from deltafm.conditioning import Labels, MultiCond
+
+            y = MultiCond({k: Labels(torch.zeros(1, dtype=torch.long, device="meta"), n)
+                           for k, n in self.conditions.items()})
         return count_forward_flops(lambda: twin(x, t, y))

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conditioning import Cond
+
 __all__ = ["AlignedModel", "alignment_loss", "build_projector", "match_token_grid", "square_grid"]
 
 
@@ -125,7 +127,7 @@ class AlignedModel(nn.Module):
         """The backbone's token grid (gh, gw)."""
         return tuple(self.backbone.grid)  # type: ignore[return-value]
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None, align: bool = False):
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None, align: bool = False):
         if not align:
             return self.backbone(x, t, cond)
         v, (h,) = self.backbone(x, t, cond, return_features=[self.encoder_depth - 1])

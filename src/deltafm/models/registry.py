@@ -6,6 +6,12 @@ UNet presets (ADM-style, see ``unet.py``; params and forward FLOPs for 28×28×1
 ``unet-t`` base 16, 1 block/level, no attention (0.29M, 94 MFLOP; tests), ``unet-s`` base 32,
 1 block/level, attention at 7×7 (1.19M, 380 MFLOP; default for Fashion-MNIST on CPU), ``unet-b``
 base 64, 2 blocks/level, attention at 14×14 and 7×7 (7.3M, 2.4 GFLOP).
+
+MMDiT presets (text-to-image, see ``mmdit.py``), all with 32-wide heads: ``MMDiT-d{depth}/{patch}`` follow
+the reference's rule hidden = 32·depth, heads = depth, for depth 12, 16, 20, 24 (d24 is the reference's
+default: 768 wide, 24 heads); ``MMDiT-N`` 4 blocks / 128 / 4 heads and ``MMDiT-T`` 6 / 192 / 6 for CPU work;
+patch 1, 2 or 4. They take the text widths as overrides (``text_dim``, ``pooled_dim``; ``conditions`` for
+named labels); ``num_classes`` is recorded, never embedded.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from deltafm.models.mmdit import MMDiT, mmdit_size
 from deltafm.models.sit import SiT
 from deltafm.models.unet import UNet
 
@@ -42,6 +49,18 @@ _PRESETS.update(
             UNet,
             dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(1, 2)),
         ),
+    }
+)
+_MMDIT_SIZES: dict[str, dict[str, int]] = {
+    "N": dict(depth=4, hidden_size=128, num_heads=4),
+    "T": dict(depth=6, hidden_size=192, num_heads=6),
+    **{f"d{d}": dict(depth=d, hidden_size=mmdit_size(d)[0], num_heads=mmdit_size(d)[1]) for d in (12, 16, 20, 24)},
+}
+_PRESETS.update(
+    {
+        f"MMDiT-{size}/{patch}": (MMDiT, dict(cfg, patch_size=patch))
+        for size, cfg in _MMDIT_SIZES.items()
+        for patch in (1, 2, 4)
     }
 )
 _BY_KEY = {name.lower(): name for name in _PRESETS}

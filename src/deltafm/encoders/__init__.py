@@ -9,12 +9,20 @@ per-channel normalisation, bicubic resize to grid × patch) and returns float32 
 :class:`Dinov2Encoder` (:mod:`deltafm.encoders.hf`) is transformers' DINOv2 (with or without registers);
 :class:`ModuleEncoder` (:mod:`deltafm.encoders.module`) wraps any torch module. transformers is imported
 only when a folder is loaded. See docs/ENCODERS.md.
+
+Text encoders (:mod:`deltafm.encoders.text`, loaded by :mod:`deltafm.encoders.text_load`):
+``load_text_encoder(folder or "minilm")`` gives a frozen :class:`TextEncoder` whose ``encode(captions)``
+returns a :class:`~deltafm.conditioning.TextCond` (CLIP text, T5 encoders and BERT-like sentence encoders
+from local folders).
 """
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, EncoderError, ImageEncoder, encoder_name, preprocess
 from .hf import Dinov2Encoder, load_dinov2
 from .module import ModuleEncoder
 from .registry import load_encoder
+from .text import TextEncoder, TextEncoderError
+from .text_load import load_text_encoder, minilm_dir
 
 __all__ = ["EncoderError", "ImageEncoder", "Dinov2Encoder", "ModuleEncoder", "load_encoder", "load_dinov2",
-           "preprocess", "encoder_name", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "preprocess", "encoder_name", "IMAGENET_MEAN", "IMAGENET_STD", "TextEncoder", "TextEncoderError",
+           "load_text_encoder", "minilm_dir"]

@@ -1,11 +1,11 @@
 """Typed training configuration: YAML file + ``key.sub=value`` overrides -> :class:`Config`.
 
-A config has eight sections, each a dataclass (``model``, ``data``, ``objective``, ``optim``, ``train``,
-``sample``, ``log``, ``repa``). :func:`load_config` reads a YAML file, applies command-line overrides such as
-``optim.lr=2e-4`` or ``model.kwargs.base_channels=64`` (each value parsed with ``yaml.safe_load``), and
-checks every key and value against the dataclass types. Unknown keys (typos) and values of the wrong type
-are :class:`ConfigError` naming the dotted key, with the closest valid key suggested (the conversion is
-:mod:`deltafm.typed_config`, shared with the study spec).
+A config has nine sections, each a dataclass (``model``, ``data``, ``objective``, ``optim``, ``train``,
+``sample``, ``log``, ``repa``, ``conditioning``). :func:`load_config` reads a YAML file, applies command-line
+overrides such as ``optim.lr=2e-4`` or ``model.kwargs.base_channels=64`` (each value parsed with
+``yaml.safe_load``), and checks every key and value against the dataclass types. Unknown keys (typos)
+and values of the wrong type are :class:`ConfigError` naming the dotted key, with the closest valid key
+suggested (the conversion is :mod:`deltafm.typed_config`, shared with the study spec).
 
 Presets (``deltafm train --preset NAME``) are YAML files shipped inside the package, in
 ``deltafm/presets/`` (``configs/`` in a source checkout is a link to that folder).
@@ -32,6 +32,8 @@ import yaml
 from deltafm.solvers import SOLVERS, get_solver
 from deltafm.typed_config import ConfigError, build, dotted_keys, field_names, read_yaml, to_dict, unknown_key_error
 
+from .conditioning_config import ConditioningConfig, validate_conditioning
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "SampleConfig",
     "LogConfig",
     "RepaConfig",
+    "ConditioningConfig",
     "Config",
     "load_config",
     "parse_overrides",
@@ -239,6 +242,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
 
     def validate(self) -> Config:
         """Check relations between values; raise :class:`ConfigError` naming the key. Returns self."""
@@ -356,7 +360,7 @@ def diff_configs(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
-            if isinstance(v, dict) and k not in ("kwargs", "time_kwargs", "lam_schedule"):
+            if isinstance(v, dict) and k not in ("kwargs", "time_kwargs", "lam_schedule", "dropout", "guidance"):
                 out.update(flat(v, f"{prefix}{k}."))
             else:
                 out[f"{prefix}{k}"] = v
@@ -444,6 +448,7 @@ def _validate(cfg: Config) -> None:
     _require(r.projector_dim >= 1, "repa.projector_dim", f"must be >= 1, got {r.projector_dim}")
     names = [*r.encoders, *r.features]
     _require(len(set(names)) == len(names), "repa.encoders", f"and repa.features name each target once, got {names}")
+    validate_conditioning(cfg.conditioning, cfg.objective.negatives)
     _require(lg.peak_flops is None or lg.peak_flops > 0, "log.peak_flops", "must be positive or null")
     _require(bool(lg.wandb_project.strip()) and len(lg.wandb_project) <= 128
              and not any(c in lg.wandb_project for c in _WANDB_FORBIDDEN), "log.wandb_project",

@@ -389,7 +389,7 @@ def test_registry_errors() -> None:
     assert all(name in str(info.value) for name in DATASETS)
     with pytest.raises(ValueError, match="needs a root"):
         load_dataset("mnist")
-    with pytest.raises(ValueError, match="only 'folder'"):
+    with pytest.raises(ValueError, match="only folder, webdataset, shapes, shapes-scenes do"):
         load_dataset("digits", image_size=32)
     with pytest.raises(DataError, match="unknown split 'valid'"):
         load_dataset("digits", split="valid")

@@ -66,6 +66,13 @@ class ImageDataset(ItemShape):
         class_names: optional label names, ``len == num_classes``.
         latent_scale, latent_shift: for latents, model-space z' = (z − shift) · scale; decode with
             z = z' / scale + shift. (1, 0) for images.
+        conditions: named per-item class-id conditions beyond the label (e.g. the shapes set's shape,
+            colour, size, cell), each int64 (N,) with ids in ``[0, len(condition_values[name]))``.
+        condition_values: the value names of each condition (its vocabulary).
+        captions: the distinct captions; ``caption_ids`` (int64 (N,)) gives each item's caption.
+
+    Conditions and captions are read per batch like REPA's extras: :meth:`load_extras` with the names
+    ``cond.<name>`` (the ids) and ``caption`` (the caption ids).
 
     ``channels`` and ``image_size`` are derived from ``images``; ``image_size`` requires H == W.
     Indexing ``ds[i]`` returns ``(x, label)`` with x in model space, so the object also works with a
@@ -83,6 +90,10 @@ class ImageDataset(ItemShape):
     latent_scale: float = 1.0
     latent_shift: float = 0.0
     meta: dict[str, str] = field(default_factory=dict)
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    condition_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    captions: tuple[str, ...] | None = None
+    caption_ids: torch.Tensor | None = None
     #: REPA extras this dataset can load: none (pixel data is its own image; see :meth:`load_extras`)
     extra_names: ClassVar[tuple[str, ...]] = ()
 
@@ -111,6 +122,28 @@ class ImageDataset(ItemShape):
             self.class_names = tuple(self.class_names)
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        self._check_conditions()
+
+    def _check_conditions(self) -> None:
+        n = len(self)
+        if set(self.conditions) != set(self.condition_values):
+            raise ValueError(f"conditions {sorted(self.conditions)} and condition_values "
+                             f"{sorted(self.condition_values)} must name the same conditions")
+        for name, ids in self.conditions.items():
+            k = len(self.condition_values[name])
+            if ids.dtype != torch.int64 or ids.shape != (n,):
+                raise ValueError(f"condition {name!r} must be int64 of shape ({n},), got {ids.dtype} "
+                                 f"{tuple(ids.shape)}")
+            if n and (int(ids.min()) < 0 or int(ids.max()) >= k):
+                raise ValueError(f"condition {name!r} ids must lie in [0, {k}), got "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+        if (self.captions is None) != (self.caption_ids is None):
+            raise ValueError("captions and caption_ids go together")
+        if self.caption_ids is not None and self.captions is not None:
+            if self.caption_ids.dtype != torch.int64 or self.caption_ids.shape != (n,):
+                raise ValueError(f"caption_ids must be int64 of shape ({n},)")
+            if n and (int(self.caption_ids.min()) < 0 or int(self.caption_ids.max()) >= len(self.captions)):
+                raise ValueError(f"caption_ids must index the {len(self.captions)} captions")
 
     @classmethod
     def from_numpy(
@@ -163,12 +196,28 @@ class ImageDataset(ItemShape):
         return {}
 
     def load_extras(self, index: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """REPA extras of items ``index``: an in-memory dataset holds none, so any name is a
+        """Per-item extras of items ``index``: ``cond.<name>`` (a condition's ids) and ``caption`` (caption
+        ids) when the dataset has them. REPA extras: an in-memory dataset holds none, so any other name is a
         :class:`DataError` (``{}`` for no names). For pixel data x itself is the clean image an encoder
         takes; latents with stored features or images are read by the lazy
         :class:`~deltafm.data.latent_store.LatentStore` (``load_dataset("latents", root)``)."""
-        if not names:
-            return {}
+        out: dict[str, torch.Tensor] = {}
+        index = torch.as_tensor(index, dtype=torch.long)
+        rest = []
+        for name in names:
+            if name.startswith("cond.") and name[5:] in self.conditions:
+                ids = self.conditions[name[5:]]
+                out[name] = ids.index_select(0, index.to(ids.device))
+            elif name == "caption" and self.caption_ids is not None:
+                out[name] = self.caption_ids.index_select(0, index.to(self.caption_ids.device))
+            else:
+                rest.append(name)
+        if not rest:
+            return out
+        names = rest
+        if names[0].startswith("cond.") or names[0] == "caption":
+            have = [f"cond.{k}" for k in self.conditions] + (["caption"] if self.captions is not None else [])
+            raise DataError(f"dataset {self.name!r} has no {names[0]!r}; it has {', '.join(have) or 'no conditions'}")
         hint = ("pixel data carries no extras: run the encoder on x itself" if self.kind == "images" else
                 "in-memory latents carry no extras: read the shards with LatentStore (load_dataset('latents', "
                 "root)), encoded with `deltafm prepare-latents --encoder PATH` or `--keep-images`")
@@ -183,10 +232,14 @@ class ImageDataset(ItemShape):
 
     def to(self, device: torch.device | str) -> ImageDataset:
         """A copy with images and labels on ``device`` (batches are then gathered there)."""
-        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device),
+                       conditions={k: v.to(device) for k, v in self.conditions.items()},
+                       caption_ids=None if self.caption_ids is None else self.caption_ids.to(device))
 
     def subset(self, indices: torch.Tensor | Sequence[int] | slice) -> ImageDataset:
         """A dataset of the selected items (same classes and metadata)."""
         if not isinstance(indices, slice):
             indices = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
-        return replace(self, images=self.images[indices], labels=self.labels[indices])
+        return replace(self, images=self.images[indices], labels=self.labels[indices],
+                       conditions={k: v[indices] for k, v in self.conditions.items()},
+                       caption_ids=None if self.caption_ids is None else self.caption_ids[indices])

@@ -1,6 +1,7 @@
 """The dataset registry: one builder, by name, for training, the study and the evaluation CLI.
 
-:func:`load_dataset` with names ``fashion-mnist``, ``mnist``, ``digits``, ``folder``, ``latents``.
+:func:`load_dataset` with names ``fashion-mnist``, ``mnist``, ``digits``, ``folder``, ``latents``,
+``webdataset``, ``shapes`` and ``shapes-scenes`` (generated, :mod:`deltafm.data.shapes_dataset`).
 Image datasets come back in memory (:class:`ImageDataset`); ``latents`` comes back as a lazy
 :class:`~deltafm.data.latent_store.LatentStore` (labels in memory, items read per batch), which has the
 same attributes and the same batch method ``load_batch`` but no ``images`` tensor. Loaders are imported
@@ -28,6 +29,9 @@ DATASETS: dict[str, str] = {
     "digits": "scikit-learn's bundled 8x8 digits (no files needed)",
     "folder": "image folder at root, one subfolder per class (image_size and channels options)",
     "latents": "safetensors latent shards at root, read lazily (see deltafm.data.latents, latent_store)",
+    "shapes": "procedural coloured shapes, one object per image (generated; labels: shape; conditions shape, "
+              "colour, size, cell; captions); splits train/test/heldout/all; image_size = canvas (32)",
+    "shapes-scenes": "procedural captioned scenes of 1-3 coloured shapes (generated; text-to-image); splits as shapes",
     "webdataset": "webdataset tar shards at root (a .tar, a brace pattern or a folder of .tar), images read per "
                   "batch and centre-cropped to image_size (required); labels from .cls/.json",
 }
@@ -66,8 +70,15 @@ def load_dataset(
     key = name.lower().replace("_", "-")
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    if key not in ("folder", "webdataset") and (image_size is not None or channels is not None):
-        raise DataError(f"dataset {key!r} takes no image_size/channels options (only 'folder' and 'webdataset' do)")
+    sized = ("folder", "webdataset", "shapes", "shapes-scenes")
+    if key not in sized and (image_size is not None or channels is not None):
+        raise DataError(f"dataset {key!r} takes no image_size/channels options (only {', '.join(sized)} do)")
+    if key.startswith("shapes"):
+        from deltafm.data.shapes_dataset import load_shapes_dataset
+
+        if channels not in (None, 3):
+            raise DataError(f"dataset {key!r} is RGB: channels must be 3 or unset, got {channels}")
+        return load_shapes_dataset("single" if key == "shapes" else "scenes", split, image_size, max_items)
     if key in ("mnist", "folder", "latents", "webdataset") and root is None:
         raise DataError(f"dataset {key!r} needs a root folder (data.root=DIR)")
 

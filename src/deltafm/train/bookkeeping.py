@@ -191,6 +191,8 @@ def sample_grid(run: Run) -> Path | None:
         decoder = _grid_decoder(run)
         if decoder is None:
             return None
+    import numpy as np
+
     from deltafm.correction import correction_window
     from deltafm.generate import generate, labels_for
     from deltafm.images import save_grid
@@ -204,9 +206,14 @@ def sample_grid(run: Run) -> Path | None:
     if run.objective.mean_target.initialized:
         window = correction_window(s.bias_correction, s.interval)
         correction = run.objective.sampling_correction("to_fm", run.images, interval=window)
-    labels = labels_for(s.num, info.num_classes)
+    titles = None
+    if run.conditions is not None:
+        labels, titles = run.conditions.for_grid(run.dataset, s.num)
+    else:
+        labels = labels_for(s.num, info.num_classes)
     x = generate(net, labels=labels, shape=(info.channels, info.image_size, info.image_size),
-                 num_classes=info.num_classes, solver=s.solver, steps=s.steps, cfg=s.cfg, interval=s.interval,
+                 num_classes=info.num_classes, solver=s.solver, steps=s.steps,
+                 cfg=_guidance(run.cfg) if run.conditions is not None else s.cfg, interval=s.interval,
                  correction=correction, seed=s.seed, batch_size=s.batch_size, device=run.di.device,
                  path=run.objective.path)
     net.train(was_training)
@@ -216,8 +223,27 @@ def sample_grid(run: Run) -> Path | None:
         images = decode_uint8(decoder, x)
     else:
         images = to_uint8_nhwc(x)
+    name = f"samples/step_{run.step:08d}.png"
+    if titles is not None:  # prompts as titles, so a person can check the samples against them
+        from deltafm.data.shapes_grid import save_captioned_grid
+
+        chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        return run.folder.write_file(name, lambda tmp: save_captioned_grid(chw, titles, tmp, ncol_limit(s.num)))
     ncol = min(info.num_classes, s.num)
-    return run.folder.write_file(f"samples/step_{run.step:08d}.png", lambda tmp: save_grid(images, tmp, ncol=ncol))
+    return run.folder.write_file(name, lambda tmp: save_grid(images, tmp, ncol=ncol))
+
+
+def ncol_limit(n: int) -> int:
+    """Columns of a captioned grid of n samples (about square, at most 8)."""
+    return max(1, min(8, int(round(n ** 0.5))))
+
+
+def _guidance(cfg):
+    """The CFG of sample grids: per-part weights (conditioning.guidance, others sample.cfg) or one scale."""
+    c = cfg.conditioning
+    if c.kind == "multi" and c.guidance:
+        return {p: float(c.guidance.get(p, cfg.sample.cfg)) for p in (c.parts or c.guidance)}
+    return cfg.sample.cfg
 
 
 _GRID_NOTES: set[str] = set()

@@ -13,18 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltafm.errors import UserError
 from deltafm.objective import DeltaFMObjective
 from deltafm.schedules import LambdaSchedule
 from deltafm.seeding import derive_seed
 
 from .config import Config, ConfigError
+from .errors import SetupError
 
 __all__ = ["SetupError", "DataInfo", "load_training_data", "data_info", "build_model_for", "build_objective"]
-
-
-class SetupError(UserError, RuntimeError):
-    """The run cannot start (missing data, a model that cannot take the data, an occupied run folder)."""
 
 
 @dataclass
@@ -43,6 +39,7 @@ class DataInfo:
     vae_source: str | None = None  # latents: where their VAE was loaded from (decoding, deltafm.vae.decoding)
     vae_identity: str | None = None  # latents: the VAE's content hash; a decoder must match it
     align_dims: list[int] | None = None  # REPA: the target token widths, one projector each (repa.* set)
+    conditioning: dict[str, Any] | None = None  # multi/text conditioning (train.conditions.Conditions.describe)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -89,7 +86,18 @@ def build_model_for(cfg: Config, info: DataInfo, seed: int | None = None, check:
     """
     from deltafm.models import build_model
 
+    from .conditions import Conditions
+
+    conds = Conditions.from_description(info.conditioning, load_encoder=False)
     kw = dict(cfg.model.kwargs)
+    if conds is not None:
+        clash = sorted(set(kw) & set(conds.model_kwargs()))
+        if clash:
+            raise SetupError(f"model.kwargs {clash} come from the data and the conditioning section; remove them")
+        kw.update(conds.model_kwargs())
+        if conds.kind == "text" and not cfg.model.name.lower().startswith("mmdit"):
+            raise SetupError(f"conditioning.kind=text needs a text-conditioned model (an MMDiT-* preset); "
+                             f"{cfg.model.name} takes class ids or named conditions")
     for k in ("channel_mult", "attn_levels"):
         if isinstance(kw.get(k), list):
             kw[k] = tuple(kw[k])
@@ -104,8 +112,9 @@ def build_model_for(cfg: Config, info: DataInfo, seed: int | None = None, check:
                 model = _aligned(model, cfg, info)
         if check:
             x = torch.zeros(1, info.channels, info.image_size, info.image_size)
+            cond = conds.dummy() if conds is not None else torch.zeros(1, dtype=torch.long)
             with torch.no_grad():
-                out = model(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+                out = model(x, torch.zeros(1), cond)
             if out.shape != x.shape:
                 raise ValueError(f"it returns shape {tuple(out.shape)} for input {tuple(x.shape)}")
     except (ValueError, TypeError) as e:
@@ -123,9 +132,18 @@ def _aligned(backbone: nn.Module, cfg: Config, info: DataInfo) -> nn.Module:
     return AlignedModel(backbone, info.align_dims, encoder_depth=r.encoder_depth, projector_dim=r.projector_dim)
 
 
-def build_objective(cfg: Config, num_classes: int) -> DeltaFMObjective:
-    """The :class:`DeltaFMObjective` of ``cfg.objective`` (λ schedule included)."""
-    o = cfg.objective
+def build_objective(cfg: Config, num_classes: int, conditioning: dict[str, Any] | None = None) -> DeltaFMObjective:
+    """The :class:`DeltaFMObjective` of ``cfg.objective`` (λ schedule included) for the data's classes, or
+    for the run's multi/text ``conditioning`` (``DataInfo.conditioning``, with ``cfg.conditioning``'s rates)."""
+    o, c = cfg.objective, cfg.conditioning
+    kind = (conditioning or {}).get("kind", "class")
+    extra: dict[str, Any] = {}
+    if kind != "class":
+        counts = {k: len(v) for k, v in (conditioning or {}).get("values", {}).items()}
+        num_classes = counts[c.contrast_on] if c.contrast_on is not None else None  # type: ignore[assignment]
+        extra = dict(conditioning=kind, joint_dropout=c.joint_dropout)
+        if kind == "multi":
+            extra.update(condition_dropout=dict(c.dropout) or None, contrast_on=c.contrast_on)
     lam: float | LambdaSchedule = o.lam
     if o.lam_schedule is not None:
         kw = dict(o.lam_schedule)
@@ -140,7 +158,7 @@ def build_objective(cfg: Config, num_classes: int) -> DeltaFMObjective:
             gather_negatives=o.gather_negatives, num_classes=num_classes, label_dropout=o.label_dropout,
             contrast_unconditional=o.contrast_unconditional, negative_time=o.negative_time,
             hard_other_class=o.hard_other_class, time_sampler_kwargs=dict(o.time_kwargs) or None,
-            align_coeff=cfg.repa.proj_coeff,
+            align_coeff=cfg.repa.proj_coeff, **extra,
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section 'objective': {e}") from None

@@ -52,7 +52,7 @@ from .builders import SetupError
 from .config import Config
 from .distributed import DistInfo, init_distributed, shutdown_distributed
 from .runfolder import RunFolder
-from .setup import setup_run
+from .setup import Run, setup_run
 from .signals import StopFlag
 from .step import NonFiniteLossError, train_step
 
@@ -96,7 +96,7 @@ def _train(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) -> 
     run = setup_run(cfg, folder, resume, di)  # everything that can fail on bad input; writes nothing
     books = Bookkeeper(run, resume)
     data = BatchLoader(run.dataset, run.sampler, device=di.device, workers=cfg.data.workers,
-                       prefetch=cfg.data.prefetch, extras=run.targets.extra_names if run.targets else ())
+                       prefetch=cfg.data.prefetch, extras=_extra_names(run))
     with StopFlag() as stop, data:
         try:
             while not run.finished:
@@ -117,3 +117,9 @@ def _train(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) -> 
         run.say(f"done: step {run.step}, {run.images} images; checkpoint {run.last_checkpoint}"
                 + (f"; samples {books.grid}" if books.grid else ""))
     return TrainResult(run.out_dir, books.status, run.step, run.images, run.last_checkpoint, books.grid, books.metrics)
+
+
+def _extra_names(run: Run) -> tuple[str, ...]:
+    """The per-item tensors each batch needs: REPA's targets and the conditioning's ids."""
+    return ((run.targets.extra_names if run.targets else ())
+            + (run.conditions.extra_names if run.conditions else ()))

@@ -84,7 +84,7 @@ def load_for_sampling(ckpt: str | Path, ema: bool = True, device: torch.device |
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit model {cfg.model.name!r}: {e}") from None
     model.to(device).eval().requires_grad_(False)
-    objective = build_objective(cfg, info.num_classes)
+    objective = build_objective(cfg, info.num_classes, info.conditioning)
     if st.mean_target:
         objective.load_state_dict(st.mean_target)
     return LoadedModel(model, cfg, info, objective, path, st.step, st.images_seen, used_ema)

@@ -32,6 +32,7 @@ from deltafm.objective import DeltaFMObjective
 
 from .builders import DataInfo, SetupError, build_model_for, build_objective, data_info, load_training_data
 from .checkpoint import Checkpoint, CheckpointError, PickleCheckpointError, load_checkpoint
+from .conditions import Conditions
 from .config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs
 from .distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, set_threads
 from .ema import EMA
@@ -64,6 +65,7 @@ class Run:
     gen: torch.Generator  # everything the objective draws on this rank
     threads: int
     targets: RepaTargets | None = None  # REPA's encoder tokens (repa.*), None when off
+    conditions: Conditions | None = None  # multi/text conditioning (conditioning.*), None for class ids
     model: nn.Module = field(init=False)  # what a step calls: raw, compiled and/or DDP-wrapped
     params: list[nn.Parameter] = field(init=False)  # the trained parameters (gradient clipping)
     step: int = 0
@@ -176,7 +178,7 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     on rank 0 ``folder`` holds the lock afterwards (when the folder exists)."""
     t = cfg.train
     threads = set_threads(di.world_size, t.threads) if di.device.type == "cpu" else torch.get_num_threads()
-    ds, info, raw, objective, targets = _build(cfg, di)
+    ds, info, raw, objective, targets, conditions = _build(cfg, di)
     ckpt = _checkpoint_to_resume(folder, resume, di)
     if ckpt is not None:
         _load_weights(raw, ckpt, cfg, di)
@@ -190,7 +192,7 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     sampler = EpochBatchSampler(len(ds), t.batch_size, t.seed, di.rank, di.world_size)
     run = Run(cfg, di, folder, ds, info, raw, objective, opt, scaler, ema, sampler,
-              torch.Generator(device=device), threads, targets)
+              torch.Generator(device=device), threads, targets, conditions)
     if ckpt is not None:
         run.resume(ckpt)
     else:
@@ -199,8 +201,10 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     return run
 
 
-def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFMObjective, RepaTargets | None]:
-    """The data, the model, the objective and the REPA targets; bad input raises before anything is written."""
+def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFMObjective, RepaTargets | None,
+                                               Conditions | None]:
+    """The data, the model, the objective, the REPA targets and the multi/text conditioning; bad input raises
+    before anything is written."""
     t = cfg.train
     if t.batch_size % (di.world_size * t.grad_accum):
         raise ConfigError(
@@ -217,7 +221,11 @@ def _build(cfg: Config, di: DistInfo) -> tuple[Any, DataInfo, nn.Module, DeltaFM
     targets = RepaTargets.from_config(cfg.repa, ds, info.kind == "latents", di.device)
     if targets is not None:
         info.align_dims = targets.dims
-    return ds, info, build_model_for(cfg, info), build_objective(cfg, info.num_classes), targets
+    conditions = Conditions.from_config(cfg.conditioning, ds, di.device, progress=di.is_main)
+    if conditions is not None:
+        info.conditioning = conditions.describe()
+    return (ds, info, build_model_for(cfg, info), build_objective(cfg, info.num_classes, info.conditioning), targets,
+            conditions)
 
 
 def _check_grid_vae(cfg: Config, info: DataInfo) -> None:

@@ -107,6 +107,8 @@ def _forward_backward(run: Run, x: Tensor, y: Tensor, extras: dict[str, Tensor])
     zero = torch.zeros((), device=device)
     for i in range(accum):
         xm, ym = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
+        if run.conditions is not None:  # multi/text conditioning: the batch's condition from its extras
+            ym = run.conditions(ym, {k: v[i * m:(i + 1) * m] for k, v in extras.items()})
         last = i == accum - 1
         no_sync = run.model.no_sync() if (run.di.distributed and not last) else contextlib.nullcontext()
         with no_sync:

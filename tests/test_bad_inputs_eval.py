@@ -144,7 +144,7 @@ CASES = [
     ("tc-mnist-no-root", [*TRAIN, "--dataset", "mnist"], "needs a root folder"),
     ("tc-mnist-missing-root", [*TRAIN, "--dataset", "mnist", "--root", "{K}/nowhere"], "does not exist"),
     ("tc-digits-image-size", [*TRAIN, "--dataset", "digits", "--image-size", "16"],
-     "only 'folder' and 'webdataset' do"),
+     "only folder, webdataset, shapes, shapes-scenes do"),
     ("tc-folder-channels", [*TRAIN, "--dataset", "folder", "--root", "{K}/folder16", "--channels", "2"],
      "channels must be 1 or 3"),
     ("tc-latents-garbage", [*TRAIN, "--dataset", "latents", "--root", "{K}/latents-bad"],

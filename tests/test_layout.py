@@ -106,7 +106,7 @@ def _part(module: str) -> str:
     head = parts[1]
     if head in CORE:
         return "core"
-    if head in ("cli", "__main__", "sample_cli", "sample_options"):
+    if head in ("cli", "__main__", "sample_cli", "sample_options", "sample_conditions"):
         return "cli"
     return head
 

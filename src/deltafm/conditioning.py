@@ -20,6 +20,10 @@ part is nulled together (the unconditional branch of joint CFG). For ``K`` parts
 ``K`` uniform vectors in part order, then one for ``joint`` (only when ``joint > 0``). A sample is
 *unconditional* when every part is null (:func:`null_mask`).
 
+:class:`Indexed` describes N conditions as rows of a table of P (P prompts cycled over N samples):
+:func:`batch_size` and :func:`select` accept it, so a sampler gathers each batch's rows from the table and
+the N-row condition is never built.
+
 Guidance over several conditions (:func:`deltafm.guidance.GuidedVelocity` with a weight per part) uses the
 leave-one-out form
 
@@ -39,6 +43,7 @@ from torch import Tensor
 
 __all__ = [
     "Cond",
+    "Indexed",
     "Labels",
     "MultiCond",
     "TextCond",
@@ -165,7 +170,29 @@ class MultiCond:
 Cond = Tensor | TextCond | MultiCond
 
 
-def batch_size(cond: Cond) -> int:
+@dataclass(frozen=True)
+class Indexed:
+    """N conditions as rows of a table: row i is row ``ids[i]`` of ``table`` (a Cond of P rows).
+
+    Not a model argument: :func:`select` gathers a batch's rows into a plain condition, so N samples of P
+    prompts hold P encoded texts and N ids, never N texts. ``ids`` (N,) are integers in [0, P).
+    """
+
+    table: Cond
+    ids: Tensor
+
+    def __post_init__(self) -> None:
+        _check_ids(self.ids, "Indexed.ids")
+        p = batch_size(self.table)
+        if len(self.ids) and not (0 <= int(self.ids.min()) and int(self.ids.max()) < p):
+            raise ValueError(f"Indexed.ids must be rows of the table, in [0, {p}), got "
+                             f"{int(self.ids.min())} .. {int(self.ids.max())}")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def batch_size(cond: Cond | Indexed) -> int:
     """Number of samples a condition describes."""
     return int(cond.shape[0]) if isinstance(cond, Tensor) else len(cond)
 
@@ -183,8 +210,12 @@ def _map(cond: Cond, tensor_fn, part_fn=None) -> Cond:
     raise TypeError(f"not a condition: {type(cond).__name__}")
 
 
-def select(cond: Cond, index: Tensor | slice) -> Cond:
-    """Rows ``index`` (a slice or a LongTensor of indices) of every field."""
+def select(cond: Cond | Indexed, index: Tensor | slice) -> Cond:
+    """Rows ``index`` (a slice or a LongTensor of indices) of every field (of an :class:`Indexed`: the table's
+    rows its ids at ``index`` name, as a plain condition)."""
+    if isinstance(cond, Indexed):
+        ids = cond.ids[index] if isinstance(index, slice) else cond.ids.index_select(0, index.to(cond.ids.device))
+        return select(cond.table, ids)
     if isinstance(index, slice):
         return _map(cond, lambda x: x[index])
     return _map(cond, lambda x: x.index_select(0, index.to(x.device)))

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .conditioning import Cond, cond_to, select
+from .conditioning import Cond, Indexed, cond_to, select
 from .conditioning import batch_size as count_conditions
 from .correction import BiasCorrection
 from .guidance import GuidedVelocity
@@ -55,7 +55,7 @@ def initial_noise(start: int, count: int, shape: Sequence[int], seed: int) -> Te
 def generate_batches(
     model: nn.Module,
     *,
-    labels: Cond,
+    labels: Cond | Indexed,
     shape: Sequence[int],
     num_classes: int | None,
     solver: str = "euler",
@@ -78,7 +78,8 @@ def generate_batches(
     several processes that each draw a disjoint share (``deltafm sample`` under torchrun).
 
     ``labels`` is any condition of :mod:`deltafm.conditioning` (class ids, a TextCond, a MultiCond; then
-    ``num_classes`` is not used and ``cfg`` may give one weight per part).
+    ``num_classes`` is not used and ``cfg`` may give one weight per part), or an :class:`~deltafm.conditioning.Indexed`
+    table of them (each batch gathers its rows: N samples of P prompts never hold N encoded texts).
     """
     spec = get_solver(solver)
     device = torch.device(device)
@@ -101,7 +102,7 @@ def generate_batches(
 def generate(
     model: nn.Module,
     *,
-    labels: Cond,
+    labels: Cond | Indexed,
     shape: Sequence[int],
     num_classes: int | None,
     solver: str = "euler",

@@ -21,6 +21,10 @@ chunk k, images [k·B, (k+1)·B), goes to rank k mod N); a chunk's images depend
 only, so any world size writes the same files. Rank 0 alone locks and opens the store and writes the final
 files; the ranks agree over gloo, every check on every rank first.
 
+**Text-to-image and multi-condition models** take ``--prompt`` / ``--prompts FILE`` or ``--condition NAME=VALUE``
+/ ``--conditions FILE`` (with ``--guidance NAME=W``) instead of ``--class``; their rules and final files are
+:mod:`deltafm.sample_conditions`. Class-conditional sampling is unchanged.
+
 Test hook: ``DELTAFM_SAMPLE_CHUNK_PAUSE=SECONDS`` sleeps after each chunk (to kill a run between chunks).
 """
 
@@ -65,15 +69,16 @@ __all__ = ["MAPS", "PAUSE_ENV", "WORK_DIR", "OptionError", "build_parser", "main
 
 
 #: what every rank agreed on before anything is written
-_Plan = namedtuple("_Plan", "lm v correction store labels images decoder")
+_Plan = namedtuple("_Plan", "lm v correction store labels images decoder request")
 
 
-def _resolve(args: argparse.Namespace, lm) -> dict[str, Any]:
-    """Options with the checkpoint's defaults filled in, all checked."""
+def _resolve(args: argparse.Namespace, lm, num: int | None = None) -> dict[str, Any]:
+    """Options with the checkpoint's defaults filled in (``num``: the default of ``--num`` when not the
+    checkpoint's), all checked."""
     sc = lm.config.sample
     given = _given(args)
-    defaults = dict(num=sc.num, solver=sc.solver, steps=sc.steps, cfg=sc.cfg, interval=tuple(sc.interval),
-                    seed=sc.seed, batch_size=sc.batch_size)
+    defaults = dict(num=sc.num if num is None else num, solver=sc.solver, steps=sc.steps, cfg=sc.cfg,
+                    interval=tuple(sc.interval), seed=sc.seed, batch_size=sc.batch_size)
     v = {k: (given[k] if given[k] is not None else defaults[k]) for k in _KEYS}
     v["class_id"], v["threads"] = given["class_id"], given["threads"]
     alias_map, alias_where = _ALIAS.get(args.bias_correction, (None, None))
@@ -112,8 +117,10 @@ def _map_of(correction) -> dict[str, Any]:
     return dict(map=str(correction.direction), map_lam=float(correction.lam), map_window=list(correction.interval))
 
 
-def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype, decoder) -> dict[str, Any]:
-    """What determines the samples: a resumed run must match it exactly (the world size does not count)."""
+def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype, decoder,
+              request=None) -> dict[str, Any]:
+    """What determines the samples: a resumed run must match it exactly (the world size does not count); for
+    text and multi-condition models also the prompts' (groups') digest and the guidance weights."""
     manifest = lm.checkpoint / "manifest.json"
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
     return dict(format="deltafm.sample-chunks", version=2, checkpoint_manifest_sha256=digest, step=lm.step,
@@ -121,7 +128,8 @@ def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype,
                 num=v["num"], solver=v["solver"], steps=v["steps"], cfg=v["cfg"], guidance_interval=list(v["interval"]),
                 **_map_of(correction), lam=lm.lam, seed=v["seed"], batch_size=v["batch_size"],
                 class_id=v["class_id"], amp=amp, device=device.type,
-                decoder=None if decoder is None else decoder.identity)
+                decoder=None if decoder is None else decoder.identity,
+                **({} if request is None else request.settings(v["cfg"])))
 
 
 def _prepare(args: argparse.Namespace, device) -> _Plan:
@@ -129,11 +137,14 @@ def _prepare(args: argparse.Namespace, device) -> _Plan:
     import numpy as np
 
     from deltafm.generate import labels_for
+    from deltafm.sample_conditions import PER_PROMPT, read_given, resolve_request
     from deltafm.sample_store import ChunkStore
     from deltafm.train.restore import load_for_sampling
 
+    given = read_given(args)  # the prompt / condition files and their syntax, before the checkpoint is read
     lm = load_for_sampling(args.ckpt, ema=args.ema, device=device)
-    v = _resolve(args, lm)
+    request = resolve_request(args, lm, given)
+    v = _resolve(args, lm, None if request is None else request.count * (args.per_prompt or PER_PROMPT))
     correction = _correction(lm, v)
     decoder = _decoder(args, lm, device)
     images = lm.data.kind == "images" or decoder is not None
@@ -144,14 +155,16 @@ def _prepare(args: argparse.Namespace, device) -> _Plan:
     present = [v["class_id"]] if v["class_id"] is not None else range(min(v["num"], lm.data.num_classes))
     names = (["grid.png", "samples.npz", "sample.json"] + [f"class_{k:03d}.png" for k in present]
              if images else ["latents.npz", "sample.json"])
-    settings = _settings(lm, v, correction, device, args.amp, item_shape, np.dtype(dtype), decoder)
+    if request is not None and images:
+        names = names[:3]  # no per-class grids
+    settings = _settings(lm, v, correction, device, args.amp, item_shape, np.dtype(dtype), decoder, request)
     store = ChunkStore(args.out / WORK_DIR, settings, v["num"], v["batch_size"], item_shape, dtype)
     store.check()
     have = sum(p.stat().st_size for p in store.root.glob("chunk_*.npy")) if store.root.is_dir() else 0
     item_bytes = int(np.prod(item_shape)) * np.dtype(dtype).itemsize
     _check_out_names(args.out, names, 2 * v["num"] * item_bytes - have + (1 << 20))
-    labels = labels_for(v["num"], lm.data.num_classes, v["class_id"])
-    return _Plan(lm, v, correction, store, labels, images, decoder)
+    labels = labels_for(v["num"], lm.data.num_classes, v["class_id"]) if request is None else request.labels(v["num"])
+    return _Plan(lm, v, correction, store, labels, images, decoder, request)
 
 
 def _decoder(args: argparse.Namespace, lm, device):
@@ -267,8 +280,13 @@ def _sample(args: argparse.Namespace, device, di) -> int:
                     **maps, bias_correction=maps["map"] == "to_fm", lam=lm.lam, seed=v["seed"],
                     batch_size=v["batch_size"], class_id=v["class_id"], world_size=di.world_size,
                     **({} if plan.decoder is None else dict(vae=plan.decoder.identity, vae_source=plan.decoder.source)))
-        msg = write_final(store, args.out, plan.labels.numpy(), meta, plan.images, lm.data.num_classes,
-                          lm.data.class_names)
+        if plan.request is None:
+            msg = write_final(store, args.out, plan.labels.numpy(), meta, plan.images, lm.data.num_classes,
+                              lm.data.class_names)
+        else:
+            from deltafm.sample_conditions import write_conditioned
+
+            msg = write_conditioned(store, args.out, plan.request, meta, plan.images)
         store.remove()  # while still holding the lock
     finally:
         store.close()
@@ -283,6 +301,7 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool) -> None
     from deltafm.vae.decoding import decode_uint8
 
     store, lm, v = plan.store, plan.lm, plan.v
+    cfg = v["cfg"] if plan.request is None else plan.request.cfg(v["cfg"])
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     bar = None
     if progress and di.is_main:
@@ -296,7 +315,7 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool) -> None
     try:
         for start, x in generate_batches(
                 lm.model, labels=plan.labels, shape=lm.shape, num_classes=lm.data.num_classes, solver=v["solver"],
-                steps=v["steps"], cfg=v["cfg"], interval=v["interval"], correction=plan.correction, seed=v["seed"],
+                steps=v["steps"], cfg=cfg, interval=v["interval"], correction=plan.correction, seed=v["seed"],
                 batch_size=v["batch_size"], device=device, path=lm.objective.path, amp_dtype=amp,
                 skip=set(store.starts).difference(mine)):
             if plan.decoder is not None:

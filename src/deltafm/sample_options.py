@@ -74,7 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent models: write the raw latents (latents.npz) instead of decoded images")
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _conditioned_options(s)
     return s
+
+
+def _conditioned_options(s: argparse.ArgumentParser) -> None:
+    """Options of text-to-image and multi-condition models (:mod:`deltafm.sample_conditions`)."""
+    c = s.add_argument_group("text and multi-condition models",
+                             "sample i gets prompt (condition line) i mod P; --num defaults to P x --per-prompt")
+    c.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text models: a prompt (repeatable, in order)")
+    c.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="text models: a file of prompts, one a line (blank lines and lines starting with # skipped)")
+    c.add_argument("--per-prompt", type=int, default=None, metavar="N",
+                   help="samples per prompt (condition line) when --num is not given (default 4)")
+    c.add_argument("--text-encoder", default=None, metavar="DIR",
+                   help="text models: the text encoder folder (default: the one recorded in the checkpoint); it "
+                        "must be the encoder the model was trained with")
+    c.add_argument("--condition", action="append", default=None, metavar="NAME=VALUE",
+                   help="multi-condition models: a value every sample gets (repeatable; parts not given are null)")
+    c.add_argument("--conditions", type=Path, default=None, metavar="FILE",
+                   help="multi-condition models: a file of condition groups, one a line (shape=circle colour=red)")
+    c.add_argument("--guidance", action="append", default=None, metavar="NAME=W",
+                   help="multi-condition models: the CFG weight of one part (repeatable; compositional CFG; parts "
+                        "not named use the checkpoint's conditioning.guidance, else --cfg)")
 
 
 # ----------------------------------------------------------------------------------------------- checks

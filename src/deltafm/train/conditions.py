@@ -76,9 +76,11 @@ class Conditions:
         return out
 
     @classmethod
-    def from_description(cls, desc: Mapping[str, Any] | None, load_encoder: bool = True) -> Conditions | None:
+    def from_description(cls, desc: Mapping[str, Any] | None, load_encoder: bool = True,
+                         encoder_spec: str | None = None) -> Conditions | None:
         """The conditioning a checkpoint recorded (:meth:`describe`); for text the encoder is reloaded from
-        the recorded spec (or ``load_encoder=False`` to skip it) and must have the recorded identity."""
+        the recorded spec, or from ``encoder_spec`` when given (or ``load_encoder=False`` to skip it), and must
+        have the recorded identity."""
         if not desc or desc.get("kind", "class") == "class":
             return None
         if desc["kind"] == "multi":
@@ -86,9 +88,10 @@ class Conditions:
         text = dict(desc["text"])
         encoder = None
         if load_encoder:
-            encoder = _load_encoder(text["encoder"])
+            spec = text["encoder"] if encoder_spec is None else encoder_spec
+            encoder = _load_encoder(spec)
             if encoder.identity != text["identity"]:
-                raise SetupError(f"the text encoder at {text['encoder']!r} is {encoder.identity}, but the model was "
+                raise SetupError(f"the text encoder at {spec!r} is {encoder.identity}, but the model was "
                                  f"trained with {text['identity']}: pass the same encoder")
         return cls("text", text=text, encoder=encoder)
 

@@ -12,6 +12,8 @@ Only metrics and the networks that feed them live here; the FM-vs-ΔFM study tha
 * :mod:`deltafm.eval.features`: the extractor protocol, batched extraction, ``get_extractor(spec)``,
   ``reference_statistics`` and ``evaluate_samples`` (the one scoring function);
 * :mod:`deltafm.eval.along_path`: classifier accuracy of the predicted clean sample along t;
+* :mod:`deltafm.eval.attributes` (+ ``attributes_train``, ``attributes_score``, ``attributes_cli``): the
+  attribute reader of the coloured-shapes set and its GenEval-like prompt scores (not imported here);
 * :mod:`deltafm.eval.cli`: ``deltafm eval train-classifier | ref-stats | eval | convert-inception``.
 
 Bad input (a file, an option, labels) raises :class:`EvalInputError` (a ``ValueError`` and a

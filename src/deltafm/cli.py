@@ -40,6 +40,8 @@ _DISPATCH = {
     "prepare-latents": ("deltafm.prepare.latents_cli", "images (folder / tar shards) -> VAE latent shards"),
     "train-encoder": ("deltafm.prepare.encoder_cli",
                       "train a small DINOv2-class encoder on an image set (REPA targets)"),
+    "attributes": ("deltafm.eval.attributes_cli",
+                   "shapes set: train the attribute reader, score samples against their prompts"),
 }
 
 

@@ -41,7 +41,7 @@ unless ``truncate=True`` (then the tokenizer truncates it, keeping its special t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -235,7 +235,7 @@ class TextEncoder(nn.Module):
         return hidden, pooled
 
     def encode(self, captions: Sequence[str], max_tokens: int | None = None, *, truncate: bool = False,
-               batch_size: int | None = None) -> TextCond:
+               batch_size: int | None = None, progress: Callable[[int], object] | None = None) -> TextCond:
         """Captions → :class:`TextCond` with ``tokens`` (B, L, D), ``mask`` (B, L), ``pooled`` (B, P) float32 on
         the encoder's device and ``null`` all False.
 
@@ -244,8 +244,9 @@ class TextEncoder(nn.Module):
             max_tokens: pad every caption to exactly this many tokens (fixed L, for precomputed shards);
                 None: L is the longest caption of the call.
             truncate: cut captions over the limit instead of refusing them.
-            batch_size: run the model on this many captions at a time (the result is the same up to float32
-                rounding); None: all at once.
+            batch_size: run the model on this many captions at a time, in order of token count (each chunk
+                runs at its longest caption; the result is the same up to float32 rounding); None: all at once.
+            progress: called with the number of captions after each chunk (a progress bar's ``update``).
 
         Raises:
             TextEncoderError: not a list of strings, an empty list or caption, a caption over the limit
@@ -256,13 +257,22 @@ class TextEncoder(nn.Module):
                                        or batch_size < 1):
             raise TextEncoderError(f"batch_size must be a positive int, got {batch_size!r}")
         step = batch_size or len(ids)
+        # chunks of similar length: each chunk runs at its longest caption, so sorting saves the padding
+        order = torch.argsort(mask.sum(1), stable=True) if step < len(ids) else torch.arange(len(ids))
         tokens, pooled = [], []
         with torch.no_grad():
             for s in range(0, len(ids), step):
-                t, p = self._run(ids[s:s + step], mask[s:s + step])
+                rows = order[s:s + step]
+                t, p = self._run(ids[rows], mask[rows])
                 tokens.append(t)
                 pooled.append(p)
-        return TextCond.from_features(torch.cat(tokens), mask.to(tokens[0].device), torch.cat(pooled))
+                if progress is not None:
+                    progress(len(rows))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        back = inverse.to(tokens[0].device)
+        return TextCond.from_features(torch.cat(tokens).index_select(0, back), mask.to(tokens[0].device),
+                                      torch.cat(pooled).index_select(0, back))
 
     def forward(self, captions: Sequence[str], max_tokens: int | None = None, *,
                 truncate: bool = False) -> TextCond:

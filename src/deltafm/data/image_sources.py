@@ -14,27 +14,31 @@ order is the same on every run and every rank and a killed run resumes where it 
 * **Webdataset tars** (a brace pattern ``data/shard-{000..009}.tar``, a folder of ``*.tar``, or a list of
   files): members are grouped by key (the member name up to the first dot of its base name); a sample's
   image is its ``jpg`` / ``jpeg`` / ``png`` / ``webp`` member, its label the integer text of ``cls`` or the
-  field ``label`` of ``json``, its caption the ``txt`` member. The tars are taken in the order given
-  (a folder's in sorted name order) and the samples of a tar in sorted key order. Members are located once
-  with :mod:`tarfile` (data offset and size) and read later with ``os.pread``; the tars must be
-  uncompressed (random access).
+  field ``label`` of ``json`` (a ``json`` without ``label`` gives none), its caption the ``txt`` member or
+  else the string field ``caption`` of ``json`` (img2dataset's CC3M layout: ``KEY.jpg``, ``KEY.txt``,
+  ``KEY.json``). The tars are taken in the order given (a folder's in sorted name order) and the samples of
+  a tar in sorted key order. Members are located once with :mod:`tarfile` (data offset and size) and read
+  later with ``os.pread``; the tars must be uncompressed (random access).
+
+Captions (:mod:`deltafm.data.captions`) are read while indexing, with no image decoded: a folder image's is
+the text file with its stem beside it (``img.png`` + ``img.txt``), a tar sample's as above. ``captions``
+holds the distinct captions and ``caption_codes`` each item's index into them (negative: none or empty).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
-import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deltafm.data.datasets import DataError
+from deltafm.data.captions import EMPTY, CaptionIndexer, CaptionList, folder_captions, folder_problem
 from deltafm.data.folder import IMAGE_EXTENSIONS
+from deltafm.data.tar_samples import ImageSourceError, UnreadableImage, label_and_caption, scan_tar
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,15 +49,6 @@ __all__ = ["ImageSourceError", "UnreadableImage", "Source", "DatasetSource", "Fo
 #: image members of a webdataset sample, in order of preference
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-class ImageSourceError(DataError):
-    """An image input cannot be read as asked (no images, a missing or damaged tar, inconsistent labels);
-    the message names the file and the fix."""
-
-
-class UnreadableImage(ImageSourceError):
-    """An image that cannot be decoded (damaged, truncated, not an image); the message names it."""
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -77,13 +72,16 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 class Source:
-    """An enumerated input: ``len(source)`` images, each with a label, a name and (tars) a caption."""
+    """An enumerated input: ``len(source)`` images, each with a label, a name and maybe a caption."""
 
     kind = "?"
     description = ""
     class_names: list[str] | None = None
     num_classes = 1
     labels: np.ndarray
+    #: the distinct captions, and each item's index into them (< 0: none, see deltafm.data.captions)
+    captions: CaptionList = CaptionList()
+    caption_codes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -102,10 +100,17 @@ class Source:
 
     @property
     def has_captions(self) -> bool:
-        return False
+        """Some item has a caption."""
+        return self.caption_codes is not None and bool((self.caption_codes >= 0).any())
 
     def caption(self, i: int) -> str | None:
-        return None
+        """Item i's caption (stripped), or None when it has none (or an empty one)."""
+        code = -1 if self.caption_codes is None else int(self.caption_codes[i])
+        return self.captions[code] if code >= 0 else None
+
+    def caption_problem(self, i: int) -> str:
+        """What is wrong with the caption of item i (one without a usable caption), naming the item."""
+        return f"{self.name(i)} has no caption"
 
     def open_image(self, i: int, mode: str = "RGB") -> Image.Image:
         """The decoded image converted to ``mode`` (``RGB`` or ``L``; the first frame of an animation), or an
@@ -142,9 +147,9 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(folder: Path, base: Path) -> list[str]:
+def _walk_images(folder: Path, base: Path, texts: set[str] | None = None) -> list[str]:
     """Images below ``folder`` (recursively, hidden names skipped) as paths relative to ``base``, sorted by
-    their path inside ``folder``."""
+    their path inside ``folder``; the ``.txt`` files seen on the way are added to ``texts`` (relative to base)."""
     found: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -153,6 +158,8 @@ def _walk_images(folder: Path, base: Path) -> list[str]:
             if _is_image(f):
                 p = here / f
                 found.append((p.relative_to(folder).as_posix(), p.relative_to(base).as_posix()))
+            elif texts is not None and f.endswith(".txt"):
+                texts.add((here / f).relative_to(base).as_posix())
     return [rel for _, rel in sorted(found)]
 
 
@@ -169,6 +176,9 @@ class DatasetSource(Source):
         self.labels = dataset.labels.numpy().astype(np.int64)
         self.num_classes = int(dataset.num_classes)
         self.class_names = list(dataset.class_names) if dataset.class_names else None
+        if getattr(dataset, "caption_ids", None) is not None:  # e.g. shapes-scenes: captions go with the latents
+            self.captions = CaptionList(list(dataset.captions))
+            self.caption_codes = dataset.caption_ids.cpu().numpy().astype(np.int64)
 
     def name(self, i: int) -> str:
         return f"{self.description}[{i}]"
@@ -186,6 +196,8 @@ class DatasetSource(Source):
     def limit(self, n: int) -> None:
         self.dataset = self.dataset.subset(slice(0, n))
         self.labels = self.labels[:n]
+        if self.caption_codes is not None:
+            self.caption_codes = self.caption_codes[:n]
 
 
 class FolderSource(Source):
@@ -193,11 +205,14 @@ class FolderSource(Source):
 
     kind = "folder"
 
-    def __init__(self, root: Path, rel: list[str], labels: np.ndarray, classes: list[str] | None) -> None:
+    def __init__(self, root: Path, rel: list[str], labels: np.ndarray, classes: list[str] | None,
+                 texts: set[str] | None = None) -> None:
         self.root, self.rel, self.labels = root, rel, labels
         self.class_names = classes
         self.num_classes = len(classes) if classes else 1
         self.description = str(root)
+        present = {root / t for t in texts} if texts is not None else None
+        self.captions, self.caption_codes = folder_captions([root / r for r in rel], present).finish()
 
     def name(self, i: int) -> str:
         return str(self.root / self.rel[i])
@@ -208,8 +223,14 @@ class FolderSource(Source):
     def read(self, i: int) -> Path:
         return self.root / self.rel[i]
 
+    def caption_problem(self, i: int) -> str:
+        assert self.caption_codes is not None
+        return folder_problem(self.root / self.rel[i], int(self.caption_codes[i]))
+
     def limit(self, n: int) -> None:
         self.rel, self.labels = self.rel[:n], self.labels[:n]
+        if self.caption_codes is not None:
+            self.caption_codes = self.caption_codes[:n]
 
 
 def _no_images(root: Path) -> ImageSourceError:
@@ -225,20 +246,22 @@ def open_folder(root: Path, unlabelled: bool = False) -> FolderSource:
     root = root.resolve()
     if (root / "train").is_dir() and any(p.is_dir() for p in (root / "train").iterdir()):
         root = root / "train"  # the ImageNet layout ROOT/train/<wnid>/
+    texts: set[str] = set()
     if unlabelled:
-        rel = _walk_images(root, root)
+        rel = _walk_images(root, root, texts)
         if not rel:
             raise _no_images(root)
-        return FolderSource(root, rel, np.zeros(len(rel), dtype=np.int64), None)
+        return FolderSource(root, rel, np.zeros(len(rel), dtype=np.int64), None, texts)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p.name for p in root.iterdir() if p.is_file() and _is_image(p.name))
     if not classes:
         if not loose:
             raise _no_images(root)
-        return FolderSource(root, loose, np.zeros(len(loose), dtype=np.int64), None)
+        texts = {p.name for p in root.iterdir() if p.name.endswith(".txt")}
+        return FolderSource(root, loose, np.zeros(len(loose), dtype=np.int64), None, texts)
     rel, labels = [], []
     for k, c in enumerate(classes):
-        files = _walk_images(root / c, root)
+        files = _walk_images(root / c, root, texts)
         rel += files
         labels += [k] * len(files)
     if not rel:
@@ -250,59 +273,10 @@ def open_folder(root: Path, unlabelled: bool = False) -> FolderSource:
             f"and {len(loose)} image(s) directly in it (first: {loose[0]}); move those into a class folder, or "
             "pass --unlabelled to use every image with label 0"
         )
-    return FolderSource(root, rel, np.asarray(labels, dtype=np.int64), classes)
+    return FolderSource(root, rel, np.asarray(labels, dtype=np.int64), classes, texts)
 
 
 # ------------------------------------------------------------------------------------------- tars
-
-
-def _split_key(member: str) -> tuple[str, str] | None:
-    """(key, extension) of a webdataset member name: the key ends at the first dot of the base name."""
-    d, _, base = member.rpartition("/")
-    if base.startswith(".") or "." not in base:
-        return None
-    stem, _, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
-def _scan_tar(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> {extension: (data offset, size)} of the regular members of a plain tar."""
-    groups: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
-            raise ImageSourceError(f"{path} is a compressed tar; prepare-latents reads items at random and needs "
-                               "plain tars: decompress it (e.g. gunzip) first")
-        with tarfile.open(path, mode="r:") as tf:
-            while (m := tf.next()) is not None:
-                tf.members.clear()  # the index below is all that is kept
-                ke = _split_key(m.name) if m.isreg() else None
-                if ke is not None:
-                    groups.setdefault(ke[0], {})[ke[1]] = (m.offset_data, m.size)
-    except tarfile.TarError as e:
-        raise ImageSourceError(f"{path}: not a readable (uncompressed) tar file ({e})") from None
-    except (IsADirectoryError, FileNotFoundError, PermissionError) as e:
-        raise ImageSourceError(f"--input {path}: cannot open ({e.strerror})") from None
-    return groups
-
-
-def _label_of(fd: int, where: str, members: dict[str, tuple[int, int]]) -> int | None:
-    """The label of a sample from its ``cls`` (integer text) or ``json`` (field ``label``) member."""
-    for ext in ("cls", "json"):
-        if ext not in members:
-            continue
-        off, size = members[ext]
-        text = os.pread(fd, size, off).decode("utf-8", errors="replace").strip()
-        try:
-            value = int(text) if ext == "cls" else json.loads(text)["label"]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            what = "an integer >= 0" if ext == "cls" else "a JSON object with an integer field 'label' >= 0"
-            raise ImageSourceError(f"{where}.{ext}: expected {what}, got {text[:60]!r}") from None
-        return value
-    return None
 
 
 class TarSource(Source):
@@ -312,9 +286,10 @@ class TarSource(Source):
 
     def __init__(self, tars: list[Path], description: str, unlabelled: bool = False) -> None:
         self.tars, self.description = tars, description
-        cols: dict[str, list] = {k: [] for k in ("tar", "member", "off", "size", "cap_off", "cap_size", "label")}
+        cols: dict[str, list] = {k: [] for k in ("tar", "member", "off", "size", "label")}
+        texts = CaptionIndexer()
         for t, path in enumerate(tars):
-            self._index(t, path, cols, unlabelled)
+            self._index(t, path, cols, texts, unlabelled)
         if not cols["member"]:
             raise ImageSourceError(f"--input {description}: no samples with an image member "
                                f"({', '.join(TAR_IMAGE_EXTENSIONS)}) in {len(tars)} tar file(s)")
@@ -327,14 +302,14 @@ class TarSource(Source):
         self.members: list[str] = cols["member"]
         self.tar_of = np.asarray(cols["tar"], dtype=np.int32)
         self.off, self.size = np.asarray(cols["off"], np.int64), np.asarray(cols["size"], np.int64)
-        self.cap_off, self.cap_size = np.asarray(cols["cap_off"], np.int64), np.asarray(cols["cap_size"], np.int64)
+        self.captions, self.caption_codes = texts.finish()
         self.labels = np.asarray([0 if y is None else y for y in labels], dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
-    def _index(self, t: int, path: Path, cols: dict[str, list], unlabelled: bool) -> None:
-        groups = _scan_tar(path)
+    def _index(self, t: int, path: Path, cols: dict[str, list], texts: CaptionIndexer, unlabelled: bool) -> None:
+        groups = scan_tar(path)
         fd = os.open(path, os.O_RDONLY)
         try:
             for key in sorted(groups):
@@ -342,9 +317,9 @@ class TarSource(Source):
                 ext = next((e for e in TAR_IMAGE_EXTENSIONS if e in members), None)
                 if ext is None:
                     continue
-                cap = members.get("txt", (-1, -1))
-                label = None if unlabelled else _label_of(fd, f"{path}:{key}", members)
-                for col, v in zip(cols, (t, f"{key}.{ext}", *members[ext], *cap, label)):
+                label, caption = label_and_caption(fd, f"{path}:{key}", members, unlabelled)
+                texts.add(caption)
+                for col, v in zip(cols, (t, f"{key}.{ext}", *members[ext], label)):
                     cols[col].append(v)
         finally:
             os.close(fd)
@@ -368,19 +343,16 @@ class TarSource(Source):
     def read(self, i: int) -> bytes:
         return self._pread(int(self.tar_of[i]), int(self.size[i]), int(self.off[i]))
 
-    @property
-    def has_captions(self) -> bool:
-        return bool((self.cap_off >= 0).any())
-
-    def caption(self, i: int) -> str | None:
-        if self.cap_off[i] < 0:
-            return None
-        return self._pread(int(self.tar_of[i]), int(self.cap_size[i]), int(self.cap_off[i])).decode(
-            "utf-8", errors="replace")
+    def caption_problem(self, i: int) -> str:
+        assert self.caption_codes is not None
+        key = f"{self.tars[self.tar_of[i]]}:{self.members[i].rpartition('.')[0]}"
+        if int(self.caption_codes[i]) == EMPTY:
+            return f"{key}: its caption (.txt, or 'caption' in .json) is empty"
+        return f"{key} has no caption (no .txt member, and no 'caption' field in a .json member)"
 
     def limit(self, n: int) -> None:
         self.members, self.labels = self.members[:n], self.labels[:n]
-        for name in ("tar_of", "off", "size", "cap_off", "cap_size"):
+        for name in ("tar_of", "off", "size", "caption_codes"):
             setattr(self, name, getattr(self, name)[:n])
 
     def close(self) -> None:

@@ -41,7 +41,8 @@ the same way, per batch and only when asked, by :meth:`LatentStore.load_extras`:
     "images"        ->  uint8 (B, C, H, W)  the cropped image the VAE encoded (p; model space p/127.5 − 1)
 
 ``extra_names`` lists what the shards hold and ``feature_info[e]`` what encoder e's tensor is (its
-identity, token grid (gh, gw), dim D, tokens T = gh·gw).
+identity, token grid (gh, gw), dim D, tokens T = gh·gw). Captions (``captions``, ``caption_ids``, the extra
+``caption``) come from the ``captions-XXXXX.json`` files beside the shards (:mod:`deltafm.data.latent_captions`).
 
 File descriptors are opened lazily, one per shard and process, and keyed by the process id: a store
 pickled to (or forked into) a DataLoader worker opens its own.
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 
 from deltafm.data.datasets import DataError, ItemShape
+from deltafm.data.latent_captions import LatentCaptions
 from deltafm.data.latent_format import (
     FEATURES_PREFIX,
     RESERVED_KEYS,
@@ -134,7 +136,7 @@ class _Shard:
         return span
 
 
-class LatentStore(ItemShape):
+class LatentStore(LatentCaptions, ItemShape):
     """A latent dataset read lazily from safetensors shards (see the module docstring).
 
     Duck-types :class:`~deltafm.data.datasets.ImageDataset` for training, sampling and bookkeeping:
@@ -230,7 +232,7 @@ class LatentStore(ItemShape):
         """A store of the selected items (a view: nothing is read). ``slice(0, n)`` keeps the first n."""
         out = object.__new__(LatentStore)
         out.__dict__.update(self.__getstate__())
-        out._pid, out._fds = os.getpid(), {}
+        out._pid, out._fds, out._caption_view = os.getpid(), {}, None
         if isinstance(indices, slice) and self._rows is None and indices.step in (None, 1):
             start, stop, _ = indices.indices(self._length)
             if start == 0:
@@ -310,13 +312,15 @@ class LatentStore(ItemShape):
 
     def load_extras(self, index: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """REPA extras ``names`` of items ``index`` (LongTensor (B,)), in the batch's order, on the CPU:
-        ``features.<e>`` float32 (B, T, D) (stored float16, widened exactly), ``images`` uint8 (B, C, H, W).
+        ``features.<e>`` float32 (B, T, D) (stored float16, widened exactly), ``images`` uint8 (B, C, H, W);
+        and ``caption``, the caption ids int64 (B,) (:mod:`deltafm.data.latent_captions`).
 
         Read lazily like :meth:`load_batch` (``preadv`` of the batch's rows only). Raises
         :class:`DataError` (a ``ValueError``) for a name the shards do not hold (listing those they
         hold and what to run to add them) and for a feature row holding NaN or inf (naming shard and item).
         """
-        names = tuple(names)
+        caption = "caption" in names  # text conditioning: the items' caption ids (deltafm.data.latent_captions)
+        names = tuple(n for n in names if n != "caption")
         missing = [n for n in names if n not in self.extra_names]
         if missing:
             raise DataError(_missing_extras(self._root, missing, self.extra_names))
@@ -325,12 +329,12 @@ class LatentStore(ItemShape):
             raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self._length):
             raise IndexError(f"index out of range [0, {self._length})")
+        out = {"caption": self.caption_extra(index)} if caption else {}
         if not names:
-            return {}
+            return out
         rows = (self._rows[index] if self._rows is not None else index).numpy()
         order, shard, local, bufs = self._read_sorted(rows, names)
         inv = _inverse(order)
-        out = {}
         for name, buf in zip(names, bufs):
             if name.startswith(FEATURES_PREFIX):
                 ok = torch.isfinite(buf).flatten(1).all(dim=1)

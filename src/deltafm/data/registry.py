@@ -27,13 +27,16 @@ DATASETS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST IDX files (default root /usr/share/datasets/fashion-mnist), 28x28 gray",
     "mnist": "MNIST IDX files at root (required), 28x28 gray",
     "digits": "scikit-learn's bundled 8x8 digits (no files needed)",
-    "folder": "image folder at root, one subfolder per class (image_size and channels options)",
-    "latents": "safetensors latent shards at root, read lazily (see deltafm.data.latents, latent_store)",
+    "folder": "image folder at root, one subfolder per class or flat (image_size and channels options); captions "
+              "from img.txt beside img.png",
+    "latents": "safetensors latent shards at root, read lazily (see deltafm.data.latents, latent_store); captions "
+               "from the captions-XXXXX.json files beside them",
     "shapes": "procedural coloured shapes, one object per image (generated; labels: shape; conditions shape, "
               "colour, size, cell; captions); splits train/test/heldout/all; image_size = canvas (32)",
     "shapes-scenes": "procedural captioned scenes of 1-3 coloured shapes (generated; text-to-image); splits as shapes",
     "webdataset": "webdataset tar shards at root (a .tar, a brace pattern or a folder of .tar), images read per "
-                  "batch and centre-cropped to image_size (required); labels from .cls/.json",
+                  "batch and centre-cropped to image_size (required); labels from .cls/.json, captions from .txt "
+                  "or the json's caption (img2dataset's CC3M layout)",
 }
 
 

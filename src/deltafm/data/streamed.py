@@ -2,11 +2,17 @@
 
 ``load_dataset("webdataset", root="data/shard-{000..099}.tar", image_size=64)`` indexes the tars once
 (:mod:`deltafm.data.image_sources`: member offsets, labels from ``.cls`` / ``.json``, captions from
-``.txt``) and decodes only the images of each batch: PIL decode → ADM centre crop to ``image_size``
-(:mod:`deltafm.data.crop`) → uint8 → x = p / 127.5 − 1. Memory holds the index (labels, offsets), never the
-images, so a CC3M-sized set trains with bounded RSS; order, resume and workers are those of every dataset
-(:class:`deltafm.data.loader.BatchLoader`). An image that cannot be decoded is a ``DataError`` naming
-it (remove the sample, or re-run ``deltafm prepare-latents --skip-bad`` for latents).
+``.txt`` or the ``caption`` of ``.json``) and decodes only the images of each batch: PIL decode → ADM
+centre crop to ``image_size`` (:mod:`deltafm.data.crop`) → uint8 → x = p / 127.5 − 1. Memory holds the
+index (labels, offsets, captions), never the images, so a CC3M-sized set trains with bounded RSS; order,
+resume and workers are those of every dataset (:class:`deltafm.data.loader.BatchLoader`). An image that
+cannot be decoded is a ``DataError`` naming it (remove the sample, or re-run ``deltafm prepare-latents
+--skip-bad`` for latents).
+
+Captions, as :class:`~deltafm.data.datasets.ImageDataset` has them: ``captions`` (the distinct captions, a
+compact :class:`~deltafm.data.captions.CaptionList`) and ``caption_ids`` (int64 (N,)), read per batch with
+``load_extras(index, ["caption"])``; both None unless every item of the dataset (or subset) has a caption,
+and then :meth:`StreamedImages.require_captions` names the first sample without one (tar and key).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deltafm.data.captions import complete_ids, first_bad, missing_captions_error
 from deltafm.data.crop import crop_to_array
 from deltafm.data.datasets import DataError, ItemShape
 from deltafm.data.image_sources import Source, open_source
@@ -41,6 +48,8 @@ class StreamedImages(ItemShape):
     kind = "images"
     latent_scale = 1.0
     latent_shift = 0.0
+    #: REPA extras this dataset can load: none (pixel data is its own image)
+    extra_names: tuple[str, ...] = ()
 
     def __init__(self, inputs: Sequence[str], image_size: int, channels: int = 3, name: str = "webdataset") -> None:
         if image_size is None or image_size < 1:
@@ -55,6 +64,16 @@ class StreamedImages(ItemShape):
         self._size, self._channels = int(image_size), int(channels)
         self._rows = np.arange(len(self.source), dtype=np.int64)
         self.labels = torch.from_numpy(np.asarray(self.source.labels, dtype=np.int64)[self._rows])
+        self._set_captions()
+
+    def _set_captions(self) -> None:
+        ids = complete_ids(self._caption_codes())
+        ok = ids is not None and len(self.source.captions) > 0
+        self.caption_ids, self.captions = (ids, self.source.captions) if ok else (None, None)
+
+    def _caption_codes(self) -> np.ndarray:
+        codes = self.source.caption_codes
+        return np.full(len(self._rows), -1, np.int64) if codes is None else codes[self._rows]
 
     def __len__(self) -> int:
         return int(self._rows.shape[0])
@@ -76,11 +95,36 @@ class StreamedImages(ItemShape):
         rows = self._rows[indices] if isinstance(indices, slice) else self._rows[np.asarray(indices, dtype=np.int64)]
         out._rows = np.ascontiguousarray(rows)
         out.labels = torch.from_numpy(np.asarray(self.source.labels, dtype=np.int64)[out._rows])
+        out._set_captions()
         return out
 
-    def captions(self, index: torch.Tensor | Sequence[int]) -> list[str | None]:
-        """The ``.txt`` captions of items ``index`` (None where a sample has none)."""
+    def caption_texts(self, index: torch.Tensor | Sequence[int]) -> list[str | None]:
+        """The captions of items ``index`` (None where a sample has none, or an empty one)."""
         return [self.source.caption(int(self._rows[int(i)])) for i in index]
+
+    def require_captions(self) -> None:
+        """Nothing when every item has a caption; else a :class:`DataError` naming the first sample without one
+        (tar and key) and how many have none."""
+        codes = self._caption_codes()
+        i = first_bad(codes)
+        if i is not None:
+            raise missing_captions_error(codes, self.source.caption_problem(int(self._rows[i])))
+
+    def load_extras(self, index: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-item extras of items ``index``: only ``caption`` (the caption ids, when every item has one);
+        any other name is a :class:`DataError` (pixel data carries no REPA extras: run the encoder on x)."""
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        out = {}
+        for name in names:
+            if name == "caption" and self.caption_ids is not None:
+                out[name] = self.caption_ids.index_select(0, index)
+            elif name == "caption":
+                self.require_captions()
+                raise DataError(f"dataset {self.name!r} has no captions")  # pragma: no cover - an empty view
+            else:
+                raise DataError(f"dataset {self.name!r} has no extras {name!r}; pixel data carries no extras: run "
+                                "the encoder on x itself")
+        return out
 
     def uint8_batch(self, index: torch.Tensor) -> torch.Tensor:
         """Items ``index`` as uint8 (B, C, S, S): decoded, converted to RGB/L and ADM-cropped."""

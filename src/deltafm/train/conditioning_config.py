@@ -18,6 +18,11 @@ class ConditioningConfig:
     conditions the dataset provides per item, e.g. the shapes set's ``shape``, ``colour``, ``position``;
     ``parts`` picks them, default all) or ``text`` (the dataset's captions, encoded once by
     ``text_encoder``: a local transformers folder or ``minilm``, padded to ``max_tokens``).
+    ``text_table`` (``text``): ``table`` encodes every distinct caption once at start into a float16 table,
+    ``batch`` encodes each batch's captions with the frozen encoder on the training device, ``auto`` (default)
+    picks ``table`` when it takes at most 2 GiB (:data:`~deltafm.train.conditions.TABLE_LIMIT`), else ``batch``.
+    ``truncate`` (``text``): cut captions longer than ``max_tokens`` (as CLIP pipelines do) instead of
+    refusing them.
     ``dropout``: per-part dropout rate (``multi``; parts not named use ``objective.label_dropout``, which is
     also the text's rate); ``joint_dropout``: probability of nulling every part of a sample at once.
     ``contrast_on`` (``multi``): the part whose ids different-class negatives must differ in and the
@@ -33,6 +38,8 @@ class ConditioningConfig:
     guidance: dict[str, float] = field(default_factory=dict)
     text_encoder: str | None = None
     max_tokens: int = 32
+    text_table: Literal["auto", "table", "batch"] = "auto"
+    truncate: bool = False
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -47,8 +54,9 @@ def validate_conditioning(c: ConditioningConfig, negatives: str) -> None:
                            ("guidance", c.guidance)):
             _require(not value, f"conditioning.{key}", f"applies to conditioning.kind=multi only (kind is {c.kind!r})")
     if c.kind != "text":
-        _require(c.text_encoder is None, "conditioning.text_encoder",
-                 f"applies to conditioning.kind=text only (kind is {c.kind!r})")
+        for key, unset in (("text_encoder", c.text_encoder is None), ("text_table", c.text_table == "auto"),
+                           ("truncate", not c.truncate)):
+            _require(unset, f"conditioning.{key}", f"applies to conditioning.kind=text only (kind is {c.kind!r})")
     else:
         _require(bool(c.text_encoder), "conditioning.text_encoder",
                  "must name a text encoder (a local transformers folder, or 'minilm') for kind=text")

@@ -6,10 +6,21 @@
 * ``multi``: named class-id conditions the dataset holds per item (``cond.<name>``, e.g. the shapes set's
   shape, colour, size and cell), read with each batch and packed into a
   :class:`~deltafm.conditioning.MultiCond` of :class:`~deltafm.conditioning.Labels`.
-* ``text``: the dataset's captions, each distinct caption encoded once at start by the text encoder
-  (:func:`deltafm.encoders.load_text_encoder`), padded to ``max_tokens``; a batch reads its caption ids
-  (``caption``) and gathers a :class:`~deltafm.conditioning.TextCond` from that table (tokens kept in
-  float16, cast to float32 per batch).
+* ``text``: the dataset's captions (``captions``, ``caption_ids``; a dataset with ``require_captions()``
+  names an item without one first) through the frozen text encoder
+  (:func:`deltafm.encoders.load_text_encoder`), padded to ``max_tokens`` (longer captions refused, or cut
+  with ``conditioning.truncate``). A batch reads its caption ids (``caption``) and gets a
+  :class:`~deltafm.conditioning.TextCond` in one of two modes (``conditioning.text_table``):
+
+  - ``table``: each distinct caption encoded once at start into a table on the training device (tokens kept
+    in float16, cast to float32 per batch; mask and pooled as encoded); the batch gathers its rows. A caption
+    the encoder refuses stops the start with its index and text.
+  - ``batch``: the encoder moves to the training device and encodes the batch's captions each step (under
+    no_grad, float32): the same features as the table's before its float16 rounding. Without ``truncate``
+    every caption is tokenized once at start, so an over-long one stops the start, not a later step.
+
+  ``auto`` takes ``table`` when :func:`table_bytes` ≤ :data:`TABLE_LIMIT` (2 GiB), else ``batch``: CC3M's
+  3.3 M captions at 77 tokens of CLIP-L's 768 would need ~390 GB.
 
 :meth:`Conditions.describe` is what a checkpoint stores (``DataInfo.conditioning``), so ``deltafm sample``
 rebuilds the same conditioning without the dataset (:meth:`Conditions.from_description`); for text it
@@ -18,7 +29,8 @@ reloads the encoder and checks its identity.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +41,15 @@ from deltafm.conditioning import Cond, Labels, MultiCond, TextCond
 from .conditioning_config import ConditioningConfig
 from .errors import SetupError
 
-__all__ = ["Conditions"]
+__all__ = ["TABLE_LIMIT", "Conditions", "table_bytes"]
+
+#: the most bytes ``conditioning.text_table=auto`` spends on a table of encoded captions
+TABLE_LIMIT = 2 * 1024**3
+
+
+def table_bytes(captions: int, max_tokens: int, token_dim: int, pooled_dim: int) -> int:
+    """Bytes of the table of ``captions`` encoded captions: float16 tokens, bool mask, float32 pooled vector."""
+    return captions * (max_tokens * token_dim * 2 + max_tokens + pooled_dim * 4)
 
 
 class Conditions:
@@ -41,7 +61,9 @@ class Conditions:
         self.values = {k: tuple(v) for k, v in (values or {}).items()}
         self.text = dict(text or {})
         self.encoder = encoder
-        self.table: TextCond | None = None
+        self.table: TextCond | None = None  # text, table mode: every caption's features
+        self.captions: Sequence[str] | None = None  # text, batch mode: the captions the ids index
+        self.mode = "table"  # text: "table" or "batch" (conditioning.text_table)
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
@@ -62,17 +84,37 @@ class Conditions:
                 raise SetupError(f"conditioning.parts names {missing}, not in dataset {dataset.name!r} "
                                  f"(it has {', '.join(have)})")
             return cls("multi", {p: have[p] for p in parts})
+        return cls._text_from_config(cfg, dataset, device, progress)
+
+    @classmethod
+    def _text_from_config(cls, cfg: ConditioningConfig, dataset: Any, device: torch.device,
+                          progress: bool) -> Conditions:
+        """``kind=text``: the dataset's captions (every item must have one), the encoder, the table or batch mode."""
+        if hasattr(dataset, "require_captions"):
+            dataset.require_captions()  # a DataError naming the first item without a caption
         captions = getattr(dataset, "captions", None)
         if not captions:
             raise SetupError(f"conditioning.kind=text needs captions; dataset {dataset.name!r} has none "
-                             "(the shapes-scenes and shapes sets have them)")
+                             "(shapes, shapes-scenes, and folders, webdataset tars or latents with captions: "
+                             "docs/DATA.md)")
         encoder = _load_encoder(cfg.text_encoder)
         out = cls("text", text={"encoder": cfg.text_encoder, "identity": encoder.identity,
                                 "token_dim": encoder.token_dim, "pooled_dim": encoder.pooled_dim,
-                                "max_tokens": cfg.max_tokens}, encoder=encoder)
-        out.table = out.encode(list(captions), progress=progress)
-        out.table = TextCond(out.table.tokens.half().to(device), out.table.mask.to(device),
-                             out.table.pooled.to(device), out.table.null.to(device))
+                                "max_tokens": cfg.max_tokens, "truncate": bool(cfg.truncate)}, encoder=encoder)
+        out.mode = cfg.text_table
+        if out.mode == "auto":
+            size = table_bytes(len(captions), cfg.max_tokens, encoder.token_dim, encoder.pooled_dim)
+            out.mode = "table" if size <= TABLE_LIMIT else "batch"
+        if out.mode == "batch":
+            out.encoder = encoder.to(device)
+            out.captions = captions
+            if not cfg.truncate:
+                out.check_lengths(captions, progress)
+            out.encode(captions[:1])  # max_tokens within the encoder's limit, the encoder on the device: now
+            return out
+        table = out.encode(captions, progress=progress)
+        out.table = TextCond(table.tokens.half().to(device), table.mask.to(device), table.pooled.to(device),
+                             table.null.to(device))
         return out
 
     @classmethod
@@ -133,6 +175,11 @@ class Conditions:
         """The condition of a (micro-)batch from its labels and extras."""
         if self.kind == "multi":
             return MultiCond({k: Labels(extras[f"cond.{k}"].to(y.device), n) for k, n in self.counts.items()})
+        if self.mode == "batch":
+            assert self.captions is not None
+            texts = [self.captions[i] for i in extras["caption"].tolist()]
+            c = self.encode(texts)
+            return TextCond(c.tokens.to(y.device), c.mask.to(y.device), c.pooled.to(y.device), c.null.to(y.device))
         assert self.table is not None
         idx = extras["caption"].to(self.table.tokens.device)
         return TextCond(self.table.tokens.index_select(0, idx).float(), self.table.mask.index_select(0, idx),
@@ -146,34 +193,71 @@ class Conditions:
             ids = {k: dataset.conditions[k][:n].cpu() for k in self.values}
             rows = [{k: self.values[k][int(ids[k][i])] for k in self.values} for i in range(n)]
             return self.from_values(rows), [" ".join(r.values()) for r in rows]
-        assert self.table is not None
         cap = dataset.caption_ids[:n].cpu()
         titles = [dataset.captions[int(c)] for c in cap]
         return self(cap, {"caption": cap}), titles
 
     def encode(self, captions: Sequence[str], progress: bool = False, batch_size: int = 256) -> TextCond:
-        """Text features of ``captions`` padded to ``max_tokens`` (bad captions: a :class:`SetupError`)."""
-        if self.encoder is None:
-            raise SetupError("no text encoder loaded: cannot encode prompts")
+        """Text features of ``captions`` padded to ``max_tokens``, cut to it when the run truncates (float32,
+        on the encoder's device); a caption the encoder refuses is a :class:`SetupError` giving its index in
+        ``captions`` and its text."""
         from deltafm.conditioning import cat_conds
 
+        max_tokens, truncate = int(self.text["max_tokens"]), bool(self.text.get("truncate", False))
+        chunks = self._chunked(captions, batch_size, "encoding captions", progress,
+                               lambda part: self.encoder.encode(part, max_tokens, truncate=truncate))
+        return cat_conds(chunks)  # type: ignore[return-value]
+
+    def check_lengths(self, captions: Sequence[str], progress: bool = False, batch_size: int = 4096) -> None:
+        """Tokenize every caption once (no model run): one over ``max_tokens`` is a :class:`SetupError` giving
+        its index and text (batch mode without truncation checks them all at start)."""
+        max_tokens = int(self.text["max_tokens"])
+
+        def check(part: list[str]) -> None:
+            self.encoder.tokenize(part, max_tokens)
+
+        self._chunked(captions, batch_size, "checking caption lengths", progress, check)
+
+    def _chunked(self, captions: Sequence[str], batch_size: int, desc: str, progress: bool,
+                 fn: Callable[[list[str]], Any]) -> list[Any]:
+        """``fn`` of each run of ``batch_size`` captions (a progress bar when asked and worth it); a chunk the
+        encoder refuses is :meth:`_refused`'s error."""
+        if self.encoder is None:
+            raise SetupError("no text encoder loaded: cannot encode prompts")
         bar = None
         if progress and len(captions) > batch_size:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(captions), unit="caption", desc="encoding captions", dynamic_ncols=True)
-        chunks = []
+            bar = tqdm(total=len(captions), unit="caption", desc=desc, dynamic_ncols=True)
+        out = []
         try:
             for i in range(0, len(captions), batch_size):
-                chunks.append(self.encoder.encode(list(captions[i:i + batch_size]), int(self.text["max_tokens"])))
+                part = list(captions[i:i + batch_size])
+                try:
+                    out.append(fn(part))
+                except ValueError as e:
+                    raise self._refused(part, i, e) from None
                 if bar is not None:
-                    bar.update(min(batch_size, len(captions) - i))
-        except ValueError as e:
-            raise SetupError(f"text conditioning: {e}") from None
+                    bar.update(len(part))
         finally:
             if bar is not None:
                 bar.close()
-        return cat_conds(chunks)  # type: ignore[return-value]
+        return out
+
+    def _refused(self, part: list[str], start: int, error: ValueError) -> SetupError:
+        """The error for a chunk the encoder refused: the first caption of ``part`` it refuses alone, with its
+        index (``start`` + position) and first 80 characters."""
+        max_tokens, truncate = int(self.text["max_tokens"]), bool(self.text.get("truncate", False))
+        for j, caption in enumerate(part):
+            try:
+                self.encoder.tokenize([caption], max_tokens, truncate=truncate)
+            except ValueError as e:
+                why = re.sub(r"^caption 0 \(.*\) is ", "it is ", str(e), flags=re.S)
+                hint = "" if truncate else "; or set conditioning.truncate=true (cut to max_tokens, as CLIP does)"
+                shown = caption[:80] + ("..." if len(caption) > 80 else "")
+                return SetupError(f"text conditioning: caption {start + j} ({shown!r}): "
+                                  f"{why.replace(' or pass truncate=True', '')}{hint}")
+        return SetupError(f"text conditioning: {error}")
 
     def from_values(self, rows: Sequence[Mapping[str, str]]) -> MultiCond:
         """``multi``: a MultiCond from value names per row (a missing part is that part's null)."""

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltafm.conditioning import Cond, Labels, MultiCond, TextCond
+from deltafm.conditioning import Cond, Labels, MultiCond, TextCond, select
 
 from .conditioning_config import ConditioningConfig
 from .errors import SetupError
@@ -204,9 +204,14 @@ class Conditions:
         from deltafm.conditioning import cat_conds
 
         max_tokens, truncate = int(self.text["max_tokens"]), bool(self.text.get("truncate", False))
-        chunks = self._chunked(captions, batch_size, "encoding captions", progress,
-                               lambda part: self.encoder.encode(part, max_tokens, truncate=truncate))
-        return cat_conds(chunks)  # type: ignore[return-value]
+        # chunks of similar length (each chunk runs at its longest caption): about 2x faster on varied captions
+        order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+        chunks = self._chunked([captions[i] for i in order], batch_size, "encoding captions", progress,
+                               lambda part: self.encoder.encode(part, max_tokens, truncate=truncate), positions=order)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        table = cat_conds(chunks)
+        return select(table, inverse)  # type: ignore[return-value]
 
     def check_lengths(self, captions: Sequence[str], progress: bool = False, batch_size: int = 4096) -> None:
         """Tokenize every caption once (no model run): one over ``max_tokens`` is a :class:`SetupError` giving
@@ -219,7 +224,7 @@ class Conditions:
         self._chunked(captions, batch_size, "checking caption lengths", progress, check)
 
     def _chunked(self, captions: Sequence[str], batch_size: int, desc: str, progress: bool,
-                 fn: Callable[[list[str]], Any]) -> list[Any]:
+                 fn: Callable[[list[str]], Any], positions: Sequence[int] | None = None) -> list[Any]:
         """``fn`` of each run of ``batch_size`` captions (a progress bar when asked and worth it); a chunk the
         encoder refuses is :meth:`_refused`'s error."""
         if self.encoder is None:
@@ -236,7 +241,7 @@ class Conditions:
                 try:
                     out.append(fn(part))
                 except ValueError as e:
-                    raise self._refused(part, i, e) from None
+                    raise self._refused(part, i, e, positions) from None
                 if bar is not None:
                     bar.update(len(part))
         finally:
@@ -244,9 +249,11 @@ class Conditions:
                 bar.close()
         return out
 
-    def _refused(self, part: list[str], start: int, error: ValueError) -> SetupError:
+    def _refused(self, part: list[str], start: int, error: ValueError,
+                 positions: Sequence[int] | None = None) -> SetupError:
         """The error for a chunk the encoder refused: the first caption of ``part`` it refuses alone, with its
-        index (``start`` + position) and first 80 characters."""
+        index (``start`` + position, mapped through ``positions`` when the captions were reordered) and first
+        80 characters."""
         max_tokens, truncate = int(self.text["max_tokens"]), bool(self.text.get("truncate", False))
         for j, caption in enumerate(part):
             try:
@@ -255,7 +262,8 @@ class Conditions:
                 why = re.sub(r"^caption 0 \(.*\) is ", "it is ", str(e), flags=re.S)
                 hint = "" if truncate else "; or set conditioning.truncate=true (cut to max_tokens, as CLIP does)"
                 shown = caption[:80] + ("..." if len(caption) > 80 else "")
-                return SetupError(f"text conditioning: caption {start + j} ({shown!r}): "
+                index = start + j if positions is None else positions[start + j]
+                return SetupError(f"text conditioning: caption {index} ({shown!r}): "
                                   f"{why.replace(' or pass truncate=True', '')}{hint}")
         return SetupError(f"text conditioning: {error}")
 

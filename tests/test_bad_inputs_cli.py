@@ -62,7 +62,7 @@ CASES = [
     ("train-out-under-file", [*TRAIN, "--out", "{S}/afile/run"], "its parent {S}/afile is a file"),
     ("train-config-three-dots", ["train", "--config", "{S}/...yaml"], "cannot name the run folder"),
     ("train-config-two-dots", ["train", "--config", "{S}/..yaml", "train.steps=1"], "pass --out DIR"),
-    ("train-unknown-preset", ["train", "--preset", "no-such-preset"], "available: digits-tiny"),
+    ("train-unknown-preset", ["train", "--preset", "no-such-preset"], "available: cc3m256-t2i-mmdit-d24-deltafm, digits-tiny"),
     ("train-config-missing", ["train", "--config", "{S}/none.yaml"], "config file not found"),
     ("train-config-garbage", ["train", "--config", "{S}/garbage.yaml"], "cannot parse"),
     ("train-config-list", ["train", "--config", "{S}/list.yaml"], "must be a mapping"),

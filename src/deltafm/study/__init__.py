@@ -33,13 +33,24 @@ builder from the base config's ``data`` section (name, root, image size, channel
 precision/recall with k-NN manifolds (both sets of equal size), and the Inception Score computed with
 the classifier (``is``).
 
+**Text and multi-condition arms** (``conditioning.kind`` text or multi, on the shapes sets) are scored by the
+attribute reader instead (``eval.scorer: attributes``, ``eval.reader``; :mod:`deltafm.study.attributes`):
+every sampling unit is drawn once per ``eval.prompt_splits`` split (e.g. ``[test, heldout]``: seen and
+held-out (shape, colour) pairs), sample i conditioned on the caption (the conditions) of item i of the split,
+and scored by whole-prompt accuracy, agreement and per-attribute accuracy (``prompt_acc``, ``agreement``,
+``acc.shape`` ... ``acc.relation``), or per-condition accuracy (``acc.<part>``, ``all_acc``, ``one_object``),
+plus FD in the reader's features against the split's real images (``fd``). ``eval.cfg.part_scales`` adds
+guidance on one part of a multi-condition at a time. The report repeats its sections per prompt split.
+
 Layout of ``OUT``::
 
     compare.yaml                 the resolved study
-    classifier/                  classifier weights (+ .sha256) and reference statistics (.npz)
+    classifier/                  classifier weights (+ .sha256) and reference statistics (.npz; with the
+                                 attribute reader: ref-attributes-<dataset>-<split>.npz per prompt split)
     runs/<arm>/seed<k>/          the training run (checkpoints at every evaluation point, log.jsonl)
     results/<arm>/seed<k>.json   evaluation units of that arm and seed ("status": "done" when complete)
-    samples/<variant>/seed<k>.png  final sample grid of the curve sampler
+    samples/<variant>/seed<k>.png  final sample grid of the curve sampler (attribute reader: one per prompt
+                                 split, samples/<variant>/<split>/seed<k>.png, each sample under its prompt)
     results.json                 everything collected (input of ``deltafm.study.report``)
     report/                      REPORT.md and figures
 
@@ -47,14 +58,16 @@ Resuming: run the same command again. An (arm, seed) whose units are all present
 loading anything; an interrupted training continues from its newest checkpoint (``--resume auto`` of
 the training loop, bit-exact on the same machine); a unit whose settings changed (sample count, seed,
 classifier) is recomputed from the kept checkpoints. A changed *training* config of an arm that already
-has results is an error (use another ``--out``).
+has results is an error (use another ``--out``). Text arms are trained to the end in one process before
+their units are evaluated (each training start encodes every caption of the training data).
 
 Modules: :mod:`~deltafm.study.spec` (the study YAML as typed dataclasses), :mod:`~deltafm.study.plan`
 (training configs, evaluation points, units), :mod:`~deltafm.study.evaluator` (classifier, reference
-statistics, sampling and scoring), :mod:`~deltafm.study.run` (training, resuming, results files),
+statistics, sampling and scoring), :mod:`~deltafm.study.attributes` (the same with the attribute reader),
+:mod:`~deltafm.study.run` (training, resuming, results files),
 :mod:`~deltafm.study.ratios` (steps-to-match, NFE-to-match), :mod:`~deltafm.study.results` (reading
-results.json), :mod:`~deltafm.study.figures` and :mod:`~deltafm.study.report` (the report),
-:mod:`~deltafm.study.cli` (``deltafm compare``).
+results.json), :mod:`~deltafm.study.figures`, :mod:`~deltafm.study.report`, :mod:`~deltafm.study.report_context` and
+:mod:`~deltafm.study.report_attributes` (the report), :mod:`~deltafm.study.cli` (``deltafm compare``).
 """
 
 from deltafm.study.plan import METRICS_VERSION, eval_points, plan_units, resolve_train_config

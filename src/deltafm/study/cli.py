@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 from deltafm.errors import CLI_ERRORS, cli_error
-from deltafm.study.plan import eval_points, forward_passes, plan_units, resolve_train_config, variant_stages
+from deltafm.study.plan import (
+    check_scoring,
+    eval_points,
+    forward_passes,
+    plan_units,
+    resolve_train_config,
+    variant_stages,
+)
 from deltafm.study.spec import CompareConfig, CompareError, apply_study_overrides, base_path, load_compare_config
 from deltafm.study.spec import validate as validate_study
 
@@ -73,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace, c: CompareConfig, out: Path) -> None:
-    """Refuse bad arguments before anything is written: unknown arms, a missing classifier file, threads < 1,
-    an output path that is a file, nothing to report, an arm whose config or plan does not resolve."""
+    """Refuse bad arguments before anything is written: unknown arms, a missing classifier file, a missing or
+    mismatched attribute reader, threads < 1, an output path that is a file, nothing to report, an arm whose
+    config or plan does not resolve or does not fit the scorer."""
     if args.arms:
         unknown = sorted(set(args.arms) - {a.name for a in c.arms})
         if unknown:
@@ -84,6 +92,14 @@ def _check_args(args: argparse.Namespace, c: CompareConfig, out: Path) -> None:
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             raise CompareError(f"--out {out}: {p} is a file, not a folder")
+    if c.eval.scorer == "attributes" and args.classifier is not None:
+        raise CompareError("--classifier: this study scores with the attribute reader (eval.reader)")
+    if c.eval.scorer == "attributes" and not (args.train_only or args.dry_run or args.report_only):
+        if not Path(str(c.eval.reader)).is_file():
+            raise CompareError(f"eval.reader {c.eval.reader}: no such file (train one with deltafm attributes train)")
+        from deltafm.study.attributes import load_checked_reader
+
+        load_checked_reader(c)  # before any training: a reader for other images stops here
     classifier = args.classifier or c.eval.classifier
     if classifier is not None and not args.train_only and not Path(classifier).is_file():
         where = "--classifier" if args.classifier else "eval.classifier"
@@ -94,6 +110,7 @@ def _check_args(args: argparse.Namespace, c: CompareConfig, out: Path) -> None:
         if args.arms is None or a.name in args.arms:
             resolve_train_config(c, a, c.arm_seeds(a)[0])
             plan_units(c, a)
+    check_scoring(c)  # every arm fits the scorer (class arms: classifier; text/multi arms: attribute reader)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -2,9 +2,10 @@
 deviation as a band, in a colour and marker fixed by the variant's position in the study.
 
 One skeleton (:func:`_figure`) lays out the panels, draws the bands, puts the legend on the first
-panel and writes the PNG; the four figures only say which curves go in which panel and how its axes
+panel and writes the PNG; the figures only say which curves go in which panel and how its axes
 are labelled: metric vs images seen (:func:`plot_curves`), metric vs NFE per solver (:func:`plot_nfe`),
-classifier accuracy along t (:func:`plot_along`) and metric vs guidance scale (:func:`plot_cfg`).
+classifier accuracy along t (:func:`plot_along`), metric vs guidance scale (:func:`plot_cfg`) and, for
+multi-condition arms, metric vs the weight on one part (:func:`plot_part_cfg`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from deltafm.study.ratios import METRICS
 from deltafm.study.results import VIEWS, Curve, Results, mean_band
 
-__all__ = ["plot_curves", "plot_nfe", "plot_along", "plot_cfg"]
+__all__ = ["plot_curves", "plot_nfe", "plot_along", "plot_cfg", "plot_part_cfg"]
 
 
 def _plt():
@@ -113,26 +114,34 @@ def _figure(r: Results, variants: list[str], panels: list[_Panel], shape: tuple[
     return path
 
 
-def _metric_axes(metric: str, xlabel: str, **kw: Any) -> _Axes:
-    return _Axes(xlabel, METRICS[metric][0], **kw)
+#: the two metrics of a figure (FD, then an accuracy) unless told otherwise
+_PAIR = ("fd", "class_acc")
+Labels = dict[str, tuple[str, bool]]
 
 
-def plot_curves(r: Results, variants: list[str], path: Path, title: str) -> Path | None:
-    """FD (log scale) and class accuracy against images seen (thousands)."""
+def _metric_axes(metric: str, xlabel: str, labels: Labels | None = None, **kw: Any) -> _Axes:
+    return _Axes(xlabel, (labels or METRICS)[metric][0], **kw)
+
+
+def plot_curves(r: Results, variants: list[str], path: Path, title: str, metrics: tuple[str, str] = _PAIR,
+                labels: Labels | None = None) -> Path | None:
+    """FD (log scale) and an accuracy (default: class accuracy) against images seen (thousands); ``labels``:
+    metric key -> (axis label, lower is better), default :data:`~deltafm.study.ratios.METRICS`."""
     panels = [_Panel(0, j, lambda v, m=metric: r.seed_curves(v, r.curve, m),
-                     _metric_axes(metric, "images seen (thousands)", ylog=metric == "fd"),
+                     _metric_axes(metric, "images seen (thousands)", labels, ylog=metric == "fd"),
                      label=lambda v, n: f"{v} (n={n})", xscale=1e3)
-              for j, metric in enumerate(("fd", "class_acc"))]
+              for j, metric in enumerate(metrics)]
     return _figure(r, variants, panels, (1, 2), (10, 3.8), path, title)
 
 
-def plot_nfe(r: Results, variants: list[str], solvers: list[str], path: Path, title: str) -> Path | None:
-    """FD (top row) and class accuracy (bottom row) against NFE (log₂), one column per solver."""
+def plot_nfe(r: Results, variants: list[str], solvers: list[str], path: Path, title: str,
+             metrics: tuple[str, str] = _PAIR, labels: Labels | None = None) -> Path | None:
+    """FD (top row) and an accuracy (bottom row) against NFE (log₂), one column per solver."""
     if not solvers:
         return None
     panels = [_Panel(row, j, lambda v, s=solver, m=metric: r.seed_curves(v, r.sweep, s, m),
-                     _metric_axes(metric, "NFE", title=solver, xlog2=True, ylog=metric == "fd"))
-              for j, solver in enumerate(solvers) for row, metric in enumerate(("fd", "class_acc"))]
+                     _metric_axes(metric, "NFE", labels, title=solver, xlog2=True, ylog=metric == "fd"))
+              for j, solver in enumerate(solvers) for row, metric in enumerate(metrics)]
     return _figure(r, variants, panels, (2, len(solvers)), (4 * len(solvers), 6.4), path, title)
 
 
@@ -144,8 +153,21 @@ def plot_along(r: Results, variants: list[str], path: Path, title: str) -> Path 
     return _figure(r, variants, panels, (1, 3), (13, 3.8), path, title)
 
 
-def plot_cfg(r: Results, variants: list[str], path: Path, title: str) -> Path | None:
-    """FD and class accuracy against the guidance scale w."""
-    panels = [_Panel(0, j, lambda v, m=metric: r.seed_curves(v, r.cfg, m), _metric_axes(metric, "guidance scale w"))
-              for j, metric in enumerate(("fd", "class_acc"))]
+def plot_cfg(r: Results, variants: list[str], path: Path, title: str, metrics: tuple[str, str] = _PAIR,
+             labels: Labels | None = None) -> Path | None:
+    """FD and an accuracy against the (joint) guidance scale w."""
+    panels = [_Panel(0, j, lambda v, m=metric: r.seed_curves(v, r.cfg, m),
+                     _metric_axes(metric, "guidance scale w", labels))
+              for j, metric in enumerate(metrics)]
     return _figure(r, variants, panels, (1, 2), (10, 3.8), path, title)
+
+
+def plot_part_cfg(r: Results, variants: list[str], parts: list[str], path: Path, title: str, acc: str,
+                  labels: Labels) -> Path | None:
+    """Guidance on one part at a time: FD (top row), the accuracy ``acc`` (middle) and the guided part's own
+    accuracy (bottom) against its weight w, one column per part."""
+    rows = ("fd", acc, None)
+    panels = [_Panel(i, j, lambda v, p=part, m=metric: r.seed_curves(v, r.part_cfg, p, m or f"acc.{p}"),
+                     _Axes(f"weight w on {part}", labels.get(metric or f"acc.{part}", (f"{part} accuracy",))[0]))
+              for j, part in enumerate(parts) for i, metric in enumerate(rows)]
+    return _figure(r, variants, panels, (3, len(parts)), (4 * len(parts), 9), path, title)

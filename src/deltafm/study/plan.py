@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deltafm.data.shapes_config import FACTORS as _SHAPES_FACTORS
 from deltafm.solvers import nfe_to_steps
 from deltafm.study.spec import ArmSpec, CompareConfig, CompareError, VariantSpec, apply_study_overrides
 
@@ -16,6 +17,7 @@ __all__ = [
     "variant_stages",
     "plan_units",
     "forward_passes",
+    "check_scoring",
 ]
 
 #: Bumped when the computation of a unit's metrics changes (units with another version are redone).
@@ -62,7 +64,26 @@ def variant_stages(arm: ArmSpec, v: VariantSpec) -> list[str]:
 
 
 def _sample_units(c: CompareConfig, v: VariantSpec, stages: list[str], common: dict[str, Any]) -> dict[str, dict]:
-    """The curve, sweep and cfg units of one variant (each draws samples and scores them)."""
+    """The curve, sweep and cfg units of one variant (each draws samples and scores them); with the attribute
+    scorer, once per prompt split (key suffix ``/<split>``, setting ``split``), plus the per-part cfg units."""
+    if c.eval.scorer != "attributes":
+        return _split_units(c, v, stages, common)
+    units: dict[str, dict[str, Any]] = {}
+    e = c.eval
+    for split in e.prompt_splits:
+        per = _split_units(c, v, stages, {**common, "split": split})
+        if "cfg" in stages:
+            for part, ws in e.cfg.part_scales.items():
+                for w in ws:
+                    per[f"cfg/{v.name}/{part}={float(w):g}"] = dict(
+                        stage="cfg", variant=v.name, images=c.total_images, solver=e.cfg.solver, nfe=e.cfg.nfe,
+                        num=e.cfg.num, w=float(w), part=part, interval=list(e.cfg.interval), **common, split=split)
+        units.update({f"{k}/{split}": u for k, u in per.items()})
+    return units
+
+
+def _split_units(c: CompareConfig, v: VariantSpec, stages: list[str], common: dict[str, Any]) -> dict[str, dict]:
+    """The curve, sweep and (joint) cfg units of one variant with the settings ``common``."""
     e = c.eval
     units: dict[str, dict[str, Any]] = {}
     if "curve" in stages:
@@ -90,6 +111,8 @@ def plan_units(c: CompareConfig, arm: ArmSpec, extractor_id: str = "") -> dict[s
     e = c.eval
     common = {"seed": e.sample_seed, "amp": e.amp, "extractor": extractor_id, "pr_k": e.pr_k,
               "metrics_version": METRICS_VERSION}
+    if e.scorer == "attributes":  # recorded only for this scorer, so classifier units stay what they were
+        common.update(scorer="attributes", ref_items=e.reference_max)
     units: dict[str, dict[str, Any]] = {}
     for v in arm.variants:
         st = variant_stages(arm, v)
@@ -114,3 +137,34 @@ def forward_passes(units: dict[str, dict[str, Any]]) -> int:
         else:
             total += u["num"] * u["nfe"] * (2 if u["w"] != 1.0 else 1)
     return total
+
+
+def check_scoring(c: CompareConfig) -> None:
+    """Every arm fits the scorer: class-conditional arms for the classifier; text or multi-condition arms on the
+    shapes sets for the attribute reader, all of one kind, with ``cfg.part_scales`` naming parts of multi arms.
+    A :class:`CompareError` naming the arm otherwise."""
+    kinds = {}
+    for a in c.arms:
+        cfg = resolve_train_config(c, a, c.arm_seeds(a)[0])
+        kind, data = cfg.conditioning.kind, cfg.data.name
+        if c.eval.scorer == "classifier":
+            if kind != "class":
+                raise CompareError(f"arm {a.name}: conditioning.kind={kind} samples are scored against their "
+                                   f"{'prompts' if kind == 'text' else 'conditions'}: set eval.scorer: attributes "
+                                   "and eval.reader (the classifier scores class-conditional arms only)")
+            continue
+        if kind == "class":
+            raise CompareError(f"arm {a.name}: eval.scorer attributes scores text or multi-condition arms "
+                               "(conditioning.kind text|multi); this arm is class-conditional (use eval.scorer: "
+                               "classifier)")
+        if data not in ("shapes", "shapes-scenes"):
+            raise CompareError(f"arm {a.name}: the attribute reader reads the shapes sets (data.name shapes or "
+                               f"shapes-scenes), not {data!r}")
+        kinds[a.name] = kind
+        parts = set(cfg.conditioning.parts or _SHAPES_FACTORS)
+        unknown = sorted(set(c.eval.cfg.part_scales) - parts) if kind == "multi" else []
+        if c.eval.cfg.part_scales and (kind != "multi" or unknown):
+            what = f"parts {unknown} it is not conditioned on" if unknown else "a text, not named parts"
+            raise CompareError(f"eval.cfg.part_scales guides parts of multi-condition arms; arm {a.name} has {what}")
+    if len(set(kinds.values())) > 1:
+        raise CompareError(f"the arms of an attributes study must share one conditioning kind, got {kinds}")

@@ -34,6 +34,8 @@ import numpy as np
 
 __all__ = [
     "METRICS",
+    "PROMPT_METRICS",
+    "CONDITION_METRICS",
     "Reach",
     "first_reach",
     "match_ratio",
@@ -51,6 +53,20 @@ METRICS: dict[str, tuple[str, bool]] = {
     "precision": ("precision", False),
     "recall": ("recall", False),
     "is": ("IS (classifier)", False),
+}
+#: the attribute reader's metrics of text arms (deltafm.study.attributes), with the same meaning
+PROMPT_METRICS: dict[str, tuple[str, bool]] = {
+    "fd": ("reader-FD", True),
+    "prompt_acc": ("prompt accuracy", False),
+    "agreement": ("agreement", False),
+    **{f"acc.{k}": (f"{k} accuracy", False) for k in ("shape", "colour", "size", "cell", "count", "relation")},
+}
+#: ... and of multi-condition arms
+CONDITION_METRICS: dict[str, tuple[str, bool]] = {
+    "fd": ("reader-FD", True),
+    "all_acc": ("all-conditions accuracy", False),
+    **{f"acc.{k}": (f"{k} accuracy", False) for k in ("shape", "colour", "size", "cell")},
+    "one_object": ("one object read", False),
 }
 #: How a ratio's relation to the truth is written in front of it.
 REL_PREFIX = {"=": "", ">=": "≥", "<": "<", "<=": "≤", "~": "~"}

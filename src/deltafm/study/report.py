@@ -7,18 +7,20 @@
 The report has one function per section (setup, final quality, metric against images seen with
 steps-to-match, all arms on the first seed, metric against NFE with NFE-to-match, along the path,
 guidance, sample grids); the ratios are :mod:`deltafm.study.ratios`, the figures
-:mod:`deltafm.study.figures`.
+:mod:`deltafm.study.figures`. A study scored with the attribute reader gets the sections after the setup once
+per prompt split (headings "NAME, SPLIT prompts"), with its metrics (:mod:`deltafm.study.report_context`) and
+the per-part guidance table (:mod:`deltafm.study.report_attributes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ from deltafm.study.markdown import fmt as _fmt
 from deltafm.study.markdown import pm as _pm
 from deltafm.study.markdown import table as _table
 from deltafm.study.paired import section_comparisons as _section_comparisons
-from deltafm.study.ratios import METRICS, REL_PREFIX, format_ratio, nfe_to_match, steps_to_match
+from deltafm.study.ratios import REL_PREFIX, format_ratio, nfe_to_match, steps_to_match
+from deltafm.study.report_attributes import prompts_what, reader_line, section_part_cfg
+from deltafm.study.report_context import ReportContext as _Report
 from deltafm.study.results import VIEWS, Results, mean_band
 
 __all__ = ["build_report", "write_report", "update_section", "main"]
@@ -57,40 +61,6 @@ def _variant_desc(r: Results, v: str) -> str:
     elif spec["map"] == "to_delta":
         parts.append(f"FM mapped post hoc to the ΔFM optimum (λ={spec['lam']:g})")
     return ", ".join(p for p in parts if p)
-
-
-@dataclass
-class _Report:
-    """What every section needs: the results, the variant lists, headings, where figures go."""
-
-    r: Results
-    h: str
-    fig_dir: Path
-    link: Callable[[str], str]
-    samples_dir: Path | None
-
-    @property
-    def st(self) -> dict[str, Any]:
-        return self.r.study
-
-    @property
-    def ev(self) -> dict[str, Any]:
-        return self.r.study["eval"]
-
-    @property
-    def name(self) -> str:
-        return self.r.name
-
-    @property
-    def present(self) -> list[str]:
-        return [v for v in self.r.variants() if self.r.by_seed(v)]
-
-    @property
-    def main(self) -> list[str]:
-        return [v for v in (self.st.get("main_variants") or self.r.variants()) if v in self.present]
-
-    def figure(self, path: Path | None, alt: str) -> list[str]:
-        return [f"![{alt}]({self.link(path.name)})", ""] if path else []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,12 +97,13 @@ def _section_setup(R: _Report) -> list[str]:
         f"- Budget: {st['total_images']:,} training images per run, evaluated every {st['eval_every_images']:,}; "
         f"study seeds {st['seeds']} (seeds with results: {seeds_done}).",
         f"- Curve sampler: {ev['curve']['solver']}, NFE {ev['curve']['nfe']}, {ev['curve']['num']} samples "
-        f"(balanced classes), EMA weights, sample seed {ev['sample_seed']}, amp {ev['amp']}.",
+        f"({'balanced classes' if r.scorer != 'attributes' else prompts_what(r)}), EMA weights, sample seed "
+        f"{ev['sample_seed']}, amp {ev['amp']}.",
         f"- {sweep}" + (f"; CFG: w in {ev['cfg']['scales']} ({ev['cfg']['solver']}, NFE {ev['cfg']['nfe']}, "
                          f"{ev['cfg']['num']} samples)" if has_cfg else "") + ".",
     ]
     if cls:
-        lines.append(_setup_metrics_line(cls, ev["pr_k"]))
+        lines.append(_setup_metrics_line(cls, ev["pr_k"]) if r.scorer != "attributes" else reader_line(cls))
     lines.append("")
     rows = []
     for a in st["arms"]:
@@ -148,17 +119,18 @@ def _section_final(R: _Report) -> list[str]:
     lines = [f"{R.h} Final quality ({R.name}, {ev['curve']['solver']} NFE {ev['curve']['nfe']}, "
              f"{ev['curve']['num']} samples, mean ± sd over seeds)", ""]
     rows = []
+    metrics = R.metrics
     for v in present:
-        vals = {m: list(r.final(v, m).values()) for m in METRICS}
-        rows.append([v, _variant_desc(r, v), str(len(vals["fd"]))] + [_pm(vals[m]) for m in METRICS])
-    lines += _table(["variant", "what", "n"] + [f"{METRICS[m][0]} {'↓' if METRICS[m][1] else '↑'}"
-                                                for m in METRICS], rows) + [""]
+        vals = {m: list(r.final(v, m).values()) for m in metrics}
+        rows.append([v, _variant_desc(r, v), str(len(vals["fd"]))] + [_pm(vals[m]) for m in metrics])
+    lines += _table(["variant", "what", "n"] + [f"{metrics[m][0]} {'↓' if metrics[m][1] else '↑'}"
+                                                for m in metrics], rows) + [""]
     rows = []  # paired differences against each variant's baseline
     for v in present:
         b = r.baseline_of(v)
         if v == b or b not in present:
             continue
-        d_fd, d_acc = _paired(r, v, b, "fd"), _paired(r, v, b, "class_acc")
+        d_fd, d_acc = _paired(r, v, b, "fd"), _paired(r, v, b, R.acc)
         if not d_fd:
             continue
         wins = sum(1 for d in d_fd if d < 0)
@@ -167,7 +139,7 @@ def _section_final(R: _Report) -> list[str]:
         lines += ["Paired differences at the end of training (same seed; negative ΔFD = better than the "
                   "baseline):", ""]
         lines += _table(["variant", "baseline", "n", "ΔFD (variant − baseline)", "seeds with lower FD",
-                         "Δ class acc"], rows) + [""]
+                         f"Δ {R.acc_short}"], rows) + [""]
     return lines
 
 
@@ -177,20 +149,21 @@ def _steps_to_match_rows(R: _Report, others: list[str]) -> list[list[str]]:
     for v in others:
         b = r.baseline_of(v)
         cells = [v, b]
-        for metric in ("fd", "class_acc"):
+        for metric in ("fd", R.acc):
             per = []
             for seed in sorted(set(r.by_seed(v)) & set(r.by_seed(b))):
                 cb, co = r.curve(b, seed, metric), r.curve(v, seed, metric)
                 if cb and co and cb[-1][0] == R.st["total_images"]:
-                    per.append(steps_to_match(cb, co, METRICS[metric][1]))
+                    per.append(steps_to_match(cb, co, R.lower(metric)))
             cells += [_pm([m["target"] for m in per]), format_ratio(per)]
         rows.append(cells)
     return rows
 
 
 def _section_curves(R: _Report) -> list[str]:
-    r, name, present = R.r, R.name, R.present
-    f = figures.plot_curves(r, R.main, R.fig_dir / f"{name}-curves.png", f"{name}: metric vs images seen (mean ± sd)")
+    r, name, present, metrics = R.r, R.name, R.present, ("fd", R.acc)
+    f = figures.plot_curves(r, R.main, R.fig_dir / f"{R.tag}-curves.png", f"{name}: metric vs images seen (mean ± sd)",
+                            metrics, R.labels)
     lines = [f"{R.h} Metric against images seen ({name})", ""] + R.figure(f, "metric vs images")
     others = [v for v in present if v != r.baseline_of(v) and r.baseline_of(v) in present]
     if not others:
@@ -199,7 +172,8 @@ def _section_curves(R: _Report) -> list[str]:
     if abl:
         base_name = R.st["baseline"]
         f2 = figures.plot_curves(r, [base_name] + abl if base_name in present else abl,
-                                 R.fig_dir / f"{name}-curves-ablations.png", f"{name}: ablation arms (mean ± sd)")
+                                 R.fig_dir / f"{R.tag}-curves-ablations.png", f"{name}: ablation arms (mean ± sd)",
+                                 metrics, R.labels)
         lines += R.figure(f2, "ablations vs images")
     lines += ["Steps-to-match: images the baseline needs to first reach its final value, divided by the "
               "images the variant needs to reach that value (> 1: the variant is faster; ≥: already reached "
@@ -218,7 +192,7 @@ def _section_one_seed(R: _Report) -> list[str]:
             continue
         arm = r.arms[r.variant_arm[v]]
         b = r.baseline_of(v)
-        fd, acc = r.final(v, "fd")[seed0], r.final(v, "class_acc")[seed0]
+        fd, acc = r.final(v, "fd")[seed0], r.final(v, R.acc).get(seed0)
         bfd = r.final(b, "fd").get(seed0) if b in present else None
         cb, co = r.curve(b, seed0, "fd"), r.curve(v, seed0, "fd")
         stm = "–"
@@ -243,10 +217,10 @@ def _nfe_table(R: _Report, sweep_v: list[str], solver: str) -> list[str]:
         cells = [v]
         for n in nfes:
             vals = [dict(r.sweep(v, s, solver, "fd")).get(n) for s in r.by_seed(v)]
-            accs = [dict(r.sweep(v, s, solver, "class_acc")).get(n) for s in r.by_seed(v)]
+            accs = [dict(r.sweep(v, s, solver, R.acc)).get(n) for s in r.by_seed(v)]
             cells.append(f"{_pm(vals)} / {_pm(accs, 2)}")
         rows.append(cells)
-    lines = [f"{solver}: classifier-FD / class accuracy (mean ± sd over seeds) at each NFE", ""]
+    lines = [f"{solver}: {R.label('fd')} / {R.label(R.acc)} (mean ± sd over seeds) at each NFE", ""]
     return lines + _table(["variant"] + [f"NFE {n}" for n in nfes], rows) + [""]
 
 
@@ -259,12 +233,12 @@ def _nfe_to_match_rows(R: _Report, sweep_v: list[str], solvers: list[str]) -> li
             continue
         for solver in solvers:
             cells = [v, b, solver]
-            for metric in ("fd", "class_acc"):
+            for metric in ("fd", R.acc):
                 per = []
                 for seed in sorted(set(r.by_seed(v)) & set(r.by_seed(b))):
                     sb, so = r.sweep(b, seed, solver, metric), r.sweep(v, seed, solver, metric)
                     if sb and so:
-                        per.append(nfe_to_match(sb, so, METRICS[metric][1]))
+                        per.append(nfe_to_match(sb, so, R.lower(metric)))
                 cells.append(format_ratio(per))
             rows.append(cells)
     return rows
@@ -277,7 +251,8 @@ def _section_nfe(R: _Report) -> list[str]:
     if not solvers:
         return []
     sweep_v = [v for v in R.main if any(r.by_seed(v)[s]["sweep"] for s in r.by_seed(v))]
-    f = figures.plot_nfe(r, sweep_v, solvers, R.fig_dir / f"{name}-nfe.png", f"{name}: metric vs NFE (mean ± sd)")
+    f = figures.plot_nfe(r, sweep_v, solvers, R.fig_dir / f"{R.tag}-nfe.png", f"{name}: metric vs NFE (mean ± sd)",
+                         ("fd", R.acc), R.labels)
     lines = [f"{R.h} Metric against NFE ({name})", ""] + R.figure(f, "metric vs NFE")
     for solver in solvers:
         lines += _nfe_table(R, sweep_v, solver)
@@ -296,7 +271,7 @@ def _section_along(R: _Report) -> list[str]:
     along_v = [v for v in R.present if any(run.get("along") for run in r.by_seed(v).values())]
     if not along_v:
         return []
-    f = figures.plot_along(r, along_v, R.fig_dir / f"{name}-along.png",
+    f = figures.plot_along(r, along_v, R.fig_dir / f"{R.tag}-along.png",
                            f"{name}: classifier accuracy of the predicted clean sample x̂1 along t (mean ± sd)")
     lines = [f"{R.h} Class separation along the path: Fig. 4 analogue ({name})", ""]
     lines += R.figure(f, "accuracy of x-hat along t")
@@ -323,10 +298,11 @@ def _section_along(R: _Report) -> list[str]:
 
 def _section_cfg(R: _Report) -> list[str]:
     r, name, ev = R.r, R.name, R.ev
-    cfg_v = [v for v in R.present if any(run["cfg"] for run in r.by_seed(v).values())]
+    cfg_v = [v for v in R.present if any(r.cfg(v, s, "fd") for s in r.by_seed(v))]
     if not cfg_v:
         return []
-    f = figures.plot_cfg(r, cfg_v, R.fig_dir / f"{name}-cfg.png", f"{name}: classifier-free guidance (mean ± sd)")
+    f = figures.plot_cfg(r, cfg_v, R.fig_dir / f"{R.tag}-cfg.png", f"{name}: classifier-free guidance (mean ± sd)",
+                         ("fd", R.acc), R.labels)
     lines = [f"{R.h} Classifier-free guidance ({name}; {ev['cfg']['solver']} NFE {ev['cfg']['nfe']}, "
              f"{ev['cfg']['num']} samples)", ""] + R.figure(f, "cfg")
     ws = sorted({w for v in cfg_v for s in r.by_seed(v) for w, _ in r.cfg(v, s, "fd")})
@@ -335,10 +311,12 @@ def _section_cfg(R: _Report) -> list[str]:
         cells = [v]
         for w in ws:
             fd = [dict(r.cfg(v, s, "fd")).get(w) for s in r.by_seed(v)]
-            acc = [dict(r.cfg(v, s, "class_acc")).get(w) for s in r.by_seed(v)]
+            acc = [dict(r.cfg(v, s, R.acc)).get(w) for s in r.by_seed(v)]
             cells.append(f"{_pm(fd)} / {_pm(acc, 2)}")
         rows.append(cells)
-    lines += ["classifier-FD / class accuracy at each w (w = 1, no guidance, is in the NFE table):", ""]
+    where = "w = 1, no guidance, is in the NFE table" if R.r.scorer != "attributes" else "joint guidance: every " \
+        "condition nulled in the unconditional branch; w = 1 is no guidance"
+    lines += [f"{R.label('fd')} / {R.label(R.acc)} at each w ({where}):", ""]
     return lines + _table(["variant"] + [f"w={w:g}" for w in ws], rows) + [""]
 
 
@@ -346,21 +324,26 @@ def _section_grids(R: _Report) -> list[str]:
     """Sample grids: copied from OUT/samples when there, else the copies already in fig_dir are linked."""
     grids = []
     for v in R.main:
-        src = (R.samples_dir / v / f"seed{min(R.r.by_seed(v))}.png") if R.samples_dir is not None else None
-        dst = R.fig_dir / f"{R.name}-samples-{v}.png"
+        src = None
+        if R.samples_dir is not None:
+            folder = R.samples_dir / v if R.r.split is None else R.samples_dir / v / R.r.split
+            src = folder / f"seed{min(R.r.by_seed(v))}.png"
+        dst = R.fig_dir / f"{R.tag}-samples-{v}.png"
         if src is not None and src.is_file():
             shutil.copyfile(src, dst)
         if dst.is_file():
             grids.append((v, dst))
     if not grids:
         return []
-    return [f"{R.h} Samples ({R.name}, first seed, curve sampler; one row per class)", "",
+    what = "one row per class" if R.r.split is None else "the split's first prompts, each under its image"
+    return [f"{R.h} Samples ({R.name}, first seed, curve sampler; {what})", "",
             " ".join(f"![{v}]({R.link(p.name)})" for v, p in grids), "",
             " · ".join(f"{i + 1}: {v}" for i, (v, _) in enumerate(grids)), ""]
 
 
-_SECTIONS = (_section_setup, _section_final, _section_comparisons, _section_curves, _section_one_seed,
-             _section_nfe, _section_along, _section_cfg, _section_grids)
+#: the sections after the setup, once per prompt split of an attribute-scored study (once otherwise)
+_SECTIONS = (_section_final, _section_comparisons, _section_curves, _section_one_seed, _section_nfe, _section_along,
+             _section_cfg, section_part_cfg, _section_grids)
 
 
 def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figures",
@@ -370,9 +353,11 @@ def build_report(data: dict[str, Any], fig_dir: Path, link_prefix: str = "figure
     fig_dir.mkdir(parents=True, exist_ok=True)
     link = (lambda f: f"{link_prefix.rstrip('/')}/{f}") if link_prefix else (lambda f: f)
     R = _Report(Results(data), "#" * heading_level, fig_dir, link, samples_dir)
-    lines: list[str] = []
-    for section in _SECTIONS:
-        lines += section(R)
+    lines = _section_setup(R)
+    for view in R.r.views():
+        Rv = dataclasses.replace(R, r=R.r.view(view))
+        for section in _SECTIONS:
+            lines += section(Rv)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -31,15 +31,36 @@ def mean_band(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class Results:
-    """A results.json: its study, its runs, and per-variant and per-seed accessors."""
+    """A results.json: its study, its runs, and per-variant and per-seed accessors.
 
-    def __init__(self, data: dict[str, Any]) -> None:
+    Studies scored with the attribute reader hold one row per prompt split (``split``) in each stage; a
+    :meth:`view` sees only the rows of one split, so every accessor below reads that split's numbers."""
+
+    def __init__(self, data: dict[str, Any], view: str | None = None) -> None:
         self.data = data
         self.study = data["study"]
         self.name = self.study["name"]
         self.arms = {a["name"]: a for a in self.study["arms"]}
         self.variant_arm = {v["name"]: a["name"] for a in self.study["arms"] for v in a["variants"]}
         self.runs = data.get("runs", [])
+        self.split = view
+
+    @property
+    def scorer(self) -> str:
+        return self.study["eval"].get("scorer", "classifier")
+
+    @property
+    def conditioning(self) -> str:
+        """What the arms are conditioned on: ``class``, ``text`` or ``multi`` (one kind per study)."""
+        return next((a["conditioning"] for a in self.study["arms"] if "conditioning" in a), "class")
+
+    def views(self) -> list[str | None]:
+        """The prompt splits of an attribute-scored study (in the study's order); ``[None]`` otherwise."""
+        return list(self.study["eval"].get("prompt_splits") or ["test"]) if self.scorer == "attributes" else [None]
+
+    def view(self, split: str | None) -> Results:
+        """The same results, seeing only the rows of prompt split ``split`` (None: every row)."""
+        return Results(self.data, split)
 
     def variants(self) -> list[str]:
         return [v["name"] for a in self.study["arms"] for v in a["variants"]]
@@ -49,7 +70,12 @@ class Results:
 
     def by_seed(self, variant: str) -> dict[int, dict[str, Any]]:
         arm = self.variant_arm[variant]
-        return {r["seed"]: r["variants"][variant] for r in self.runs if r["arm"] == arm and variant in r["variants"]}
+        out = {r["seed"]: r["variants"][variant] for r in self.runs if r["arm"] == arm and variant in r["variants"]}
+        if self.split is None:
+            return out
+        keep = {s: {**v, **{st: [row for row in v[st] if row.get("split") == self.split]
+                             for st in ("curve", "sweep", "cfg")}} for s, v in out.items()}
+        return {s: v for s, v in keep.items() if v["curve"] or v["sweep"] or v["cfg"]}
 
     def curve(self, variant: str, seed: int, metric: str) -> Curve:
         v = self.by_seed(variant).get(seed)
@@ -74,10 +100,28 @@ class Results:
         return [(r["nfe"], r[metric]) for r in v["sweep"] if r["solver"] == solver and r.get(metric) is not None]
 
     def cfg(self, variant: str, seed: int, metric: str) -> Curve:
+        """(w, metric) of the joint guidance scales (rows without a guided ``part``)."""
         v = self.by_seed(variant).get(seed)
         if not v:
             return []
-        return [(r["w"], r[metric]) for r in v["cfg"] if r.get(metric) is not None]
+        return [(r["w"], r[metric]) for r in v["cfg"] if r.get(metric) is not None and r.get("part") is None]
+
+    def part_cfg(self, variant: str, seed: int, part: str, metric: str) -> Curve:
+        """(w, metric) of the units that guide only ``part`` with weight w."""
+        v = self.by_seed(variant).get(seed)
+        if not v:
+            return []
+        return [(r["w"], r[metric]) for r in v["cfg"] if r.get(metric) is not None and r.get("part") == part]
+
+    def parts(self) -> list[str]:
+        """The parts guided on their own in some unit, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for run in self.runs:
+            for v in run["variants"].values():
+                for r in v["cfg"]:
+                    if r.get("part") is not None:
+                        seen.setdefault(r["part"], None)
+        return list(seen)
 
     def along(self, variant: str, view: str) -> list[Curve]:
         """Per seed with results: the (t, accuracy) curve of one along-the-path view."""

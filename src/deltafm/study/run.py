@@ -20,10 +20,11 @@ import yaml
 
 from deltafm.atomic import atomic_write
 from deltafm.study.evaluator import Evaluator
-from deltafm.study.plan import eval_points, plan_units, resolve_train_config
+from deltafm.study.plan import check_scoring, eval_points, plan_units, resolve_train_config
 from deltafm.study.spec import ArmSpec, CompareConfig, CompareError
 
-__all__ = ["FORMAT", "Log", "run_arm_seed", "run_compare", "collect_results", "read_json", "write_json"]
+__all__ = ["FORMAT", "Log", "make_evaluator", "run_arm_seed", "run_compare", "collect_results", "read_json",
+           "write_json"]
 
 FORMAT = "deltafm.compare.v1"
 #: Training-config keys that may change between invocations without invalidating results.
@@ -144,6 +145,9 @@ def _todo(c: CompareConfig, arm: ArmSpec, done: dict[str, Any], extractor_id: st
 def _summary(u: dict[str, Any], metrics: dict[str, Any]) -> str:
     if u["stage"] == "along":
         return "traj acc " + " ".join(f"{a:.2f}" for a in metrics["trajectory"]["acc"][::5])
+    for key, label in (("prompt_acc", "prompt acc"), ("all_acc", "all acc")):
+        if key in metrics:
+            return f"fd {metrics['fd']:.2f} {label} {metrics[key]:.3f}"
     return f"fd {metrics['fd']:.2f} acc {metrics['class_acc']:.3f}"
 
 
@@ -161,6 +165,8 @@ def _evaluate_checkpoint(ev: Evaluator, ckpt: Path, units: dict[str, dict[str, A
             metrics = ev.along_unit(lm, u)
         else:
             grid = grid_dir / u["variant"] / grid_name if grid_dir is not None and u["stage"] == "curve" else None
+            if grid is not None and u.get("split") is not None:
+                grid = grid.parent / u["split"] / grid_name
             metrics = ev.sample_unit(lm, u, grid_to=grid)
         save(key, {"settings": u, "step": lm.step, "images": lm.images_seen, "metrics": metrics})
         log(f"  {label} {key}: {_summary(u, metrics)} ({time.perf_counter() - t0:.0f}s)")
@@ -193,6 +199,10 @@ def run_arm_seed(c: CompareConfig, arm: ArmSpec, seed: int, out: Path, ev: Evalu
             write_json(res_path, rec)
         log(f"skip {arm.name} seed {seed}: all {len(plan_units(c, arm))} units done")
         return rec
+    if full_cfg.conditioning.kind == "text" and _ckpt_at(run_dir, c.total_images // batch) is None:
+        # one training process to the end (every evaluation checkpoint is kept): each start encodes the captions
+        _train_to(c, arm, seed, c.total_images, run_dir, rec, log)
+        write_json(res_path, rec)
     ev = ev or get_ev()
     todo = _todo(c, arm, done, ev.extractor_id)
     by_images: dict[int, list[str]] = {}
@@ -222,18 +232,33 @@ def run_arm_seed(c: CompareConfig, arm: ArmSpec, seed: int, out: Path, ev: Evalu
 
 
 def _cached_extractor_id(out: Path, c: CompareConfig) -> str | None:
-    """The classifier id recorded by an earlier invocation (to skip finished arms without loading it)."""
+    """The classifier (or attribute reader) id recorded by an earlier invocation (to skip finished arms without
+    loading it)."""
     info = read_json(out / "classifier" / "classifier.json")
     if info is None:
         return None
-    want = c.eval.classifier or str(out / "classifier" / f"{info.get('dataset_name', '')}-classifier.safetensors")
+    if c.eval.scorer == "attributes":
+        want, prefix = str(c.eval.reader), "attributes"
+    else:
+        want = c.eval.classifier or str(out / "classifier" / f"{info.get('dataset_name', '')}-classifier.safetensors")
+        prefix = "classifier"
     if info.get("path") != want:
         return None
     from deltafm.eval.classifier import file_sha256
 
-    if not Path(want).is_file() or f"classifier:{file_sha256(want)}" != info.get("id"):
+    if not Path(want).is_file() or f"{prefix}:{file_sha256(want)}" != info.get("id"):
         return None
     return info.get("id")
+
+
+def make_evaluator(c: CompareConfig, out: Path, device: str, log: Log) -> Any:
+    """The evaluator of the study's scorer: :class:`Evaluator` (classifier) or
+    :class:`~deltafm.study.attributes.AttributeEvaluator`."""
+    if c.eval.scorer == "attributes":
+        from deltafm.study.attributes import AttributeEvaluator
+
+        return AttributeEvaluator(c, out, device, log)
+    return Evaluator(c, out, device, log)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,6 +271,8 @@ def _arm_meta(c: CompareConfig, a: ArmSpec) -> dict[str, Any]:
         cfg = resolve_train_config(c, a, c.arm_seeds(a)[0])
         meta = {"batch_size": cfg.train.batch_size, "lam": cfg.objective.lam, "negatives": cfg.objective.negatives,
                 "model": cfg.model.name}
+        if cfg.conditioning.kind != "class":  # recorded only when not class ids (class results stay as they were)
+            meta["conditioning"] = cfg.conditioning.kind
     except Exception:  # noqa: BLE001 - informational only
         meta = {}
     return {"name": a.name, "seeds": c.arm_seeds(a), "baseline": a.baseline or c.baseline, "stages": a.stages,
@@ -262,13 +289,16 @@ def _run_variants(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
                "w": s.get("w"), "num": s["num"]}
         if s["stage"] == "along":
             v["along"] = {k: m[k] for k in ("trajectory", "noised_class", "noised_null")}
+        elif s.get("scorer") == "attributes":  # every metric, and the prompt split (and guided part)
+            row.update({k: s[k] for k in ("split", "part") if k in s})
+            v[s["stage"]].append({**row, **m})
         else:
             v[s["stage"]].append({**row, **{k: m.get(k) for k in ("fd", "class_acc", "precision", "recall",
                                                                   "is", "seconds")}})
     for v in variants.values():
         v["curve"].sort(key=lambda r: r["images"])
         v["sweep"].sort(key=lambda r: (r["solver"], r["nfe"]))
-        v["cfg"].sort(key=lambda r: r["w"])
+        v["cfg"].sort(key=lambda r: (r.get("part") or "", r["w"]))
     return variants
 
 
@@ -312,11 +342,12 @@ def run_compare(c: CompareConfig, out: str | Path, *, arms: list[str] | None = N
     selected = [a for a in c.arms if arms is None or a.name in arms]
     if arms is not None and len(selected) != len(set(arms)):
         raise CompareError(f"unknown arm(s) {sorted(set(arms) - {a.name for a in c.arms})}")
+    check_scoring(c)
     holder: dict[str, Evaluator] = {}
 
     def get_ev() -> Evaluator:
         if "ev" not in holder:
-            ev = Evaluator(c, out, device, log)
+            ev = make_evaluator(c, out, device, log)
             write_json(out / "classifier" / "classifier.json", {**ev.info(), "dataset_name": ev.dataset})
             holder["ev"] = ev
         return holder["ev"]

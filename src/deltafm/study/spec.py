@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Any
 import yaml
 
 from deltafm.solvers import nfe_to_steps, solver_names
-from deltafm.typed_config import ConfigError, build, read_yaml
+from deltafm.typed_config import ConfigError, build, coerce, read_yaml
 
 __all__ = [
     "STAGES",
+    "SCORERS",
+    "PROMPT_SPLITS",
     "CompareError",
     "CurveSpec",
     "SweepSpec",
@@ -40,6 +43,10 @@ __all__ = [
 ]
 
 STAGES = ("curve", "sweep", "cfg", "along")
+#: How samples are scored: the feature classifier (class-conditional arms) or the shapes attribute reader.
+SCORERS = ("classifier", "attributes")
+#: Splits of the shapes sets whose first items' captions (conditions) are the prompts (deltafm.data.shapes_dataset).
+PROMPT_SPLITS = ("train", "test", "heldout", "all")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -67,13 +74,20 @@ class SweepSpec:
 
 @dataclass
 class CFGSpec:
-    """Guidance scales at the end of training (w = 1 is off)."""
+    """Guidance scales at the end of training (w = 1 is off).
+
+    ``scales`` are joint: every condition (the class, the text, all parts of a multi-condition) is nulled at
+    once. ``part_scales`` (multi-condition arms only) maps a part to weights w: one unit per (part, w) that
+    guides only that part (compositional CFG, v(c) + (w − 1)(v(c) − v(c without the part)); the other parts at
+    weight 1, unguided), e.g. ``{shape: [2.0, 4.0]}``. A checkpoint's own ``conditioning.guidance`` weights are
+    not used here."""
 
     scales: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0])
     solver: str = "heun"
     nfe: int = 16
     num: int = 250
     interval: tuple[float, float] = (0.0, 1.0)
+    part_scales: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,8 +106,19 @@ class EvalSpec:
     Arms trained on VAE latents (``data.name: latents``) are scored on decoded images: ``images`` names the
     pixel dataset the classifier and the reference statistics use (keys of the training config's ``data``
     section, e.g. ``{name: fashion-mnist}``), and ``vae`` may override the VAE recorded with the latents
-    (:mod:`deltafm.vae.decoding`). The ``along`` stage needs pixel arms."""
+    (:mod:`deltafm.vae.decoding`). The ``along`` stage needs pixel arms.
 
+    ``scorer``: ``classifier`` (default: class-conditional arms, the feature classifier) or ``attributes``
+    (text and multi-condition arms on the shapes sets, read back by the attribute reader at ``reader``). With
+    ``attributes`` a sampling unit is drawn once per split of ``prompt_splits`` (a split name or a list; default
+    ``[test]``: seen (shape, colour) pairs; ``heldout``: held-out pairs): sample i is conditioned on the caption
+    (text arms) or the conditions (multi arms) of item i of the split, and FD is taken against the reader's
+    features of the split's first ``reference_max`` real images (default: all of them; ``reference_split`` is
+    the classifier's)."""
+
+    scorer: str = "classifier"
+    reader: str | None = None
+    prompt_splits: list[str] = field(default_factory=lambda: ["test"])
     classifier: str | None = None
     classifier_epochs: int = 15
     classifier_seed: int = 0
@@ -172,7 +197,16 @@ class CompareConfig:
         return list(self.seeds[: arm.max_seeds] if arm.max_seeds else self.seeds)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The study as plain data; the scorer keys are left out at their defaults (classifier studies record
+        exactly what they did before those keys existed)."""
+        d = dataclasses.asdict(self)
+        ev = d["eval"]
+        if ev["scorer"] == "classifier":
+            for key in ("scorer", "reader", "prompt_splits"):
+                del ev[key]
+        if not ev["cfg"]["part_scales"]:
+            del ev["cfg"]["part_scales"]
+        return d
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,6 +263,8 @@ def _normalise(data: Any) -> dict[str, Any]:
     if not isinstance(ev, dict):
         raise CompareError("'eval' must be a mapping")
     data["eval"] = {k: v for k, v in ev.items() if not (k in ("curve", "sweep", "cfg", "along") and v is None)}
+    if isinstance(data["eval"].get("prompt_splits"), str):  # one split may be given without a list
+        data["eval"]["prompt_splits"] = [data["eval"]["prompt_splits"]]
     arms = data.get("arms")
     if not arms:
         raise CompareError("a compare config needs 'arms'")
@@ -321,6 +357,35 @@ def _validate_eval(e: EvalSpec) -> None:
             raise CompareError(f"eval.{what}.num must be >= 2")
     if e.along.trajectory_steps < 1 or any(not 0 <= t < 1 for t in e.along.times):
         raise CompareError("eval.along: trajectory_steps >= 1 and times in [0, 1)")
+    _validate_scorer(e)
+
+
+def _validate_scorer(e: EvalSpec) -> None:
+    """The scorer, its reader and prompt splits, per-part guidance weights."""
+    if e.scorer not in SCORERS:
+        raise CompareError(f"eval.scorer must be one of {', '.join(SCORERS)}, got {e.scorer!r}")
+    for part, ws in list(e.cfg.part_scales.items()):
+        ws = coerce(ws, list[float], f"eval.cfg.part_scales.{part}", error=CompareError, noun="key")
+        if not ws or any(not math.isfinite(w) or w < 0 for w in ws):
+            raise CompareError(f"eval.cfg.part_scales.{part} must be a non-empty list of finite weights >= 0, "
+                               f"got {ws}")
+        e.cfg.part_scales[part] = ws
+    if e.scorer == "classifier":
+        for key, bad in (("reader", e.reader is not None), ("prompt_splits", e.prompt_splits != ["test"]),
+                         ("cfg.part_scales", bool(e.cfg.part_scales))):
+            if bad:
+                raise CompareError(f"eval.{key} is for eval.scorer: attributes (text and multi-condition arms on "
+                                   "the shapes sets); this study uses the classifier")
+        return
+    if e.reader is None:
+        raise CompareError("eval.scorer: attributes needs eval.reader, the attribute reader .safetensors "
+                           "(deltafm attributes train)")
+    if e.classifier is not None or e.images is not None:
+        raise CompareError("eval.classifier and eval.images are for eval.scorer: classifier")
+    bad = [s for s in e.prompt_splits if s not in PROMPT_SPLITS]
+    if bad or not e.prompt_splits or len(set(e.prompt_splits)) != len(e.prompt_splits):
+        raise CompareError(f"eval.prompt_splits must be distinct splits of {', '.join(PROMPT_SPLITS)}, got "
+                           f"{e.prompt_splits}")
 
 
 def validate(c: CompareConfig) -> None:
@@ -333,6 +398,24 @@ def validate(c: CompareConfig) -> None:
         raise CompareError(f"seeds must be distinct non-negative integers, got {c.seeds}")
     _validate_arms(c)
     _validate_eval(c.eval)
+    if c.eval.scorer == "attributes":
+        _validate_attribute_stages(c)
+
+
+def _validate_attribute_stages(c: CompareConfig) -> None:
+    """No ``along`` stage (it scores class labels with the classifier); ``reference_max`` covers every sample
+    count (FD of N samples against at least N real images of the split)."""
+    used = {s for a, v in c.variants() for s in (v.stages if v.stages is not None else a.stages)}
+    for a in c.arms:
+        if "along" in a.stages:
+            raise CompareError(f"arm {a.name}: the along stage scores class labels with the classifier; with "
+                               "eval.scorer: attributes give the arm stages without it (e.g. stages: [curve, cfg])")
+    e = c.eval
+    nums = {"curve": e.curve.num, "sweep": e.sweep.num, "cfg": e.cfg.num}
+    most = max((n for s, n in nums.items() if s in used), default=0)
+    if e.reference_max is not None and e.reference_max < most:
+        raise CompareError(f"eval.reference_max ({e.reference_max}) must be >= the largest sample count of the "
+                           f"stages in use ({most}): FD compares N samples with at least N real images")
 
 
 # ----------------------------------------------------------------------------------------------------

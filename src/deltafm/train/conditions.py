@@ -112,7 +112,13 @@ class Conditions:
                 out.check_lengths(captions, progress)
             out.encode(captions[:1])  # max_tokens within the encoder's limit, the encoder on the device: now
             return out
-        table = out.encode(captions, progress=progress)
+        from .text_cache import load_table, save_table, table_key
+
+        key = table_key(encoder.identity, cfg.max_tokens, bool(cfg.truncate), captions)
+        table = load_table(key)  # the same encoder on the same captions: encoded before (train/text_cache.py)
+        if table is None:
+            table = out.encode(captions, progress=progress)
+            save_table(key, table)
         out.table = TextCond(table.tokens.half().to(device), table.mask.to(device), table.pooled.to(device),
                              table.null.to(device))
         return out

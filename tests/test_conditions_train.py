@@ -107,8 +107,10 @@ def test_the_batch_condition_is_the_items_own(text_dir):
     text = Conditions.from_config(cfg.conditioning, scenes, torch.device("cpu"), progress=False)
     got = text(scenes.labels[idx], scenes.load_extras(idx, text.extra_names))
     want = text.encoder.encode([scenes.captions[int(scenes.caption_ids[i])] for i in idx], 48)
-    torch.testing.assert_close(got.tokens, want.tokens, rtol=0, atol=1e-3)  # the table keeps float16 tokens
-    assert torch.equal(got.mask, want.mask) and torch.equal(got.pooled, want.pooled) and not bool(got.null.any())
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=0, atol=2e-3)  # the table keeps float16 tokens
+    # pooled: float32 of the table's encode (chunks sorted by length) vs this batch's: equal up to rounding
+    torch.testing.assert_close(got.pooled, want.pooled, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.mask, want.mask) and not bool(got.null.any())
 
 
 def test_bad_conditioning_is_a_clear_error(tmp_path, text_dir):

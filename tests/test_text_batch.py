@@ -54,8 +54,12 @@ def test_batch_mode_is_the_table_before_its_float16_rounding(text_dir):
     extras = scenes.load_extras(idx, batch.extra_names)
     t, b = table(scenes.labels[idx], extras), batch(scenes.labels[idx], extras)
     assert b.tokens.dtype == torch.float32 and not torch.equal(b.tokens, b.tokens.half().float())
-    assert torch.equal(t.tokens, b.tokens.half().float())  # the table holds the batch's features in float16
-    assert torch.equal(t.mask, b.mask) and torch.equal(t.pooled, b.pooled) and torch.equal(t.null, b.null)
+    # the table holds the batch's features in float16. The table was encoded in chunks of other captions
+    # (sorted by length), so with several threads a row's float32 features can differ in the last bits from
+    # the batch's own encode (another batch shape), and its float16 rounding by one float16 step.
+    torch.testing.assert_close(t.tokens, b.tokens.half().float(), rtol=0, atol=2e-3)
+    assert torch.equal(t.mask, b.mask) and torch.equal(t.null, b.null)
+    torch.testing.assert_close(t.pooled, b.pooled, rtol=1e-5, atol=1e-6)
     want = batch.encoder.encode([scenes.captions[int(scenes.caption_ids[i])] for i in idx], 48)
     assert torch.equal(b.tokens, want.tokens) and torch.equal(b.pooled, want.pooled)
     grid, titles = batch.for_grid(scenes, 3)

@@ -117,7 +117,7 @@ class Conditions:
         key = table_key(encoder.identity, cfg.max_tokens, bool(cfg.truncate), captions)
         table = load_table(key)  # the same encoder on the same captions: encoded before (train/text_cache.py)
         if table is None:
-            table = out.encode(captions, progress=progress)
+            table = out.encode(captions, progress=progress, token_dtype=torch.float16)
             save_table(key, table)
         out.table = TextCond(table.tokens.half().to(device), table.mask.to(device), table.pooled.to(device),
                              table.null.to(device))
@@ -203,8 +203,10 @@ class Conditions:
         titles = [dataset.captions[int(c)] for c in cap]
         return self(cap, {"caption": cap}), titles
 
-    def encode(self, captions: Sequence[str], progress: bool = False, batch_size: int = 256) -> TextCond:
-        """Text features of ``captions`` padded to ``max_tokens``, cut to it when the run truncates (float32,
+    def encode(self, captions: Sequence[str], progress: bool = False, batch_size: int = 256,
+               token_dtype: torch.dtype = torch.float32) -> TextCond:
+        """Text features of ``captions`` padded to ``max_tokens``, cut to it when the run truncates (tokens in
+        ``token_dtype``, each chunk cast as it is made, so a float16 table never exists in float32 whole;
         on the encoder's device); a caption the encoder refuses is a :class:`SetupError` giving its index in
         ``captions`` and its text."""
         from deltafm.conditioning import cat_conds
@@ -213,7 +215,8 @@ class Conditions:
         # chunks of similar length (each chunk runs at its longest caption): about 2x faster on varied captions
         order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
         chunks = self._chunked([captions[i] for i in order], batch_size, "encoding captions", progress,
-                               lambda part: self.encoder.encode(part, max_tokens, truncate=truncate), positions=order)
+                               lambda part: _cast(self.encoder.encode(part, max_tokens, truncate=truncate),
+                                                  token_dtype), positions=order)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         table = cat_conds(chunks)
@@ -288,6 +291,10 @@ class Conditions:
         if unknown:
             raise SetupError(f"unknown condition(s) {unknown}; the model is conditioned on {', '.join(self.values)}")
         return MultiCond(parts)
+
+
+def _cast(cond: TextCond, dtype: torch.dtype) -> TextCond:
+    return cond if cond.tokens.dtype == dtype else TextCond(cond.tokens.to(dtype), cond.mask, cond.pooled, cond.null)
 
 
 def _load_encoder(spec: str | None) -> Any:

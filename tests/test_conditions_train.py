@@ -16,6 +16,7 @@ from deltafm.train.conditions import Conditions
 from deltafm.train.config import ConfigError, load_config
 from deltafm.train.loop import train
 from deltafm.train.restore import load_for_sampling
+from tiny_text import tiny_bert
 
 FAST = ["log.progress_bar=false", "log.tensorboard=false", "train.threads=1", "log.every=1", "sample.every=-1",
         "train.batch_size=16", "optim.lr=1e-3", "data.max_items=64", "data.image_size=16", "train.ema_decay=0.9",
@@ -29,19 +30,7 @@ MULTI = ["data.name=shapes", "model.name=SiT-N/4", "conditioning.kind=multi", "c
 def text_dir(tmp_path_factory) -> Path:
     """A tiny randomly initialised BERT with a word-level tokenizer over the shapes captions' words."""
     pytest.importorskip("transformers")
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = sorted({w.strip(",.:") for c in load_dataset("shapes-scenes", max_items=400).captions
-                    for w in c.split()} - {""})
-    folder = tmp_path_factory.mktemp("text") / "tiny-bert"
-    folder.mkdir()
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", ":", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words) + 8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
-    return folder
+    return tiny_bert(tmp_path_factory.mktemp("text") / "tiny-bert")
 
 
 def _text(text_dir: Path) -> list[str]:

@@ -18,7 +18,6 @@ import torch
 
 from cli_cases import run_cli, tree_digest
 from deltafm.conditioning import Indexed, Labels, MultiCond, batch_size, select
-from deltafm.data import load_dataset
 from deltafm.generate import generate
 from deltafm.pixels import to_uint8_nhwc
 from deltafm.sample_cli import WORK_DIR
@@ -28,26 +27,13 @@ from deltafm.train.conditions import Conditions
 from deltafm.train.config import find_preset, load_config
 from deltafm.train.loop import train
 from deltafm.train.restore import load_for_sampling
+from tiny_text import shapes_words, tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["log.progress_bar=false", "log.tensorboard=false", "train.threads=1", "sample.every=-1", "train.batch_size=16",
         "data.max_items=64", "data.image_size=16", "train.steps=2", "train.ckpt_every=2"]
 A, B = "a small red circle", "two blue squares"
 VALUES = "circle, square, triangle, diamond, cross"
-
-
-def _bert(folder: Path, words: list[str], seed: int) -> Path:
-    """A tiny randomly initialised BERT with a word-level tokenizer (as tests/test_conditions_train.py)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", ":", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
-    torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(words) + 8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
-    return folder
 
 
 def _train(cfg, out: Path) -> Path:
@@ -74,9 +60,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     weight for colour) and class (digits), plus a second BERT of other weights."""
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("prompts")
-    words = sorted({w.strip(",.:") for c in load_dataset("shapes-scenes", max_items=400).captions
-                    for w in c.split()} - {""})
-    bert = _bert(root / "bert", words, 0)
+    words = shapes_words()
+    bert = tiny_bert(root / "bert", words, 0)
     text = ["data.name=shapes-scenes", "model.name=MMDiT-N/4", "conditioning.kind=text",
             f"conditioning.text_encoder={bert}", "conditioning.max_tokens=48", "objective.label_dropout=0.2"]
     multi = ["data.name=shapes", "model.name=SiT-N/4", "conditioning.kind=multi", "conditioning.parts=[shape, colour]",
@@ -87,7 +72,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"text": _jitter(_train(load_config(None, [*FAST, *text]), root / "text")),
             "multi": _jitter(_train(load_config(None, [*FAST, *multi]), root / "multi")),
             "class": _train(load_config(find_preset("digits-tiny"), digits), root / "class"),
-            "other_bert": _bert(root / "other-bert", words, 1)}
+            "other_bert": tiny_bert(root / "other-bert", words, 1)}
 
 
 def _sample(run: Path, out: Path, *extra: str) -> str:

@@ -22,6 +22,7 @@ from deltafm.study.plan import check_scoring, plan_units
 from deltafm.study.spec import CompareError, load_compare_config, parse_compare_config
 from deltafm.train.checkpoint import list_checkpoints
 from deltafm.train.restore import load_for_sampling
+from tiny_text import tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"train.batch_size": 16, "train.threads": 1, "data.image_size": 16, "data.max_items": 64,
@@ -59,19 +60,7 @@ def reader(tmp_path_factory) -> Path:
 def text_dir(tmp_path_factory) -> Path:
     """A tiny randomly initialised BERT with a word-level tokenizer over the shapes captions' words."""
     pytest.importorskip("transformers")
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = sorted({w.strip(",.:") for c in load_dataset("shapes-scenes", max_items=400).captions
-                    for w in c.split()} - {""})
-    folder = tmp_path_factory.mktemp("text") / "tiny-bert"
-    folder.mkdir()
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", ":", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words) + 8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
-    return folder
+    return tiny_bert(tmp_path_factory.mktemp("text") / "tiny-bert")
 
 
 def _study(name: str, reader: Path, overrides: dict, **eval_spec) -> dict:

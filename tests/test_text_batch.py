@@ -17,7 +17,7 @@ from deltafm.train.conditions import TABLE_LIMIT, Conditions, table_bytes
 from deltafm.train.config import ConfigError, load_config
 from test_captions import _meta, _png, _tar, cc3m_tars
 from test_conditions_train import FAST, _records, _same_checkpoints, _text, _train
-from test_sample_prompts import _bert
+from tiny_text import tiny_bert
 
 LONG = "a small red circle to the left of a blue square " * 5  # 55 words: 57 tokens with [CLS] and [SEP]
 
@@ -28,7 +28,7 @@ def text_dir(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
     words = sorted({w.strip(",.:") for c in load_dataset("shapes-scenes", max_items=400).captions
                     for w in c.split()} - {""})
-    return _bert(tmp_path_factory.mktemp("text") / "tiny-bert", words, seed=0)
+    return tiny_bert(tmp_path_factory.mktemp("text") / "tiny-bert", words, seed=0)
 
 
 def _conditions(text_dir: Path, dataset, *extra: str, device: str = "cpu") -> Conditions:

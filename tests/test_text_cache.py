@@ -9,6 +9,7 @@ import torch
 from deltafm.conditioning import TextCond
 from deltafm.train import text_cache
 from deltafm.train.text_cache import load_table, save_table, table_key
+from tiny_text import shapes_words, tiny_bert
 
 
 def _table(n: int = 3) -> TextCond:
@@ -48,23 +49,13 @@ def test_round_trip_damaged_file_and_off(tmp_path, monkeypatch) -> None:
 
 def test_a_run_reuses_the_cached_table(tmp_path, monkeypatch) -> None:
     pytest.importorskip("transformers")
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     from deltafm.data import load_dataset
     from deltafm.train.conditions import Conditions
     from deltafm.train.config import load_config
 
     monkeypatch.setenv("DELTAFM_CACHE_DIR", str(tmp_path / "cache"))
     ds = load_dataset("shapes-scenes", max_items=40, image_size=16)
-    words = sorted({w.strip(",.:") for c in ds.captions for w in c.split()} - {""})
-    folder = tmp_path / "bert"
-    folder.mkdir()
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", ":",
-                                                 *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words) + 8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    folder = tiny_bert(tmp_path / "bert", shapes_words(40))
     cfg = load_config(None, ["train.steps=1", "conditioning.kind=text", f"conditioning.text_encoder={folder}",
                              "conditioning.max_tokens=48", "model.name=MMDiT-N/4"]).conditioning
     first = Conditions.from_config(cfg, ds, torch.device("cpu"), progress=False)

@@ -197,8 +197,8 @@ def batch_size(cond: Cond | Indexed) -> int:
     return int(cond.shape[0]) if isinstance(cond, Tensor) else len(cond)
 
 
-def _map(cond: Cond, tensor_fn, part_fn=None) -> Cond:
-    """Apply ``tensor_fn`` to every tensor field (``part_fn`` to Labels/TextCond when given)."""
+def _map(cond: Cond, tensor_fn) -> Cond:
+    """Apply ``tensor_fn`` to every tensor field."""
     if isinstance(cond, Tensor):
         return tensor_fn(cond)
     if isinstance(cond, Labels):
@@ -243,18 +243,13 @@ def cat_conds(conds: Sequence[Cond]) -> Cond:
     raise TypeError(f"not a condition: {type(first).__name__}")
 
 
-def _null_part(part: Labels | TextCond, mask: Tensor) -> Labels | TextCond:
-    return part.nulled(mask)
-
-
 def null_condition(cond: Cond, null_class: int | None = None) -> Cond:
     """Every row unconditional: class ids -> ``null_class``; every text / part -> its null."""
     if isinstance(cond, Tensor):
         if null_class is None:
             raise ValueError("nulling class ids needs the null_class id")
         return torch.full_like(cond, null_class)
-    everyone = torch.ones(batch_size(cond), dtype=torch.bool)
-    return without(cond, None, everyone)
+    return without(cond, None)
 
 
 def without(cond: TextCond | MultiCond, name: str | None, mask: Tensor | None = None) -> TextCond | MultiCond:
@@ -268,7 +263,7 @@ def without(cond: TextCond | MultiCond, name: str | None, mask: Tensor | None = 
         if name is not None and name not in cond.parts:
             raise KeyError(f"no condition {name!r}; this batch has {', '.join(cond.parts)}")
         return MultiCond({
-            k: (_null_part(p, mask.to(p.null.device)) if name is None or k == name else p)
+            k: (p.nulled(mask.to(p.null.device)) if name is None or k == name else p)
             for k, p in cond.parts.items()
         })
     raise TypeError(f"cannot null part {name!r} of {type(cond).__name__}")

@@ -262,16 +262,11 @@ class BiasCorrection:
         return self.mean_target.u_bar(t, cond, self.path, self.other_classes, self.negative_time)
 
     def __call__(self, v: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
-        labels = cond if cond is None or isinstance(cond, Tensor) else class_ids(cond, self.label_key)
-        u_bar = self.u_bar(t.to(v.dtype), labels).to(v.dtype)
+        u_bar = self.u_bar(t.to(v.dtype), class_ids(cond, self.label_key)).to(v.dtype)
         out = bias_correct(v, u_bar, self.lam) if self.direction == "to_fm" else to_delta_optimum(v, u_bar, self.lam)
-        if not self.correct_null and cond is not None:
-            if isinstance(cond, Tensor):
-                keep = (cond == self.null_class) if self.null_class is not None else None
-            else:
-                keep = null_mask(cond).to(v.device)
-            if keep is not None:
-                out = torch.where(keep.reshape(-1, *([1] * (v.dim() - 1))), v, out)
+        if not self.correct_null and cond is not None:  # unconditional rows keep the plain FM field
+            keep = null_mask(cond, self.null_class).to(v.device)
+            out = torch.where(keep.reshape(-1, *([1] * (v.dim() - 1))), v, out)
         if self.interval != (0.0, 1.0):
             lo, hi = self.interval
             inside = ((t >= lo) & (t <= hi)).reshape(-1, *([1] * (v.dim() - 1)))

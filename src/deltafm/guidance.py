@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .conditioning import Cond, MultiCond, batch_size, cat_conds, null_condition, without
+from .conditioning import Cond, MultiCond, cat_conds, null_condition, without
 from .correction import BiasCorrection
 
 __all__ = ["GuidedVelocity", "cfg_combine"]
@@ -104,16 +104,10 @@ class GuidedVelocity:
         assert self.cond is not None
         if self.weights is not None:
             guided, v_c = self._compositional(x, t)
-        elif isinstance(self.cond, Tensor):
-            assert self.null_class is not None
-            null = torch.full_like(self.cond, self.null_class)
-            both = self._model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.cond, null]))
+        else:  # joint CFG: the null class id, or every text / part nulled
+            null = null_condition(self.cond, self.null_class)
+            both = self._model(torch.cat([x, x]), torch.cat([t, t]), cat_conds([self.cond, null]))
             self.forward_passes += 1  # the doubled batch costs two passes
-            v_c, v_u = both.chunk(2)
-            guided = cfg_combine(v_c, v_u, self.scale)
-        else:
-            both = self._model(torch.cat([x, x]), torch.cat([t, t]), cat_conds([self.cond, null_condition(self.cond)]))
-            self.forward_passes += 1
             v_c, v_u = both.chunk(2)
             guided = cfg_combine(v_c, v_u, self.scale)
         return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), guided, v_c)
@@ -131,5 +125,4 @@ class GuidedVelocity:
         guided = v_c
         for k, v_k in zip(names, branches[1:]):
             guided = guided + (self.weights[k] - 1.0) * (v_c - v_k)
-        assert batch_size(self.cond) == x.shape[0]
         return guided, v_c

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltafm.conditioning import Cond, Labels, MultiCond, TextCond, select
+from deltafm.conditioning import Cond, Labels, MultiCond, TextCond, cat_conds, cond_to, select
 
 from .conditioning_config import ConditioningConfig
 from .errors import SetupError
@@ -184,12 +184,11 @@ class Conditions:
         if self.mode == "batch":
             assert self.captions is not None
             texts = [self.captions[i] for i in extras["caption"].tolist()]
-            c = self.encode(texts)
-            return TextCond(c.tokens.to(y.device), c.mask.to(y.device), c.pooled.to(y.device), c.null.to(y.device))
+            return cond_to(self.encode(texts), y.device)
         assert self.table is not None
-        idx = extras["caption"].to(self.table.tokens.device)
-        return TextCond(self.table.tokens.index_select(0, idx).float(), self.table.mask.index_select(0, idx),
-                        self.table.pooled.index_select(0, idx), self.table.null.index_select(0, idx))
+        rows = select(self.table, extras["caption"])
+        assert isinstance(rows, TextCond)
+        return TextCond(rows.tokens.float(), rows.mask, rows.pooled, rows.null)  # the table keeps float16 tokens
 
     def for_grid(self, dataset: Any, n: int) -> tuple[Cond, list[str]]:
         """Conditions and titles of sample grids: those of the dataset's first ``n`` items (its values or
@@ -209,8 +208,6 @@ class Conditions:
         ``token_dtype``, each chunk cast as it is made, so a float16 table never exists in float32 whole;
         on the encoder's device); a caption the encoder refuses is a :class:`SetupError` giving its index in
         ``captions`` and its text."""
-        from deltafm.conditioning import cat_conds
-
         max_tokens, truncate = int(self.text["max_tokens"]), bool(self.text.get("truncate", False))
         # chunks of similar length (each chunk runs at its longest caption): about 2x faster on varied captions
         order = sorted(range(len(captions)), key=lambda i: len(captions[i]))

@@ -107,15 +107,15 @@ def _forward_backward(run: Run, x: Tensor, y: Tensor, extras: dict[str, Tensor])
     zero = torch.zeros((), device=device)
     for i in range(accum):
         xm, ym = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
+        em = {k: v[i * m:(i + 1) * m] for k, v in extras.items()}
         if run.conditions is not None:  # multi/text conditioning: the batch's condition from its extras
-            ym = run.conditions(ym, {k: v[i * m:(i + 1) * m] for k, v in extras.items()})
+            ym = run.conditions(ym, em)
         last = i == accum - 1
         no_sync = run.model.no_sync() if (run.di.distributed and not last) else contextlib.nullcontext()
         with no_sync:
             with _autocast(device, run.amp_dtype):
                 targets = None
                 if run.targets is not None:
-                    em = {k: v[i * m:(i + 1) * m] for k, v in extras.items()}
                     targets = run.targets(xm, em, run.raw.grid)
                 out = run.objective(run.model, xm, ym, generator=run.gen, progress=run.images, align_targets=targets)
             run.scaler.scale(out.loss / accum).backward()

@@ -117,3 +117,22 @@ def test_bad_conditioning_is_a_clear_error(tmp_path, text_dir):
         _train([*_text(text_dir)[:3], f"conditioning.text_encoder={tmp_path / 'none'}", "train.steps=1"],
                tmp_path / "d")
     assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abcd")
+
+
+def test_grids_and_sample_share_the_guidance_rule():
+    """Per-part weights where any is given (a part without its own gets the joint scale), for every part the
+    run conditions on, also when conditioning.parts is empty (all the dataset's parts)."""
+    from types import SimpleNamespace
+
+    from deltafm.train.bookkeeping import _guidance
+    from deltafm.train.conditions import part_weights
+
+    assert part_weights(["shape", "colour"], {}, 1.5) == 1.5
+    assert part_weights(["shape", "colour"], {"shape": 3}, 1.5) == {"shape": 3.0, "colour": 1.5}
+    cfg = load_config(None, [*FAST, *MULTI[:4], "conditioning.parts=[]", "conditioning.guidance={shape: 3}",
+                             "sample.cfg=2.0"])
+    ds = load_dataset("shapes", max_items=32, image_size=16)
+    conds = Conditions.from_config(cfg.conditioning, ds, torch.device("cpu"))
+    run = SimpleNamespace(cfg=cfg, conditions=conds)
+    assert _guidance(run) == {"shape": 3.0, "colour": 2.0, "size": 2.0, "cell": 2.0}
+    assert _guidance(SimpleNamespace(cfg=cfg, conditions=None)) == 2.0

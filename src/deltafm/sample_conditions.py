@@ -187,9 +187,9 @@ class Request:
     def cfg(self, scale: float) -> float | dict[str, float]:
         """The CFG argument of :func:`deltafm.generate.generate`: one weight per part (compositional) when any
         part has a weight of its own, else the one scale."""
-        if self.kind != "multi" or not self.guidance:
-            return scale
-        return {p: float(self.guidance.get(p, scale)) for p in self.info["values"]}
+        from deltafm.train.conditions import part_weights
+
+        return part_weights(self.info["values"], self.guidance, scale) if self.kind == "multi" else scale
 
     def settings(self, scale: float) -> dict[str, Any]:
         """What a resumed run must match besides the class-model settings."""

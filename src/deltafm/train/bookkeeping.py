@@ -213,7 +213,7 @@ def sample_grid(run: Run) -> Path | None:
         labels = labels_for(s.num, info.num_classes)
     x = generate(net, labels=labels, shape=(info.channels, info.image_size, info.image_size),
                  num_classes=info.num_classes, solver=s.solver, steps=s.steps,
-                 cfg=_guidance(run.cfg) if run.conditions is not None else s.cfg, interval=s.interval,
+                 cfg=_guidance(run), interval=s.interval,
                  correction=correction, seed=s.seed, batch_size=s.batch_size, device=run.di.device,
                  path=run.objective.path)
     net.train(was_training)
@@ -238,12 +238,15 @@ def ncol_limit(n: int) -> int:
     return max(1, min(8, int(round(n ** 0.5))))
 
 
-def _guidance(cfg):
-    """The CFG of sample grids: per-part weights (conditioning.guidance, others sample.cfg) or one scale."""
-    c = cfg.conditioning
-    if c.kind == "multi" and c.guidance:
-        return {p: float(c.guidance.get(p, cfg.sample.cfg)) for p in (c.parts or c.guidance)}
-    return cfg.sample.cfg
+def _guidance(run: Run) -> float | dict[str, float]:
+    """The CFG of sample grids: per-part weights (conditioning.guidance; the run's other parts sample.cfg)
+    or the one scale."""
+    from .conditions import part_weights
+
+    cfg = run.cfg
+    if run.conditions is None or run.conditions.kind != "multi":
+        return cfg.sample.cfg
+    return part_weights(run.conditions.values, cfg.conditioning.guidance, cfg.sample.cfg)
 
 
 _GRID_NOTES: set[str] = set()

@@ -30,7 +30,7 @@ reloads the encoder and checks its identity.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,10 +41,18 @@ from deltafm.conditioning import Cond, Labels, MultiCond, TextCond, cat_conds, c
 from .conditioning_config import ConditioningConfig
 from .errors import SetupError
 
-__all__ = ["TABLE_LIMIT", "Conditions", "table_bytes"]
+__all__ = ["TABLE_LIMIT", "Conditions", "part_weights", "table_bytes"]
 
 #: the most bytes ``conditioning.text_table=auto`` spends on a table of encoded captions
 TABLE_LIMIT = 2 * 1024**3
+
+
+def part_weights(parts: Iterable[str], weights: Mapping[str, float], scale: float) -> float | dict[str, float]:
+    """The CFG argument for a model conditioned on ``parts``: one weight per part (compositional CFG; a part
+    without a weight of its own gets ``scale``) when any weight is given, else the one joint ``scale``."""
+    if not weights:
+        return scale
+    return {p: float(weights.get(p, scale)) for p in parts}
 
 
 def table_bytes(captions: int, max_tokens: int, token_dim: int, pooled_dim: int) -> int:

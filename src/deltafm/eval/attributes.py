@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from deltafm.data.shapes import COLOURS, SHAPES, SIZES, Scene, ShapeObject, ShapesConfig
 from deltafm.data.shapes_config import cell_of
-from deltafm.eval.classifier import file_sha256
+from deltafm.eval.classifier import verified_sha256, write_sha256_sidecar
 from deltafm.eval.metrics import EvalInputError
 from deltafm.pixels import images_to_model
 
@@ -239,10 +239,6 @@ def scene_targets(scenes: list[Scene] | tuple[Scene, ...], config: ReaderConfig)
 # --------------------------------------------------------------------------------------------
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
 def save_reader(reader: AttributeReader, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> str:
     """Write ``path`` (safetensors, JSON metadata entry ``"deltafm"``: format, config, ``reader.meta`` updated by
     ``meta``) and ``path.sha256``; return the hex sha256 and set ``reader.extractor_id``."""
@@ -256,19 +252,9 @@ def save_reader(reader: AttributeReader, path: str | os.PathLike, meta: dict[str
     full = {**reader.meta, **(meta or {}), "format": FORMAT, "config": cfg}
     state = {k: v.detach().cpu().contiguous() for k, v in reader.state_dict().items()}
     save_file(state, str(path), metadata={"deltafm": json.dumps(full, sort_keys=True)})
-    digest = file_sha256(path)
-    _sidecar(path).write_text(f"{digest}  {path.name}\n")
+    digest = write_sha256_sidecar(path)
     reader.meta, reader.extractor_id = full, f"attributes:{digest}"
     return digest
-
-
-def _expected_hash(path: Path, sha256: str | None) -> str:
-    if sha256 is not None:
-        return sha256.lower()
-    side = _sidecar(path)
-    if not side.is_file():
-        raise FileNotFoundError(f"no hash sidecar {side} for {path}; pass sha256=... or verify=False to skip the check")
-    return (side.read_text().split() or [""])[0].lower()
 
 
 def load_reader(path: str | os.PathLike, sha256: str | None = None, verify: bool = True,
@@ -294,9 +280,7 @@ def load_reader(path: str | os.PathLike, sha256: str | None = None, verify: bool
             header = fh.metadata() or {}
     except SafetensorError as err:
         raise EvalInputError(f"{path} is not a safetensors file ({err}); {what}") from None
-    digest = file_sha256(path)
-    if verify and digest != _expected_hash(path, sha256):
-        raise EvalInputError(f"sha256 mismatch for {path}: file has {digest}, expected {_expected_hash(path, sha256)}")
+    digest = verified_sha256(path, sha256, verify)
     try:
         meta = json.loads(header["deltafm"])
         if meta.get("format") != FORMAT:

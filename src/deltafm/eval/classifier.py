@@ -332,6 +332,30 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def write_sha256_sidecar(path: Path) -> str:
+    """Write ``path.sha256`` (``<hex>  <name>``) beside a weights file; return the hex sha256."""
+    digest = file_sha256(path)
+    _sidecar(path).write_text(f"{digest}  {path.name}\n")
+    return digest
+
+
+def verified_sha256(path: Path, sha256: str | None = None, verify: bool = True) -> str:
+    """The hex sha256 of ``path``; with ``verify`` it must equal ``sha256`` or, when None, the one in
+    ``path.sha256`` (FileNotFoundError when there is no sidecar, :class:`EvalInputError` on a mismatch)."""
+    digest = file_sha256(path)
+    if verify:
+        if sha256 is None:
+            side = _sidecar(path)
+            if not side.is_file():
+                raise FileNotFoundError(
+                    f"no hash sidecar {side} for {path}; pass sha256=... or verify=False to skip the check"
+                )
+            sha256 = (side.read_text().split() or [""])[0]
+        if digest != sha256.lower():
+            raise EvalInputError(f"sha256 mismatch for {path}: file has {digest}, expected {sha256}")
+    return digest
+
+
 def save_classifier(model: Classifier, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> str:
     """Write ``path`` (safetensors) and ``path.sha256``; return the hex sha256 of the weights file.
 
@@ -345,8 +369,7 @@ def save_classifier(model: Classifier, path: str | os.PathLike, meta: dict[str, 
     full_meta = {**model.meta, **(meta or {}), "format": FORMAT, "config": asdict(model.config)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"deltafm": json.dumps(full_meta, sort_keys=True)})
-    digest = file_sha256(path)
-    _sidecar(path).write_text(f"{digest}  {path.name}\n")
+    digest = write_sha256_sidecar(path)
     model.meta = full_meta
     model.extractor_id = f"classifier:{digest}"
     return digest
@@ -381,17 +404,7 @@ def load_classifier(
         raise EvalInputError(f"{path} is not a safetensors file ({err}); {what} (never unpickled)") from None
     if "deltafm" not in header:
         raise EvalInputError(f"{path} has no 'deltafm' metadata; not a deltafm classifier file ({what})")
-    digest = file_sha256(path)
-    if verify:
-        if sha256 is None:
-            side = _sidecar(path)
-            if not side.is_file():
-                raise FileNotFoundError(
-                    f"no hash sidecar {side} for {path}; pass sha256=... or verify=False to skip the check"
-                )
-            sha256 = (side.read_text().split() or [""])[0]
-        if digest != sha256.lower():
-            raise EvalInputError(f"sha256 mismatch for {path}: file has {digest}, expected {sha256}")
+    digest = verified_sha256(path, sha256, verify)
     try:
         meta = json.loads(header["deltafm"])
         if meta.get("format") != FORMAT:

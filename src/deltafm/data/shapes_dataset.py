@@ -34,10 +34,15 @@ SPLITS: dict[str, tuple[str, int, int]] = {
 
 
 def _dedupe(captions: tuple[str, ...]) -> tuple[tuple[str, ...], torch.Tensor]:
-    """Distinct captions in order of first use, and each item's index into them."""
-    index: dict[str, int] = {}
-    ids = np.fromiter((index.setdefault(c, len(index)) for c in captions), dtype=np.int64, count=len(captions))
-    return tuple(index), torch.from_numpy(ids)
+    """Distinct captions in order of first use, and each item's index into them (the shared
+    :class:`~deltafm.data.captions.CaptionIndexer`; every generated caption is non-empty)."""
+    from deltafm.data.captions import CaptionIndexer
+
+    indexer = CaptionIndexer()
+    for c in captions:
+        indexer.add(c)
+    distinct, codes = indexer.finish()
+    return tuple(distinct), torch.from_numpy(codes)
 
 
 def load_shapes_dataset(view: str = "single", split: str = "train", image_size: int | None = None,

@@ -152,6 +152,21 @@ def test_prompts_give_a_captioned_grid_their_ids_and_the_samples_of_generate(run
         assert z["prompt_ids"].tolist() == [0, 0, 0, 0]
 
 
+def test_clip_score_reads_the_prompts_deltafm_sample_recorded(runs, tmp_path):
+    from deltafm.eval.clip_score import load_clip_scorer
+    from tiny_text import tiny_clip
+
+    _sample(runs["text"], tmp_path / "s", "--prompt", A, "--prompt", B, "--num", "4", "--batch-size", "4")
+    clip = tiny_clip(tmp_path / "clip", shapes_words(), image_size=16)
+    rc, out, err = run_cli(["clip-score", "--clip", str(clip), "--images", str(tmp_path / "s" / "samples.npz")])
+    assert rc == 0, err
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        want = load_clip_scorer(clip).score(z["arr_0"], [[A, B][i] for i in z["prompt_ids"]])
+    result = json.loads(out)
+    assert result["n"] == 4 and result["clip_score"] == pytest.approx(float(want.mean()), abs=1e-9)
+    assert sorted(result["per_prompt"]) == sorted([A, B])
+
+
 class _Killed(Exception):
     pass
 

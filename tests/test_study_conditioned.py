@@ -205,7 +205,7 @@ def test_shipped_study_configs_plan_their_units():
     for c in (t2i, multi):
         check_scoring(c)  # text arms / multi arms on the shapes sets, one kind each
         assert c.eval.scorer == "attributes" and c.eval.prompt_splits == ["test", "heldout"]
-        assert c.seeds == [0, 1, 2] and c.eval.reader == "runs/eval/shapes-reader.safetensors"
+        assert c.seeds == [0, 1, 2] and c.eval.reader == "weights/shapes-reader.safetensors"
     units = plan_units(t2i, t2i.arms[0], "x")
     assert len(units) == 20 and units["cfg/fm+posthoc/4/heldout"]["split"] == "heldout"
     assert t2i.comparisons == [["dfm", "fm+posthoc"], ["dfm+bc", "fm"]]

@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 from deltafm.conditioning import TextCond  # noqa: E402
 from deltafm.encoders import TextEncoder, TextEncoderError, load_text_encoder, minilm_dir  # noqa: E402
 from deltafm.errors import UserError  # noqa: E402
+from tiny_text import clip_tokenizer  # noqa: E402
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "disc", "small", "big", "the", "at", "top", "left", "of"]
 SHORT, LONG = "a red circle", "the small blue square at the top left of a big green disc"
@@ -55,25 +56,7 @@ def _t5(folder: Path, seed: int = 0, full: bool = False) -> Path:
 
 
 def _clip_tokenizer():
-    """A CLIP BPE over WORDS: every letter, every letter + </w>, and left-to-right merges building each word."""
-    from transformers import CLIPTokenizer
-
-    letters = sorted({c for w in WORDS for c in w})
-    vocab: dict[str, int] = {}
-    for t in [*letters, *(c + "</w>" for c in letters)]:
-        vocab.setdefault(t, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for w in WORDS:
-        pieces = [*w[:-1], w[-1] + "</w>"]
-        cur = pieces[0]
-        for p in pieces[1:]:
-            if (cur, p) not in merges:
-                merges.append((cur, p))
-            cur += p
-            vocab.setdefault(cur, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)  # the highest id, as in CLIP
-    return CLIPTokenizer(vocab=vocab, merges=merges), vocab
+    return clip_tokenizer(WORDS)
 
 
 def _clip(folder: Path, seed: int = 0, projection: bool = False, whole: bool = False) -> Path:

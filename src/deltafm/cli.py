@@ -42,6 +42,7 @@ _DISPATCH = {
                       "train a small DINOv2-class encoder on an image set (REPA targets)"),
     "attributes": ("deltafm.eval.attributes_cli",
                    "shapes set: train the attribute reader, score samples against their prompts"),
+    "clip-score": ("deltafm.eval.clip_score_cli", "CLIP-score of samples against their prompts (local CLIP weights)"),
 }
 
 

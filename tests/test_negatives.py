@@ -88,6 +88,23 @@ def test_hard_negatives_pick_nearest_other():
     assert deltafm.hard_negatives(targets, labels, other_class_only=True).tolist() == [4, 4, 1, 1, 0]
 
 
+def test_hard_negatives_mined_on_the_data_ignore_the_noise():
+    """hard_on="x1": the negative of each anchor is the other item of nearest clean data x1, whatever the noise;
+    mined on u = x1 − x0 (linear path) the large noise decides instead."""
+    from deltafm.objective import DeltaFMObjective
+
+    x1 = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.2, 5.0], [0.0, 0.3]]).view(5, 2, 1, 1)
+    noise = 100 * torch.randn(5, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    model = lambda x, t, c=None: torch.zeros_like(x)  # noqa: E731
+    common = dict(negatives="hard", label_dropout=0.0, num_classes=None)
+    on_x1 = DeltaFMObjective(hard_on="x1", **common)(model, x1, noise=noise, t=torch.full((5,), 0.5))
+    assert on_x1.neg_index.tolist() == deltafm.hard_negatives(x1).tolist() == [1, 0, 3, 2, 0]
+    on_u = DeltaFMObjective(**common)(model, x1, noise=noise, t=torch.full((5,), 0.5))
+    assert on_u.neg_index.tolist() == deltafm.hard_negatives(on_u.sample.u).tolist() != [1, 0, 3, 2, 0]
+    with pytest.raises(ValueError, match="mined on"):
+        NegativeSampler("hard", mine_on="x0")
+
+
 def test_sampler_object_and_validation():
     targets = torch.randn(6, 3)
     labels = torch.tensor([0, 1, 0, 1, 2, 2])

@@ -196,6 +196,41 @@ def test_multi_study_end_to_end_with_guidance_per_part(tmp_path, reader):
     assert abs(own["fd"]) < 1e-3
 
 
+def test_sample_seeds_kid_equivalence_and_provenance(tmp_path, reader):
+    """eval.sample_seeds: each unit samples once per seed and reports the mean with each seed's values (the first
+    seed's equal a one-seed unit's); eval.kid_subsets adds KID; the TOST column; the environment of every unit."""
+    import subprocess
+
+    study = {**_multi(reader, sample_seeds=[3, 4], kid_subsets=5, kid_subset_size=8),
+             "comparisons": [["dfm", "fm+posthoc"]], "equivalence": {"fd": 1000.0}}
+    rc, out = _run(tmp_path, study)
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    dfm = next(r for r in res["runs"] if r["arm"] == "dfm")
+    for p in dfm["variants"]["dfm"]["curve"] + dfm["variants"]["dfm"]["cfg"]:
+        assert sorted(p["per_seed"]["fd"]) != [p["fd"]] * 2 and p["fd"] == pytest.approx(np.mean(p["per_seed"]["fd"]))
+        assert p["kid"] == pytest.approx(np.mean(p["per_seed"]["kid"])) and len(p["per_seed"]["all_acc"]) == 2
+    units = json.loads((out / "results" / "dfm" / "seed0.json").read_text())
+    assert {u["env"] for u in units["units"].values()} == {0} and units["train"]["env"] == 0
+    env = res["provenance"][0]
+    assert env == dfm["provenance"][0] and env["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert env["commit"] == head.stdout.strip()
+    md = (out / "report" / "REPORT.md").read_text()
+    assert "ΔKID×10³ [95% CI]" in md and "fd within ±1000 (TOST, 90% CI)" in md
+    # the first seed of a two-seed unit is the unit of that seed alone
+    ev, lm = _evaluator(study, out)
+    key, u = next((k, u["settings"]) for k, u in units["units"].items() if k.startswith("curve/dfm/32"))
+    single = {k: v for k, v in u.items() if k != "seeds"} | {"seed": 3}
+    alone = ev.sample_unit(lm, single)
+    assert alone["fd"] == units["units"][key]["metrics"]["per_seed"]["fd"][0] and "per_seed" not in alone
+    assert alone["kid"] == units["units"][key]["metrics"]["per_seed"]["kid"][0]
+    # studies without the new keys plan the units they always did
+    plain = plan_units(parse_compare_config(_multi(reader)), parse_compare_config(_multi(reader)).arms[0])
+    assert all("seed" in u and "seeds" not in u and "kid_subsets" not in u for u in plain.values())
+
+
 # ----------------------------------------------------------------------------------------- configs and errors
 
 

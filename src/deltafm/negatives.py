@@ -11,7 +11,10 @@ explicit LongTensor of indices so that tests and users can inspect or pass their
 * ``different_class``— j uniform over the items whose label differs from the anchor's.  If the
                       whole pool holds one class, ``fallback="uniform"`` draws among the other
                       items (same class), ``fallback="error"`` raises.
-* ``hard``           — the nearest other target in L2 (optionally among other classes only).
+* ``hard``           — the nearest other item in L2 (optionally among other classes only), mined on
+                      the targets u (``mine_on="u"``, the default) or on the clean data x1
+                      (``mine_on="x1"``: "the most similar other image", independent of the noise that
+                      dominates u at the batch sizes used here).
 
 Negatives drawn independently of the anchor (``uniform``, ``derangement``, ``different_class``)
 keep the closed-form optimum v_λ = (v_FM − λ ū)/(1 − λ) that the bias correction inverts; ``hard``
@@ -210,16 +213,20 @@ class NegativeSampler:
     """
 
     def __init__(
-        self, kind: str = "uniform", gather: bool = False, fallback: str = "uniform", other_class_only: bool = False
+        self, kind: str = "uniform", gather: bool = False, fallback: str = "uniform", other_class_only: bool = False,
+        mine_on: str = "u",
     ) -> None:
         if kind not in NEGATIVE_KINDS:
             raise ValueError(f"unknown negative sampler {kind!r}; known: {list(NEGATIVE_KINDS)}")
+        if mine_on not in ("u", "x1"):
+            raise ValueError(f"hard negatives are mined on 'u' (targets) or 'x1' (data), got {mine_on!r}")
         if kind == "derangement" and gather:
             raise ValueError("derangement negatives are defined on the local batch only; use 'uniform' with gather")
         self.kind = kind
         self.gather_enabled = gather
         self.fallback = fallback
         self.other_class_only = other_class_only
+        self.mine_on = mine_on
 
     @property
     def needs_labels(self) -> bool:
@@ -247,8 +254,8 @@ class NegativeSampler:
         targets: Tensor | None = None,
         batch_size: int | None = None,
     ) -> Tensor:
-        """j(i) for the B anchors (positions in ``pool``); ``targets`` (the anchors' u) and a pool entry
-        "u" are needed for hard negatives."""
+        """j(i) for the B anchors (positions in ``pool``); hard negatives need ``targets`` (the anchors' tensor
+        they are mined on, u or x1 per ``mine_on``) and the pool entry of that name."""
         b = batch_size if batch_size is not None else (labels.shape[0] if labels is not None else targets.shape[0])
         device = next(iter(pool.tensors.values())).device
         if self.kind == "uniform":
@@ -259,9 +266,10 @@ class NegativeSampler:
             if labels is None:
                 raise ValueError("different_class negatives need class labels")
             return different_class_negatives(labels, generator, pool.labels, pool.offset, self.fallback)
-        if targets is None or "u" not in pool.tensors:
-            raise ValueError("hard negatives need the anchors' targets and a pool of targets 'u'")
-        return hard_negatives(targets, labels, self.other_class_only, pool.tensors["u"], pool.labels, pool.offset)
+        if targets is None or self.mine_on not in pool.tensors:
+            raise ValueError(f"hard negatives need the anchors' {self.mine_on!r} and a pool entry {self.mine_on!r}")
+        return hard_negatives(targets, labels, self.other_class_only, pool.tensors[self.mine_on], pool.labels,
+                              pool.offset)
 
     def __call__(
         self,
@@ -269,8 +277,8 @@ class NegativeSampler:
         labels: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Indices j(i) into the (local or gathered) pool of ``targets``."""
-        pool = self.pool({"u": targets}, labels)
+        """Indices j(i) into the (local or gathered) pool of ``targets`` (hard negatives: mined on them)."""
+        pool = self.pool({self.mine_on: targets}, labels)
         return self.indices(pool, labels, generator, targets=targets, batch_size=targets.shape[0])
 
     def __repr__(self) -> str:

@@ -86,6 +86,8 @@ class DeltaFMObjective:
         contrast_unconditional: apply the contrastive term to label-dropped samples too.
         negative_time: ``anchor`` (ũ at the anchor's t) or ``own`` (ũ = u_j at its own t).
         hard_other_class: with ``hard`` negatives, only mine among other classes.
+        hard_on: with ``hard`` negatives, the tensor they are mined on: ``"u"`` (the targets) or ``"x1"`` (the
+            data; independent of the noise x0).
         track_mean: keep the running data/source means for the bias correction.
         align_coeff: weight of the REPA term (REPA's ``proj_coeff``); used when a call gives
             ``align_targets``.
@@ -110,6 +112,7 @@ class DeltaFMObjective:
         contrast_unconditional: bool = True,
         negative_time: str = "anchor",
         hard_other_class: bool = False,
+        hard_on: str = "u",
         track_mean: bool = True,
         time_sampler_kwargs: dict[str, float] | None = None,
         align_coeff: float = 0.0,
@@ -151,7 +154,7 @@ class DeltaFMObjective:
             raise ValueError(f"negative_time must be 'anchor' or 'own', got {negative_time!r}")
         self.negatives = negatives
         self.negative_sampler = (
-            NegativeSampler(negatives, gather=gather_negatives, other_class_only=hard_other_class)
+            NegativeSampler(negatives, gather=gather_negatives, other_class_only=hard_other_class, mine_on=hard_on)
             if negatives != "none"
             else None
         )
@@ -211,10 +214,11 @@ class DeltaFMObjective:
         assert sampler is not None
         own = self.negative_time == "own" or isinstance(self.path, LinearPath)
         wanted = {"u": sample.u} if own else {"x1": sample.x1, "x0": sample.x0}
+        mined = sample.x1 if sampler.mine_on == "x1" else sample.u
         if sampler.kind == "hard":
-            wanted["u"] = sample.u
+            wanted[sampler.mine_on] = mined
         pool = sampler.pool(wanted, labels)
-        idx = sampler.indices(pool, labels, generator, targets=sample.u, batch_size=sample.u.shape[0])
+        idx = sampler.indices(pool, labels, generator, targets=mined, batch_size=sample.u.shape[0])
         if own:
             return idx, pool.tensors["u"].index_select(0, idx)
         x1, x0 = pool.tensors["x1"].index_select(0, idx), pool.tensors["x0"].index_select(0, idx)

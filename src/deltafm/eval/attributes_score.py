@@ -40,7 +40,7 @@ from deltafm.data.shapes_parse import CLAIM_KINDS, Claim, claims_by_attribute, m
 from deltafm.eval.attributes import AttributeReader
 from deltafm.eval.metrics import EvalInputError
 
-__all__ = ["compare_scenes", "parse_captions", "reader_fd", "scene_reference_statistics", "score_prompts",
+__all__ = ["compare_scenes", "parse_captions", "reader_fd", "reader_kid", "scene_reference_statistics", "score_prompts",
            "score_scenes", "score_single_objects"]
 
 
@@ -205,3 +205,19 @@ def reader_fd(reader: AttributeReader, images: np.ndarray | torch.Tensor, ref: A
         mu, sigma = feature_statistics(feats)
         return frechet_distance(mu, sigma, ref.mu, ref.sigma)
     return frechet_distance_lowrank(feats, ref.mu, ref.sigma)
+
+
+def reader_kid(reader: AttributeReader, images: np.ndarray | torch.Tensor, ref: Any, subsets: int = 100,
+               subset_size: int = 1000, seed: int = 0) -> float:
+    """KID (:func:`deltafm.eval.kid.kid`) between the reader's features of uint8 ``images`` and the reference
+    features kept in ``ref`` (statistics made with ``keep_features``); ``ref`` must come from this reader."""
+    from deltafm.eval.features import extract
+    from deltafm.eval.kid import kid
+
+    made_with = getattr(ref, "meta", {}).get("extractor")
+    if made_with is not None and made_with != reader.extractor_id:
+        raise EvalInputError(f"reference statistics were made with {made_with}, the reader is {reader.extractor_id}")
+    if getattr(ref, "features", None) is None:
+        raise EvalInputError("KID needs the reference features; these statistics hold only mean and covariance")
+    _check_images(reader, images)
+    return kid(extract(reader, images, progress=False).features, ref.features, subsets, subset_size, seed)[0]

@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pr-max", type=_pr_max, default=_PROTOCOL_DEFAULT,
                    help="subsample both sets to this many rows for P/R; 'match': as many real rows as samples; "
                         "'none': no subsampling (default: the protocol's)")
-    e.add_argument("--pr-seed", type=int, default=0, help="seed of the P/R subsampling")
+    e.add_argument("--pr-seed", type=int, default=0, help="seed of the P/R and KID subsampling")
+    e.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged (0: no KID)")
+    e.add_argument("--kid-subset-size", type=int, default=1000, help="KID: rows per subset (at most N)")
     e.add_argument("--fd-method", choices=["auto", "sqrtm", "eigh", "lowrank"], default="auto",
                    help="matrix square root of the FD: sqrtm (FID convention), eigh (symmetric, exact for PSD), "
                         "lowrank (exact, through the samples' N x N Gram matrix); auto: sqrtm when there are more "
@@ -317,7 +319,8 @@ def _eval(args: argparse.Namespace) -> dict:
         extractor, images, ref, labels=labels, layout="NHWC", k=args.k, splits=opts["splits"] or 10,
         is_split_size=opts["is_split_size"], pr_max=opts["pr_max"], seed=args.pr_seed, fd_method=args.fd_method,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-        allow_mismatch=args.allow_mismatch, pr_device=args.device,
+        allow_mismatch=args.allow_mismatch, pr_device=args.device, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
     )
     result["protocol"] = protocol
     result["samples"] = str(args.samples)

@@ -282,6 +282,8 @@ def evaluate_samples(
     allow_mismatch: bool = False,
     is_split_size: int | None = None,
     pr_device: torch.device | str = "cpu",
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
 ) -> dict:
     """All metrics of generated ``images`` against reference statistics ``ref`` (a ``ReferenceStats``):
     the one scoring function of the package (``deltafm eval eval`` and the study both call it).
@@ -295,7 +297,9 @@ def evaluate_samples(
     ``splits`` chunks, reduced to N if fewer samples, or chunks of ``is_split_size`` consecutive samples as the
     ADM evaluator does with 5000); precision/recall with k-NN manifolds (when ``ref.features`` exists; both sets
     subsampled to at most ``pr_max`` rows with a permutation seeded by ``seed``; ``"match"`` = as many real rows
-    as samples, None = no subsampling, as ADM; distances on ``pr_device``); class accuracy (when ``labels`` are
+    as samples, None = no subsampling, as ADM; distances on ``pr_device``); KID (:mod:`deltafm.eval.kid`, also
+    when ``ref.features`` exists: ``kid_subsets`` subsets of ``kid_subset_size`` rows of all samples and all
+    reference features, seeded by ``seed``; ``kid_subsets=0``: none); class accuracy (when ``labels`` are
     given and the extractor is a classifier whose classes are the dataset's, i.e. not Inception). The settings
     are recorded in the result (``fd_method``, ``is_splits``, ``is_split_size``, ``pr_k``, ``pr_max``,
     ``pr_seed``, ``pr_real``, ``pr_fake``).
@@ -311,6 +315,8 @@ def evaluate_samples(
     num_classes = getattr(getattr(extractor, "config", None), "num_classes", None)
     _check_inputs(extractor, images, ref, labels, layout, k, splits, pr_max, num_classes, allow_mismatch,
                   is_split_size)
+    if kid_subsets < 0 or kid_subset_size < 2:
+        raise EvalInputError(f"need kid_subsets >= 0 and kid_subset_size >= 2, got {kid_subsets} and {kid_subset_size}")
     out = extract(extractor, images, batch_size, layout, device, progress, desc="sample features")
     if out.features.shape[1] != ref.mu.shape[0]:
         raise EvalInputError(f"sample features are {out.features.shape[1]}-d but the reference statistics are "
@@ -335,6 +341,12 @@ def evaluate_samples(
         real, fake = _pr_subsets(ref.features, out.features, pr_max, seed)
         result["precision"], result["recall"] = precision_recall(real, fake, k=k, device=pr_device)
         result.update(pr_k=k, pr_max=pr_max, pr_seed=seed, pr_real=int(len(real)), pr_fake=int(len(fake)))
+    if ref.features is not None and kid_subsets > 0:
+        from deltafm.eval.kid import kid
+
+        result["kid"], result["kid_std"], result["kid_subset_size"] = kid(
+            out.features, ref.features, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+        result["kid_subsets"] = kid_subsets
     if labels is not None and out.logits is not None and num_classes is not None:
         pred = out.logits.argmax(axis=1)
         result["class_accuracy"] = class_accuracy(pred, labels, num_classes=num_classes).to_dict()

@@ -139,9 +139,10 @@ def frechet_distance_lowrank(feats1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLik
     With A = (F − μ₁) / √(N−1) (N × D), Σ₁ = AᵀA, and the non-zero eigenvalues of Σ₁Σ₂ = AᵀAΣ₂ are those
     of the N × N PSD matrix A Σ₂ Aᵀ, so tr((Σ₁Σ₂)^{1/2}) = Σᵢ √λᵢ(A Σ₂ Aᵀ). No D × D square root: for
     N ≤ D (a rank-deficient Σ₁, where ``scipy.linalg.sqrtm`` of the singular product is slow and
-    inaccurate) this is the cheap and exact route; eigenvalues that round-off makes negative are clipped.
-    For N > D the roles swap (A Σ₂ Aᵀ has N − D round-off eigenvalues, whose square roots add ~1e-8
-    relative error): use :func:`frechet_distance` there.
+    inaccurate) this is the cheap and exact route; eigenvalues at the round-off floor (below N ε λ_max, which
+    includes those round-off makes negative) count as the zeros they are. For N > D the roles swap (A Σ₂ Aᵀ has
+    N − D zero eigenvalues, which the floor removes only as far as round-off allows): use
+    :func:`frechet_distance` there.
     """
     f = _as_numpy(feats1)
     m2, s2 = _as_numpy(mu2).reshape(-1), np.atleast_2d(_as_numpy(sigma2))
@@ -154,8 +155,12 @@ def frechet_distance_lowrank(feats1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLik
     a = (f - mu1) / math.sqrt(f.shape[0] - 1)
     m = a @ s2 @ a.T
     lam = np.linalg.eigvalsh((m + m.T) / 2)
+    # eigenvalues at the round-off floor of the largest are zeros of the exact matrix (A Σ₂ Aᵀ has rank ≤ N − 1);
+    # their square roots would add ~√(ε λ_max) each, a 1e-7 relative error, with the sign LAPACK happens to give
+    floor = max(float(lam.max(initial=0.0)), 0.0) * len(lam) * np.finfo(np.float64).eps
+    lam = np.where(lam > floor, lam, 0.0)
     diff = mu1 - m2
-    return float(diff @ diff + np.sum(a * a) + np.trace(s2) - 2.0 * np.sqrt(np.clip(lam, 0.0, None)).sum())
+    return float(diff @ diff + np.sum(a * a) + np.trace(s2) - 2.0 * np.sqrt(lam).sum())
 
 
 def frechet_distance_from_features(feats1: ArrayLike, feats2: ArrayLike, **kw: Any) -> float:

@@ -42,6 +42,14 @@ and scored by whole-prompt accuracy, agreement and per-attribute accuracy (``pro
 plus FD in the reader's features against the split's real images (``fd``). ``eval.cfg.part_scales`` adds
 guidance on one part of a multi-condition at a time. The report repeats its sections per prompt split.
 
+**Statistical power** (issue 13): ``eval.sample_seeds: [s1, s2, ...]`` draws every sampling unit once per
+seed (the metric is the mean, ``per_seed`` keeps each seed's value, so the sampling error of a metric is
+measured, not assumed); ``eval.kid_subsets: 100`` adds KID beside FD (:mod:`deltafm.eval.kid`, unbiased, so
+comparable across sample counts); ``equivalence: {fd: 0.25}`` adds a two-one-sided-tests verdict to each
+``comparisons`` pair (:mod:`deltafm.study.paired`; state the margin before the runs). Every results file
+records where it was computed (:mod:`deltafm.provenance`: commit, dirty tree, torch/numpy/python versions,
+CPU, cores, GPUs) per (arm, seed) and in ``results.json``'s ``provenance``.
+
 Layout of ``OUT``::
 
     compare.yaml                 the resolved study

@@ -146,21 +146,25 @@ class AttributeEvaluator:
 
     # ------------------------------------------------------------------------------------ units
 
-    def score(self, images: np.ndarray, split: str, prompts: Prompts) -> dict[str, Any]:
-        """The unit metrics (module docstring) of uint8 (N, 3, H, W) ``images`` asked for ``prompts``."""
-        from deltafm.eval.attributes_score import reader_fd, score_prompts, score_single_objects
+    def score(self, images: np.ndarray, split: str, prompts: Prompts, kid_subsets: int = 0,
+              kid_subset_size: int = 1000) -> dict[str, Any]:
+        """The unit metrics (module docstring) of uint8 (N, 3, H, W) ``images`` asked for ``prompts`` (and
+        ``kid``, in the reader's features, with ``kid_subsets`` > 0)."""
+        from deltafm.eval.attributes_score import reader_fd, reader_kid, score_prompts, score_single_objects
 
         ref = self.refs[split]
         if prompts.captions is not None:
             s = score_prompts(self.reader, images, prompts.captions, self.shapes, ref=ref)
             out = {"fd": s["fd"], "prompt_acc": s["prompt_accuracy"], "agreement": s["agreement"]}
             out.update({f"acc.{k}": v for k, v in s["per_attribute"].items()})
-            return out
-        assert prompts.ids is not None
-        s = score_single_objects(self.reader, images, prompts.ids, self.shapes)
-        out = {"fd": reader_fd(self.reader, images, ref), "all_acc": s["all"]}
-        out.update({f"acc.{k}": v for k, v in s["per_condition"].items()})
-        out["one_object"] = s["one_object"]
+        else:
+            assert prompts.ids is not None
+            s = score_single_objects(self.reader, images, prompts.ids, self.shapes)
+            out = {"fd": reader_fd(self.reader, images, ref), "all_acc": s["all"]}
+            out.update({f"acc.{k}": v for k, v in s["per_condition"].items()})
+            out["one_object"] = s["one_object"]
+        if kid_subsets > 0:
+            out["kid"] = reader_kid(self.reader, images, ref, kid_subsets, kid_subset_size)
         return out
 
     def sample_unit(self, lm: Any, u: dict[str, Any], grid_to: Path | None = None) -> dict[str, Any]:
@@ -168,28 +172,31 @@ class AttributeEvaluator:
         ``w``, or weight ``w`` on part ``part`` only) and map; score them."""
         from deltafm.generate import generate
         from deltafm.pixels import model_to_uint8
-        from deltafm.study.evaluator import Evaluator
+        from deltafm.study.evaluator import Evaluator, combine_seeds, unit_seeds
 
         t0 = time.perf_counter()
         prompts = self.prompts(lm, u["split"], u["num"])
         cfg = {u["part"]: u["w"]} if u.get("part") else u["w"]
-        try:
-            x = generate(lm.model, labels=prompts.labels, shape=lm.shape, num_classes=None, solver=u["solver"],
-                         steps=nfe_to_steps(u["solver"], u["nfe"]), cfg=cfg,
-                         interval=tuple(u.get("interval", (0.0, 1.0))), correction=Evaluator.correction(lm, u),
-                         seed=u["seed"], batch_size=self.c.eval.batch_size, device=self.device,
-                         path=lm.objective.path, amp_dtype=self.amp)
-        except ValueError as e:  # guidance weights for parts the model lacks
-            raise CompareError(f"checkpoint {lm.checkpoint}: {e}") from None
-        images = model_to_uint8(x).numpy()
-        if grid_to is not None:
-            from deltafm.data.shapes_grid import save_captioned_grid
+        per_seed = []
+        for i, seed in enumerate(unit_seeds(u)):
+            try:
+                x = generate(lm.model, labels=prompts.labels, shape=lm.shape, num_classes=None, solver=u["solver"],
+                             steps=nfe_to_steps(u["solver"], u["nfe"]), cfg=cfg,
+                             interval=tuple(u.get("interval", (0.0, 1.0))), correction=Evaluator.correction(lm, u),
+                             seed=seed, batch_size=self.c.eval.batch_size, device=self.device,
+                             path=lm.objective.path, amp_dtype=self.amp)
+            except ValueError as e:  # guidance weights for parts the model lacks
+                raise CompareError(f"checkpoint {lm.checkpoint}: {e}") from None
+            images = model_to_uint8(x).numpy()
+            if grid_to is not None and i == 0:
+                from deltafm.data.shapes_grid import save_captioned_grid
 
-            grid_to.parent.mkdir(parents=True, exist_ok=True)
-            k = min(len(images), 16)
-            save_captioned_grid(images[:k], prompts.titles[:k], grid_to, ncols=4)
-        out = self.score(images, u["split"], prompts)
-        return {**out, "seconds": round(time.perf_counter() - t0, 2)}
+                grid_to.parent.mkdir(parents=True, exist_ok=True)
+                k = min(len(images), 16)
+                save_captioned_grid(images[:k], prompts.titles[:k], grid_to, ncols=4)
+            per_seed.append(self.score(images, u["split"], prompts, u.get("kid_subsets", 0),
+                                       u.get("kid_subset_size", 1000)))
+        return {**combine_seeds(per_seed), "seconds": round(time.perf_counter() - t0, 2)}
 
     def along_unit(self, lm: Any, u: dict[str, Any]) -> dict[str, Any]:
         raise CompareError("the along stage needs the classifier scorer")  # refused by the spec already

@@ -20,7 +20,7 @@ from deltafm.correction import correction_window
 from deltafm.solvers import nfe_to_steps
 from deltafm.study.spec import CompareConfig, CompareError, apply_study_overrides
 
-__all__ = ["SCORING", "Evaluator", "unit_metrics"]
+__all__ = ["SCORING", "Evaluator", "combine_seeds", "unit_metrics", "unit_seeds"]
 
 #: How the study scores samples (arguments of ``evaluate_samples``): FD by the eigendecomposition form of
 #: tr((Σ₁Σ₂)^{1/2}) (exact for covariance matrices, ~100x faster than ``scipy.linalg.sqrtm`` on
@@ -31,10 +31,29 @@ SCORING: dict[str, Any] = {"fd_method": "eigh", "splits": 1, "pr_max": "match", 
 
 
 def unit_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """The metric keys of a study unit (fd, class_acc, is, precision, recall) from ``evaluate_samples``."""
+    """The metric keys of a study unit (fd, class_acc, is, precision, recall, and kid when computed) from
+    ``evaluate_samples``."""
     out = {"fd": result["fd"], "class_acc": result["class_accuracy"]["overall"], "is": result["inception_score"]}
     if "precision" in result:
         out["precision"], out["recall"] = result["precision"], result["recall"]
+    if "kid" in result:
+        out["kid"] = result["kid"]
+    return out
+
+
+def unit_seeds(u: dict[str, Any]) -> list[int]:
+    """The sampling-noise seeds of a unit: ``seeds`` (eval.sample_seeds) or the one ``seed``."""
+    return [int(s) for s in u["seeds"]] if "seeds" in u else [int(u["seed"])]
+
+
+def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One unit's metrics from the metrics of each sampling seed: every numeric key is the mean over the
+    seeds; with more than one seed, ``per_seed`` maps each key to its per-seed values (in seed order)."""
+    if len(per_seed) == 1:
+        return dict(per_seed[0])
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out: dict[str, Any] = {k: float(sum(m[k] for m in per_seed) / len(per_seed)) for k in keys}
+    out["per_seed"] = {k: [m[k] for m in per_seed] for k in keys}
     return out
 
 
@@ -148,34 +167,38 @@ class Evaluator:
         except ValueError as e:
             raise CompareError(str(e)) from None
 
-    def score(self, images: Any, labels: Any) -> dict[str, Any]:
-        """FD, class accuracy, IS, precision/recall of uint8 NHWC samples generated for ``labels``
-        (:func:`~deltafm.eval.features.evaluate_samples` with :data:`SCORING`)."""
+    def score(self, images: Any, labels: Any, kid_subsets: int = 0, kid_subset_size: int = 1000) -> dict[str, Any]:
+        """FD, class accuracy, IS, precision/recall (and KID with ``kid_subsets`` > 0) of uint8 NHWC samples
+        generated for ``labels`` (:func:`~deltafm.eval.features.evaluate_samples` with :data:`SCORING`)."""
         from deltafm.eval.features import evaluate_samples
 
         result = evaluate_samples(self.classifier, images, self.ref, labels=labels, layout="NHWC", k=self.c.eval.pr_k,
-                                  batch_size=self.c.eval.batch_size, device=self.device, progress=False, **SCORING)
+                                  batch_size=self.c.eval.batch_size, device=self.device, progress=False,
+                                  kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, **SCORING)
         return unit_metrics(result)
 
     def sample_unit(self, lm: Any, u: dict[str, Any], grid_to: Path | None = None) -> dict[str, Any]:
-        """Draw ``u["num"]`` class-balanced samples with the unit's solver, NFE, guidance and map; score them."""
+        """Draw ``u["num"]`` class-balanced samples with the unit's solver, NFE, guidance and map for each of
+        its sampling seeds; score each set (:func:`combine_seeds`). The grid shows the first seed's."""
         from deltafm.generate import generate, labels_for
         from deltafm.images import save_grid
 
         t0 = time.perf_counter()
         k = lm.data.num_classes
         labels = labels_for(u["num"], k)
-        x = generate(lm.model, labels=labels, shape=lm.shape, num_classes=k, solver=u["solver"],
-                     steps=nfe_to_steps(u["solver"], u["nfe"]), cfg=u["w"],
-                     interval=tuple(u.get("interval", (0.0, 1.0))), correction=self.correction(lm, u),
-                     seed=u["seed"], batch_size=self.c.eval.batch_size, device=self.device,
-                     path=lm.objective.path, amp_dtype=self.amp)
-        imgs = self._decoder(lm)(x)
-        if grid_to is not None:
-            order = [i for c_ in range(k) for i in range(c_, min(len(imgs), 10 * k), k)]
-            save_grid(imgs[order], grid_to, ncol=10)
-        out = self.score(imgs, labels.numpy())
-        return {**out, "seconds": round(time.perf_counter() - t0, 2)}
+        per_seed = []
+        for i, seed in enumerate(unit_seeds(u)):
+            x = generate(lm.model, labels=labels, shape=lm.shape, num_classes=k, solver=u["solver"],
+                         steps=nfe_to_steps(u["solver"], u["nfe"]), cfg=u["w"],
+                         interval=tuple(u.get("interval", (0.0, 1.0))), correction=self.correction(lm, u),
+                         seed=seed, batch_size=self.c.eval.batch_size, device=self.device,
+                         path=lm.objective.path, amp_dtype=self.amp)
+            imgs = self._decoder(lm)(x)
+            if grid_to is not None and i == 0:
+                order = [i for c_ in range(k) for i in range(c_, min(len(imgs), 10 * k), k)]
+                save_grid(imgs[order], grid_to, ncol=10)
+            per_seed.append(self.score(imgs, labels.numpy(), u.get("kid_subsets", 0), u.get("kid_subset_size", 1000)))
+        return {**combine_seeds(per_seed), "seconds": round(time.perf_counter() - t0, 2)}
 
     def _decoder(self, lm: Any) -> Callable[[Any], Any]:
         """Model-space samples -> uint8 NHWC images: the pixel map, or the VAE of a latent model."""
@@ -215,7 +238,7 @@ class Evaluator:
                                "arms, not arms trained on latents (drop 'along' from the arms' stages)")
         t0 = time.perf_counter()
         k = lm.data.num_classes
-        common = dict(num_classes=k, path=lm.objective.path, correction=self.correction(lm, u), seed=u["seed"],
+        common = dict(num_classes=k, path=lm.objective.path, correction=self.correction(lm, u), seed=unit_seeds(u)[0],
                       batch_size=self.c.eval.batch_size, amp_dtype=self.amp, device=self.device)
         x1, y = self.test_subset(u["num"])
         times = list(u["times"])

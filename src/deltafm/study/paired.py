@@ -8,6 +8,11 @@ initialisation and data order for both arms) give the mean d̄, the sample stand
 
 (none for n < 2). The interval assumes the seed-to-seed differences are roughly normal; with 3 seeds it is
 wide (t_{0.975, 2} = 4.30), which is the honest statement of what 3 seeds can tell apart.
+
+**Equivalence** within a margin δ stated before the data (the study's ``equivalence`` map, e.g.
+``{fd: 0.25}``) is the two one-sided tests (TOST) at level α = 0.05: A and B are declared equivalent when
+both H0: μ_d ≤ −δ and H0: μ_d ≥ δ are rejected, i.e. when the 90% (= 1 − 2α) t-interval of d̄ lies inside
+(−δ, δ). "Not shown" means the data cannot exclude a difference of δ, not that there is one.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from deltafm.study.markdown import fmt, table
 from deltafm.study.results import Results
 
-__all__ = ["t_interval", "paired_final", "paired_cfg", "section_comparisons"]
+__all__ = ["t_interval", "equivalence", "paired_final", "paired_cfg", "section_comparisons"]
 
 
 def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
@@ -33,6 +38,17 @@ def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, floa
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def equivalence(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> tuple[bool, float, float] | None:
+    """(equivalent, low, high): TOST at level ``alpha`` with margin ``margin`` > 0 (module docstring), from the
+    (1 − 2α) t-interval (low, high) of the mean of ``diffs``; None when n < 2."""
+    if not margin > 0:
+        raise ValueError(f"an equivalence margin must be > 0, got {margin}")
+    ci = t_interval(diffs, level=1 - 2 * alpha)
+    if ci is None:
+        return None
+    return (-margin < ci[1] and ci[2] < margin), ci[1], ci[2]
 
 
 def paired_final(r: Results, a: str, b: str, metric: str) -> list[float]:
@@ -58,24 +74,45 @@ def _ci(diffs: list[float]) -> str:
     return f"{fmt(ci[0])} [{fmt(ci[1])}, {fmt(ci[2])}]"
 
 
+def _equivalent(diffs: list[float], margin: float) -> str:
+    e = equivalence(diffs, margin)
+    if e is None:
+        return "–"
+    return f"{'yes' if e[0] else 'not shown'} [{fmt(e[1])}, {fmt(e[2])}]"
+
+
 def section_comparisons(R: Any) -> list[str]:
-    """The study's extra pairs ([variant, baseline]): paired differences of FD and the main accuracy (``R.acc``)
-    with 95% t-intervals over seeds, at the end of training and at each joint guidance scale."""
+    """The study's extra pairs ([variant, baseline]): paired differences of FD (and KID when the units have it)
+    and the main accuracy (``R.acc``) with 95% t-intervals over seeds, at the end of training and at each
+    joint guidance scale; with the study's ``equivalence`` margins, the TOST verdict per metric."""
     r, pairs = R.r, [p for p in R.st.get("comparisons") or [] if all(v in R.present for v in p)]
     if not pairs:
         return []
     ws = sorted({w for v in R.present for s in r.by_seed(v) for w, _ in r.cfg(v, s, "fd")})
+    kid = any(r.final(v, "kid") for v in R.present)
+    margins = {m: float(d) for m, d in (R.st.get("equivalence") or {}).items()}
     rows = []
     for a, b in pairs:
         fd = paired_final(r, a, b, "fd")
         cells = [a, b, str(len(fd)), _ci(fd), f"{sum(d < 0 for d in fd)}/{len(fd)}",
                  _ci(paired_final(r, a, b, R.acc))]
+        if kid:
+            cells.append(_ci([1000 * d for d in paired_final(r, a, b, "kid")]))
+        cells += [_equivalent(paired_final(r, a, b, m), d) for m, d in margins.items()]
         for w in ws:
             cells += [_ci(paired_cfg(r, a, b, "fd", w)), _ci(paired_cfg(r, a, b, R.acc, w))]
         rows.append(cells)
     head = ["variant", "baseline", "n", "ΔFD [95% CI]", "seeds lower", f"Δ {R.acc_short} [95% CI]"]
+    if kid:
+        head.append("ΔKID×10³ [95% CI]")
+    head += [f"{m} within ±{d:g} (TOST, 90% CI)" for m, d in margins.items()]
     for w in ws:
         head += [f"ΔFD at w={w:g}", f"Δ acc at w={w:g}"]
+    notes = ("Differences variant − baseline on the same seeds (negative ΔFD: the variant is better); the interval "
+             "is Student's t on the per-seed differences.")
+    if margins:
+        notes += (" Equivalence: two one-sided t-tests at α = 0.05 with the margin stated in the study config "
+                  "before the runs; 'yes' when the 90% interval lies inside ±margin, 'not shown' otherwise (the "
+                  "data cannot exclude a difference of that size).")
     return [f"{R.h} Paired comparisons ({R.name}, end of training, mean [95% t-interval] over seeds)", "",
-            "Differences variant − baseline on the same seeds (negative ΔFD: the variant is better); the interval "
-            "is Student's t on the per-seed differences.", ""] + table(head, rows) + [""]
+            notes, ""] + table(head, rows) + [""]

@@ -109,8 +109,13 @@ def _split_units(c: CompareConfig, v: VariantSpec, stages: list[str], common: di
 def plan_units(c: CompareConfig, arm: ArmSpec, extractor_id: str = "") -> dict[str, dict[str, Any]]:
     """Every evaluation unit of one (arm, seed): key -> settings (a unit is redone when they change)."""
     e = c.eval
-    common = {"seed": e.sample_seed, "amp": e.amp, "extractor": extractor_id, "pr_k": e.pr_k,
-              "metrics_version": METRICS_VERSION}
+    common: dict[str, Any] = {"seed": e.sample_seed, "amp": e.amp, "extractor": extractor_id, "pr_k": e.pr_k,
+                              "metrics_version": METRICS_VERSION}
+    if e.sample_seeds is not None:  # recorded only when given, so units of studies without them stay valid
+        del common["seed"]
+        common["seeds"] = [int(s) for s in e.sample_seeds]
+    if e.kid_subsets > 0:
+        common.update(kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size)
     if e.scorer == "attributes":  # recorded only for this scorer, so classifier units stay what they were
         common.update(scorer="attributes", ref_items=e.reference_max)
     units: dict[str, dict[str, Any]] = {}
@@ -135,7 +140,7 @@ def forward_passes(units: dict[str, dict[str, Any]]) -> int:
         if u["stage"] == "along":
             total += u["num"] * (2 * len(u["times"]) + u["steps"])
         else:
-            total += u["num"] * u["nfe"] * (2 if u["w"] != 1.0 else 1)
+            total += u["num"] * u["nfe"] * (2 if u["w"] != 1.0 else 1) * len(u.get("seeds") or [0])
     return total
 
 

@@ -2,7 +2,9 @@
 every unit as soon as it is done, and collect everything into ``results.json``.
 
 Files (all JSON written atomically, so two processes may share one output folder if they run disjoint
-arms or seeds): ``results/<arm>/seed<k>.json`` per (arm, seed), ``classifier/classifier.json`` (the
+arms or seeds): ``results/<arm>/seed<k>.json`` per (arm, seed) (with ``provenance``, the distinct
+environments (:func:`deltafm.provenance.environment`: commit, versions, machine) that trained and evaluated
+it; each unit's ``env`` and the training's ``train.env`` index that list), ``classifier/classifier.json`` (the
 classifier and reference statistics in use), ``results.json`` (format :data:`FORMAT`), ``compare.log``.
 """
 
@@ -106,6 +108,7 @@ def _train_to(c: CompareConfig, arm: ArmSpec, seed: int, images: int, run_dir: P
 
     cfg = resolve_train_config(c, arm, seed, images)
     t0 = time.perf_counter()
+    rec["train"]["env"] = _note_env(rec)
     log(f"train {arm.name} seed {seed} up to {images} images ({images // cfg.train.batch_size} steps)")
     with torch.random.fork_rng(devices=[]):
         res = train(cfg, run_dir, resume="auto")
@@ -134,6 +137,17 @@ def _open_record(c: CompareConfig, arm: ArmSpec, seed: int, res_path: Path, run_
                         negatives=full_cfg.objective.negatives, model=full_cfg.model.name,
                         total_images=c.total_images)
     return rec, full_cfg
+
+
+def _note_env(rec: dict[str, Any]) -> int:
+    """The index of this process's environment in the record's ``provenance`` list (appended when new)."""
+    from deltafm.provenance import environment
+
+    envs = rec.setdefault("provenance", [])
+    env = environment()
+    if env not in envs:
+        envs.append(env)
+    return envs.index(env)
 
 
 def _todo(c: CompareConfig, arm: ArmSpec, done: dict[str, Any], extractor_id: str) -> dict[str, dict[str, Any]]:
@@ -209,8 +223,10 @@ def run_arm_seed(c: CompareConfig, arm: ArmSpec, seed: int, out: Path, ev: Evalu
     for k, u in todo.items():
         by_images.setdefault(u["images"], []).append(k)
 
+    env = _note_env(rec)
+
     def save(key: str, unit: dict[str, Any]) -> None:
-        done[key] = unit
+        done[key] = {**unit, "env": env}
         write_json(res_path, rec)
 
     for images in eval_points(c):
@@ -294,7 +310,8 @@ def _run_variants(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
             v[s["stage"]].append({**row, **m})
         else:
             v[s["stage"]].append({**row, **{k: m.get(k) for k in ("fd", "class_acc", "precision", "recall",
-                                                                  "is", "seconds")}})
+                                                                  "is", "seconds")},
+                                  **{k: m[k] for k in ("kid", "per_seed") if k in m}})  # only when computed
     for v in variants.values():
         v["curve"].sort(key=lambda r: r["images"])
         v["sweep"].sort(key=lambda r: (r["solver"], r["nfe"]))
@@ -312,12 +329,19 @@ def collect_results(c: CompareConfig, out: Path, classifier_info: dict[str, Any]
             rec = read_json(out / "results" / a.name / f"seed{seed}.json")
             if rec is None:
                 continue
-            runs.append({"arm": a.name, "seed": seed, "status": rec.get("status"), "train": rec.get("train", {}),
-                         "variants": _run_variants(rec)})
+            run = {"arm": a.name, "seed": seed, "status": rec.get("status"), "train": rec.get("train", {}),
+                   "variants": _run_variants(rec)}
+            if rec.get("provenance"):  # records written before provenance existed have none
+                run["provenance"] = rec["provenance"]
+            runs.append(run)
     study = c.to_dict()
     study["arms"] = arms_meta
-    return {"format": FORMAT, "study": study, "classifier": classifier_info or read_json(
+    results = {"format": FORMAT, "study": study, "classifier": classifier_info or read_json(
         out / "classifier" / "classifier.json"), "runs": runs}
+    envs = [e for r in runs for e in r.get("provenance", [])]
+    if envs:
+        results["provenance"] = [e for i, e in enumerate(envs) if e not in envs[:i]]
+    return results
 
 
 def run_compare(c: CompareConfig, out: str | Path, *, arms: list[str] | None = None, device: str = "cpu",

@@ -114,7 +114,13 @@ class EvalSpec:
     ``[test]``: seen (shape, colour) pairs; ``heldout``: held-out pairs): sample i is conditioned on the caption
     (text arms) or the conditions (multi arms) of item i of the split, and FD is taken against the reader's
     features of the split's first ``reference_max`` real images (default: all of them; ``reference_split`` is
-    the classifier's)."""
+    the classifier's).
+
+    ``sample_seeds`` (a list, replacing ``sample_seed``): every sampling unit draws its ``num`` samples once
+    per seed (independent sampling noise, the same model) and scores each set; a metric is the mean over the
+    seeds, and ``per_seed`` keeps each seed's values (the sampling error of the metric). ``kid_subsets`` > 0
+    adds KID beside FD (:mod:`deltafm.eval.kid`: that many subsets of ``kid_subset_size`` rows). Both are
+    recorded in a unit's settings only when used, so the units of studies without them stay valid."""
 
     scorer: str = "classifier"
     reader: str | None = None
@@ -127,6 +133,9 @@ class EvalSpec:
     batch_size: int = 250
     amp: str = "none"
     sample_seed: int = 1000
+    sample_seeds: list[int] | None = None
+    kid_subsets: int = 0
+    kid_subset_size: int = 1000
     pr_k: int = 3
     threads: int | None = None
     images: dict[str, Any] | None = None
@@ -183,6 +192,8 @@ class CompareConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
     source: str | None = None
     comparisons: list[list[str]] = field(default_factory=list)  # extra [variant, baseline] pairs, with CIs
+    #: equivalence margins per metric (e.g. {fd: 0.25}) for the comparisons' TOST verdict (study.paired)
+    equivalence: dict[str, float] = field(default_factory=dict)
 
     def variants(self) -> list[tuple[ArmSpec, VariantSpec]]:
         return [(a, v) for a in self.arms for v in a.variants]
@@ -206,6 +217,11 @@ class CompareConfig:
                 del ev[key]
         if not ev["cfg"]["part_scales"]:
             del ev["cfg"]["part_scales"]
+        if not d["equivalence"]:
+            del d["equivalence"]
+        for key, default in (("sample_seeds", None), ("kid_subsets", 0), ("kid_subset_size", 1000)):
+            if ev[key] == default:  # recorded only when used (older studies record what they did)
+                del ev[key]
         return d
 
 
@@ -339,6 +355,9 @@ def _validate_arms(c: CompareConfig) -> None:
         if len(pair) != 2 or pair[0] == pair[1] or any(n not in vnames for n in pair):
             raise CompareError(f"comparisons: each entry must be [variant, baseline], two different variants, got "
                                f"{pair}; variants: {vnames}")
+    for metric, margin in c.equivalence.items():
+        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+            raise CompareError(f"equivalence.{metric}: the margin must be a number > 0, got {margin!r}")
 
 
 def _validate_eval(e: EvalSpec) -> None:
@@ -357,6 +376,11 @@ def _validate_eval(e: EvalSpec) -> None:
             raise CompareError(f"eval.{what}.num must be >= 2")
     if e.along.trajectory_steps < 1 or any(not 0 <= t < 1 for t in e.along.times):
         raise CompareError("eval.along: trajectory_steps >= 1 and times in [0, 1)")
+    if e.sample_seeds is not None and (not e.sample_seeds or len(set(e.sample_seeds)) != len(e.sample_seeds)):
+        raise CompareError(f"eval.sample_seeds must be a non-empty list of distinct seeds, got {e.sample_seeds}")
+    if e.kid_subsets < 0 or e.kid_subset_size < 2:
+        raise CompareError(f"eval.kid_subsets must be >= 0 (0: no KID) and eval.kid_subset_size >= 2, got "
+                           f"{e.kid_subsets} and {e.kid_subset_size}")
     _validate_scorer(e)
 
 

@@ -157,7 +157,7 @@ def build_objective(cfg: Config, num_classes: int, conditioning: dict[str, Any] 
             path=o.path, time_sampler=o.time_sampler, lam=lam, negatives=o.negatives,
             gather_negatives=o.gather_negatives, num_classes=num_classes, label_dropout=o.label_dropout,
             contrast_unconditional=o.contrast_unconditional, negative_time=o.negative_time,
-            hard_other_class=o.hard_other_class, time_sampler_kwargs=dict(o.time_kwargs) or None,
+            hard_other_class=o.hard_other_class, hard_on=o.hard_on, time_sampler_kwargs=dict(o.time_kwargs) or None,
             align_coeff=cfg.repa.proj_coeff, **extra,
         )  # fmt: skip
     except (TypeError, ValueError) as e:

@@ -114,6 +114,7 @@ class ObjectiveConfig:
     contrast_unconditional: bool = True
     negative_time: Literal["anchor", "own"] = "anchor"
     hard_other_class: bool = False
+    hard_on: Literal["u", "x1"] = "u"
 
 
 @dataclass

@@ -333,3 +333,19 @@ def test_comparisons_must_name_two_variants(tmp_path):
                      + f"\ncomparisons: {bad}\n")
         with pytest.raises(CompareError, match="comparisons"):
             load_compare_config(p)
+
+
+def test_every_shipped_study_config_parses_and_plans():
+    """configs/compare/*.yaml: valid studies whose arms plan their units; the issue-13 studies sample every unit
+    with two noise seeds, score KID and state an FD equivalence margin."""
+    from deltafm.study.spec import load_compare_config
+
+    for path in sorted((ROOT / "configs" / "compare").glob("*.yaml")):
+        c = load_compare_config(path)
+        for arm in c.arms:
+            assert plan_units(c, arm), (path.name, arm.name)
+        if path.stem.startswith("fmnist-unet-") and path.stem != "fmnist-unet":
+            assert len(c.eval.sample_seeds or []) >= 2 and c.eval.kid_subsets >= 100, path.name
+            assert c.equivalence == {"fd": 0.25} and c.eval.classifier == "weights/fmnist-classifier.safetensors"
+    power = load_compare_config(ROOT / "configs" / "compare" / "fmnist-unet-power.yaml")
+    assert len(power.seeds) >= 8 and power.eval.curve.num >= 2000

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "deltafm"
 #: the core: maths, sampling engine, seeding, normalisation; imports nothing but itself
 CORE = {"paths", "timesteps", "losses", "negatives", "schedules", "objective", "correction", "guidance",
         "solvers", "generate", "seeding", "pixels", "checks", "images", "errors", "sample_store", "atomic", "safe_load",
-        "alignment", "conditioning"}
+        "alignment", "conditioning", "provenance", "hub"}
 #: which top-level parts each part may import (besides itself)
 ALLOWED = {
     "core": {"core"},

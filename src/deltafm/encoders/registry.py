@@ -17,16 +17,12 @@ from pathlib import Path
 
 import torch
 
+from deltafm.hub import looks_like_hub_id
+
 from .base import EncoderError, ImageEncoder, encoder_name
 from .hf import DINOV2_TYPES, check_dinov2_folder, load_dinov2
 
 __all__ = ["load_encoder", "looks_like_hub_id"]
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    """``org/name``: what the hub would be asked for, not a local path."""
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
 def load_encoder(spec: str | os.PathLike, *, name: str | None = None,

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--widths", type=int, nargs=3, default=[32, 64, 128], metavar="W",
+                   help="channels of the three conv stages (a second, independent feature network: e.g. 48 96 192 "
+                        "with another --seed)")
     t.add_argument("--out", required=True, help="output .safetensors path (a .sha256 sidecar is written too)")
 
     r = sub.add_parser("ref-stats", help="feature statistics of a real split -> .npz")
@@ -219,7 +222,7 @@ def _load(args: argparse.Namespace, split: str):
 def _train_classifier(args: argparse.Namespace) -> dict:
     from deltafm.eval.classifier import save_classifier, train_classifier
 
-    _positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    _positive(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, widths=min(args.widths))
     if args.weight_decay < 0:
         raise EvalInputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     out = _out_file(args.out)
@@ -230,7 +233,7 @@ def _train_classifier(args: argparse.Namespace) -> dict:
         raise EvalInputError(f"--batch-size {args.batch_size} is larger than the training split ({len(train)} images)")
     model = train_classifier(
         train, epochs=args.epochs, seed=args.seed, dataset_test=test, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, progress=not args.no_progress,
+        lr=args.lr, weight_decay=args.weight_decay, progress=not args.no_progress, widths=tuple(args.widths),
     )
     digest = save_classifier(model, out)
     return {

@@ -65,7 +65,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _check_folder(spec: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    from deltafm.encoders.registry import looks_like_hub_id
+    from deltafm.hub import looks_like_hub_id
 
     text = os.fspath(spec).strip()
     folder = Path(text).expanduser()

@@ -265,6 +265,25 @@ def _inception_score(logits: np.ndarray, splits: int, is_split_size: int | None)
     return {"inception_score": mean, "inception_score_std": std, "is_splits": min(splits, n)}
 
 
+def _against_features(real_all: np.ndarray, fake_all: np.ndarray, k: int, pr_max: int | str | None, seed: int,
+                      pr_device: torch.device | str, kid_subsets: int, kid_subset_size: int) -> dict:
+    """Precision/recall (subsampled, :func:`_pr_subsets`) and KID (``kid_subsets`` > 0) against the reference
+    features, with their settings."""
+    from deltafm.eval.metrics import precision_recall
+
+    real, fake = _pr_subsets(real_all, fake_all, pr_max, seed)
+    out: dict = {}
+    out["precision"], out["recall"] = precision_recall(real, fake, k=k, device=pr_device)
+    out.update(pr_k=k, pr_max=pr_max, pr_seed=seed, pr_real=int(len(real)), pr_fake=int(len(fake)))
+    if kid_subsets > 0:
+        from deltafm.eval.kid import kid
+
+        out["kid"], out["kid_std"], out["kid_subset_size"] = kid(fake_all, real_all, subsets=kid_subsets,
+                                                                 subset_size=kid_subset_size, seed=seed)
+        out["kid_subsets"] = kid_subsets
+    return out
+
+
 def evaluate_samples(
     extractor: FeatureExtractor,
     images: np.ndarray | torch.Tensor,
@@ -310,7 +329,7 @@ def evaluate_samples(
             than ``k`` with reference features), labels outside the classifier's classes, a bad ``k``,
             ``splits`` or ``pr_max``.
     """
-    from deltafm.eval.metrics import class_accuracy, precision_recall
+    from deltafm.eval.metrics import class_accuracy
 
     num_classes = getattr(getattr(extractor, "config", None), "num_classes", None)
     _check_inputs(extractor, images, ref, labels, layout, k, splits, pr_max, num_classes, allow_mismatch,
@@ -338,15 +357,8 @@ def evaluate_samples(
     if out.logits is not None:
         result.update(_inception_score(out.logits, splits, is_split_size))
     if ref.features is not None:
-        real, fake = _pr_subsets(ref.features, out.features, pr_max, seed)
-        result["precision"], result["recall"] = precision_recall(real, fake, k=k, device=pr_device)
-        result.update(pr_k=k, pr_max=pr_max, pr_seed=seed, pr_real=int(len(real)), pr_fake=int(len(fake)))
-    if ref.features is not None and kid_subsets > 0:
-        from deltafm.eval.kid import kid
-
-        result["kid"], result["kid_std"], result["kid_subset_size"] = kid(
-            out.features, ref.features, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
-        result["kid_subsets"] = kid_subsets
+        result.update(_against_features(ref.features, out.features, k, pr_max, seed, pr_device, kid_subsets,
+                                        kid_subset_size))
     if labels is not None and out.logits is not None and num_classes is not None:
         pred = out.logits.argmax(axis=1)
         result["class_accuracy"] = class_accuracy(pred, labels, num_classes=num_classes).to_dict()

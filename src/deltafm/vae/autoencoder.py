@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from deltafm.errors import UserError
+from deltafm.hub import looks_like_hub_id
 
 __all__ = ["AutoencoderError", "Autoencoder", "load_autoencoder", "vae_identity", "check_vae_folder", "split_source",
            "looks_like_hub_id"]
@@ -187,12 +188,6 @@ def split_source(source: str, subfolder: str | None = None) -> tuple[str, str | 
         if looks_like_hub_id(repo) and sub:
             return repo, sub
     return source, subfolder
-
-
-def looks_like_hub_id(source: str) -> bool:
-    """``org/name`` (optionally ``org/name:subfolder``): what the hub would be asked for, not a local path."""
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
 def load_autoencoder(

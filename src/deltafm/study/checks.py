@@ -1,0 +1,298 @@
+"""Metric-validity checks on a finished study (issue 13): how FD and KID depend on the sample count, whether a
+second, independently trained feature network agrees, and whether a plain pixel-space contrast stretch of FM
+samples buys the same FD gain as ΔFM.
+
+    python -m deltafm.study.checks --config configs/compare/fmnist-unet-power.yaml --out runs/compare/NAME \\
+        --variants fm fm+posthoc dfm dfm+bc --seeds 0 1 2 --num 4000 --sizes 250 500 1000 2000 4000 \\
+        --second-classifier runs/eval/fmnist-classifier-wide.safetensors --stretch 0.9 0.95 1.05 1.1 1.2 \\
+        --json docs/figures/compare/NAME-checks.json --figures docs/figures/compare
+
+It reads the final checkpoint (EMA weights) of each (arm, seed) the study kept under ``OUT/runs`` and, per
+variant and seed, draws ``--num`` samples once with the study's curve sampler (``eval.curve``: solver, NFE;
+noise seed ``eval.sample_seed``), then:
+
+* **sample size**: FD and KID of the first n samples for each n in ``--sizes``, against the study's reference
+  statistics, and the *real-data floor*: the same metrics for n real images of the training split (never
+  in the reference split), i.e. what a perfect generator would score with n samples. FD's few-sample bias
+  is the floor's excess over 0; KID is unbiased, so its floor is ≈ 0 at every n.
+* **second feature network**: FD, KID and class accuracy of all ``--num`` samples in the features of
+  ``--second-classifier`` (another classifier trained on the training split: other widths and seed,
+  ``deltafm eval train-classifier --widths 48 96 192 --seed 1``), beside the study's own classifier; paired
+  differences variant − baseline per network with 95% t-intervals over seeds.
+* **contrast stretch** (for the variants in ``--stretch-variants``, default the study's baseline): each
+  sample's pixels x ∈ [0, 255] mapped to clip(m + a (x − m)) with m the image's own mean, for each a in
+  ``--stretch``; FD/KID after the map, and the pixel-intensity histograms of the raw variants and of the real
+  reference images (a figure). If some a brings FM's FD down as far as ΔFM's, a pixel transform explains the
+  gain as well as the learned model does.
+
+The JSON records the settings, every value per seed, the paired summaries and :func:`deltafm.provenance`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deltafm.errors import CLI_ERRORS, OneLineParser, cli_error
+from deltafm.study.spec import CompareError, load_compare_config
+
+__all__ = ["build_parser", "contrast_stretch", "main", "pixel_histogram", "run_checks"]
+
+FORMAT = "deltafm.checks.v1"
+
+
+def contrast_stretch(images: np.ndarray, a: float) -> np.ndarray:
+    """uint8 images (N, ...) with each image's pixels mapped to clip(m + a (x − m), 0, 255), m its own mean,
+    rounded to the nearest integer (a = 1 returns the images unchanged)."""
+    x = images.astype(np.float64)
+    m = x.reshape(len(x), -1).mean(axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
+    return np.clip(np.rint(m + a * (x - m)), 0, 255).astype(np.uint8)
+
+
+def pixel_histogram(images: np.ndarray, bins: int = 32) -> list[float]:
+    """The fraction of pixel values (all channels) in each of ``bins`` equal bins of [0, 256)."""
+    h, _ = np.histogram(images, bins=bins, range=(0, 256))
+    return (h / max(h.sum(), 1)).tolist()
+
+
+def _metrics(extractor: Any, images: np.ndarray, ref: Any, labels: np.ndarray | None, batch_size: int,
+             kid_subsets: int, kid_subset_size: int) -> dict[str, float]:
+    from deltafm.eval.features import evaluate_samples
+
+    r = evaluate_samples(extractor, images, ref, labels=labels, layout="NHWC", k=3, splits=1, pr_max="match",
+                         seed=0, fd_method="eigh", batch_size=batch_size, progress=False,
+                         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    out = {"fd": float(r["fd"]), "kid": float(r["kid"])}
+    if "class_accuracy" in r:
+        out["class_acc"] = float(r["class_accuracy"]["overall"])
+    return out
+
+
+def _final_checkpoint(out: Path, arm: str, seed: int) -> Path:
+    from deltafm.train.checkpoint import list_checkpoints
+
+    folder = out / "runs" / arm / f"seed{seed}" / "checkpoints"
+    ckpts = list_checkpoints(folder) if folder.is_dir() else []
+    if not ckpts:
+        raise CompareError(f"no checkpoint of arm {arm} seed {seed} under {folder}; run the study first")
+    return ckpts[-1]
+
+
+def _draw(c: Any, ev: Any, out: Path, arm: Any, name: str, seed: int, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC samples, their labels): ``num`` class-balanced samples of variant ``name`` from the final EMA
+    checkpoint of (``arm``, ``seed``) with the study's curve sampler and noise seed."""
+    import torch
+
+    from deltafm.generate import generate, labels_for
+    from deltafm.solvers import nfe_to_steps
+    from deltafm.study.evaluator import Evaluator
+    from deltafm.train.restore import load_for_sampling
+
+    v = next(v for v in arm.variants if v.name == name)
+    lm = load_for_sampling(_final_checkpoint(out, arm.name, seed), ema=True)
+    k = lm.data.num_classes
+    labels = labels_for(num, k)
+    with torch.no_grad():
+        x = generate(lm.model, labels=labels, shape=lm.shape, num_classes=k, solver=c.eval.curve.solver,
+                     steps=nfe_to_steps(c.eval.curve.solver, c.eval.curve.nfe), cfg=1.0,
+                     correction=Evaluator.correction(lm, {"map": v.map, "lam": v.lam}),
+                     seed=c.eval.sample_seed, batch_size=c.eval.batch_size, path=lm.objective.path)
+    imgs = ev._decoder(lm)(x)
+    return (imgs.numpy() if hasattr(imgs, "numpy") else np.asarray(imgs)), labels.numpy()
+
+
+def _paired(values: dict[str, dict[int, float]], a: str, b: str) -> dict[str, Any]:
+    from deltafm.study.paired import t_interval
+
+    seeds = sorted(set(values.get(a, {})) & set(values.get(b, {})))
+    d = [values[a][s] - values[b][s] for s in seeds]
+    ci = t_interval(d)
+    return {"variant": a, "baseline": b, "n": len(d), "diffs": d,
+            "mean": ci[0] if ci else (d[0] if d else None), "ci95": [ci[1], ci[2]] if ci else None}
+
+
+def run_checks(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """Everything of the module docstring; returns the JSON-ready result."""
+    from deltafm.eval.classifier import load_classifier
+    from deltafm.eval.features import reference_statistics
+    from deltafm.provenance import environment
+    from deltafm.study.evaluator import Evaluator
+
+    c = load_compare_config(args.config)
+    if c.eval.scorer != "classifier":
+        raise CompareError("the checks score class-conditional studies with the feature classifier")
+    out = Path(args.out)
+    sizes = sorted(set(args.sizes))
+    if sizes[-1] > args.num or sizes[0] < 2:
+        raise CompareError(f"--sizes must lie in 2..--num ({args.num}), got {sizes}")
+    ev = Evaluator(c, out, "cpu", lambda m: log(m), classifier=args.classifier)
+    variants = args.variants or [v.name for _, v in c.variants()]
+    stretch_variants = args.stretch_variants or [c.baseline]
+    nets: dict[str, tuple[Any, Any]] = {"study": (ev.classifier, ev.ref)}
+    if args.second_classifier:
+        second = load_classifier(args.second_classifier).eval()
+        ref_imgs = ev.split(c.eval.reference_split).images
+        if c.eval.reference_max is not None:
+            ref_imgs = ref_imgs[: c.eval.reference_max]
+        nets["second"] = (second, reference_statistics(second, ref_imgs, progress=False))
+    train_imgs = ev.split("train").images
+    if len(train_imgs) < sizes[-1]:
+        raise CompareError(f"the training split has {len(train_imgs)} images, fewer than the largest size")
+    g = np.random.default_rng(args.seed)
+    real = train_imgs[np.sort(g.choice(len(train_imgs), sizes[-1], replace=False))].numpy().transpose(0, 2, 3, 1)
+    kid = dict(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
+    result: dict[str, Any] = {
+        "format": FORMAT, "study": c.name, "config": str(args.config), "out": str(out), "num": args.num,
+        "sizes": sizes, "seeds": args.seeds, "variants": variants, "sampler": {
+            "solver": c.eval.curve.solver, "nfe": c.eval.curve.nfe, "noise_seed": c.eval.sample_seed},
+        "kid": kid, "classifier": ev.extractor_id, "provenance": environment(),
+        "floor": {"fd": [], "kid": []}, "sample_size": {}, "networks": {n: {} for n in nets}, "stretch": {},
+        "histograms": {"real": pixel_histogram(ev.split(c.eval.reference_split).images.numpy())}}
+    if "second" in nets:
+        result["second_classifier"] = nets["second"][0].extractor_id
+    for n in sizes:  # the real-data floor: n training images against the reference split
+        m = _metrics(ev.classifier, real[:n], ev.ref, None, c.eval.batch_size, **kid)
+        result["floor"]["fd"].append(m["fd"])
+        result["floor"]["kid"].append(m["kid"])
+    log("real-data floor FD " + ", ".join(f"{v:.2f}" for v in result["floor"]["fd"]) + f" at n = {sizes}")
+    arms = {v.name: a for a, v in c.variants()}
+    unknown = sorted(set(variants) - set(arms))
+    if unknown:
+        raise CompareError(f"unknown variant {unknown[0]!r}; the study has {sorted(arms)}")
+    for seed in args.seeds:
+        for name in variants:
+            t0 = time.perf_counter()
+            imgs, lab = _draw(c, ev, out, arms[name], name, seed, args.num)
+            ss = result["sample_size"].setdefault(name, {}).setdefault(str(seed), {"fd": [], "kid": []})
+            for n in sizes:
+                m = _metrics(ev.classifier, imgs[:n], ev.ref, lab[:n], c.eval.batch_size, **kid)
+                ss["fd"].append(m["fd"])
+                ss["kid"].append(m["kid"])
+            for net, (extractor, ref) in nets.items():
+                result["networks"][net].setdefault(name, {})[str(seed)] = _metrics(
+                    extractor, imgs, ref, lab, c.eval.batch_size, **kid)
+            result["histograms"].setdefault(name, pixel_histogram(imgs))
+            if name in stretch_variants:
+                st = result["stretch"].setdefault(name, {})
+                for a in args.stretch:
+                    st.setdefault(f"{a:g}", {})[str(seed)] = _metrics(
+                        ev.classifier, contrast_stretch(imgs, a), ev.ref, lab, c.eval.batch_size, **kid)
+            log(f"{name} seed {seed}: FD {ss['fd'][-1]:.3f} at n={sizes[-1]} ({time.perf_counter() - t0:.0f}s)")
+    result["paired"] = _summaries(result, c, variants)
+    return result
+
+
+def _summaries(result: dict[str, Any], c: Any, variants: list[str]) -> dict[str, Any]:
+    """Paired differences of every variant against the study's baseline (and the study's comparisons) per
+    network and metric, and the best contrast stretch against ΔFM."""
+    pairs = [[v, c.baseline] for v in variants if v != c.baseline] + \
+        [p for p in c.comparisons if all(x in variants for x in p)]
+    out: dict[str, Any] = {}
+    for net, per in result["networks"].items():
+        for metric in ("fd", "kid", "class_acc"):
+            vals = {v: {int(s): m[metric] for s, m in per[v].items() if metric in m} for v in per}
+            out[f"{net}.{metric}"] = [_paired(vals, a, b) for a, b in pairs]
+    for name, per_a in result["stretch"].items():
+        vals = {f"{name}@{a}": {int(s): m["fd"] for s, m in seeds.items()} for a, seeds in per_a.items()}
+        base = {int(s): m["fd"] for s, m in result["networks"]["study"][name].items()}
+        out[f"stretch.{name}"] = [_paired({**vals, name: base}, k, name) for k in vals]
+    return out
+
+
+def plot_checks(result: dict[str, Any], figures: Path, name: str) -> list[Path]:
+    """FD and KID against n (mean ± sd over seeds, with the real-data floor) and the pixel histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    sizes = result["sizes"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, label in ((axes[0], "fd", "classifier-FD"), (axes[1], "kid", "KID")):
+        for v, seeds in result["sample_size"].items():
+            arr = np.array([s[metric] for s in seeds.values()])
+            m, sd = arr.mean(0), arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])
+            ax.plot(sizes, m, marker="o", markersize=3, label=v)
+            ax.fill_between(sizes, m - sd, m + sd, alpha=0.15)
+        ax.plot(sizes, result["floor"][metric], "k--", label="real images (floor)")
+        ax.set_xscale("log")
+        ax.set_xlabel("samples n")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths = [figures / f"{name}-sample-size.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    edges = np.linspace(0, 256, len(result["histograms"]["real"]) + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    for v, h in result["histograms"].items():
+        ax.plot(centres, h, "k--" if v == "real" else "-", label=v)
+    ax.set_yscale("log")
+    ax.set_xlabel("pixel value")
+    ax.set_ylabel("fraction of pixels")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(figures / f"{name}-pixel-histograms.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m deltafm.study.checks",
+                      description="Sample-size, second-feature-network and contrast-stretch checks of a study.")
+    p.add_argument("--config", required=True, type=Path, help="the study YAML")
+    p.add_argument("--out", required=True, type=Path, help="the study's output folder (with runs/)")
+    p.add_argument("--variants", nargs="+", help="variants to check (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds to check")
+    p.add_argument("--num", type=int, default=4000, help="samples per variant and seed")
+    p.add_argument("--sizes", nargs="+", type=int, default=[250, 500, 1000, 2000, 4000])
+    p.add_argument("--classifier", help="the study's classifier (default: eval.classifier or OUT/classifier)")
+    p.add_argument("--second-classifier", help="a second, independently trained classifier (.safetensors)")
+    p.add_argument("--stretch", nargs="*", type=float, default=[0.9, 0.95, 1.05, 1.1, 1.2],
+                   help="contrast factors a of the pixel-space control")
+    p.add_argument("--stretch-variants", nargs="+", help="variants the stretch is applied to (default: baseline)")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the real images drawn for the floor")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, required=True, help="write the results here")
+    p.add_argument("--figures", type=Path, help="write the figures into this folder")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    args = build_parser().parse_args(argv)
+    try:
+        for name in ("num", "threads", "kid_subsets", "kid_subset_size"):
+            if getattr(args, name) < 1:
+                raise CompareError(f"--{name.replace('_', '-')} must be >= 1")
+        if any(a <= 0 for a in args.stretch):
+            raise CompareError("--stretch factors must be > 0")
+        torch.set_num_threads(args.threads)
+        result = run_checks(args)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        if args.figures is not None:
+            plot_checks(result, args.figures, result["study"])
+    except CLI_ERRORS as e:
+        print(cli_error(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

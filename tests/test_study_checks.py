@@ -1,0 +1,84 @@
+"""deltafm.study.checks on a tiny digits study: the sample-size curves (their last point is the full-set metric of
+the same samples), the real-data floor, a second classifier, the contrast-stretch control (a = 1 is the raw
+samples), the paired summaries, the figures and the errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cli_cases import run_cli
+from deltafm.study.checks import contrast_stretch, main, pixel_histogram
+from deltafm.study.cli import main as compare_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_contrast_stretch_and_histogram_closed_forms():
+    img = np.array([[[[0], [100], [200]]]], dtype=np.uint8)  # one 1 x 3 image, mean 100
+    assert contrast_stretch(img, 2.0).ravel().tolist() == [0, 100, 255]  # -100 and 300 clipped
+    assert contrast_stretch(img, 0.5).ravel().tolist() == [50, 100, 150]
+    assert np.array_equal(contrast_stretch(img, 1.0), img)
+    assert pixel_histogram(img, bins=4) == pytest.approx([1 / 3, 1 / 3, 0, 1 / 3])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[Path, Path]:
+    """The digits smoke study cut to 2 steps per arm, trained only (its checkpoints are what the checks read)."""
+    root = tmp_path_factory.mktemp("checks")
+    spec = yaml.safe_load((ROOT / "configs" / "compare" / "digits-tiny.yaml").read_text())
+    spec.update(base=str(ROOT / "configs" / "digits-tiny.yaml"), total_images=128, eval_every_images=128,
+                arms=spec["arms"][:2], comparisons=[["dfm", "fm+posthoc"]])
+    spec["eval"]["classifier_epochs"] = 1
+    cfg = root / "study.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    old = torch.get_num_threads()
+    assert compare_main(["--config", str(cfg), "--out", str(root / "out"), "--quiet", "--train-only"]) == 0
+    torch.set_num_threads(old)
+    return cfg, root / "out"
+
+
+def test_checks_end_to_end(study, tmp_path):
+    cfg, out = study
+    rc, _, err = run_cli(["eval", "--no-progress", "train-classifier", "--dataset", "digits", "--epochs", "1",
+                          "--seed", "1", "--widths", "8", "16", "24", "--out", str(tmp_path / "second.safetensors")])
+    assert rc == 0, err
+    rc = main(["--config", str(cfg), "--out", str(out), "--num", "40", "--sizes", "10", "20", "40",
+               "--second-classifier", str(tmp_path / "second.safetensors"), "--stretch", "1.0", "1.2",
+               "--kid-subsets", "5", "--kid-subset-size", "10", "--json", str(tmp_path / "c.json"),
+               "--figures", str(tmp_path / "fig")])
+    assert rc == 0
+    r = json.loads((tmp_path / "c.json").read_text())
+    assert r["variants"] == ["fm", "fm+posthoc", "dfm", "dfm+bc"] and r["sizes"] == [10, 20, 40]
+    assert len(r["floor"]["fd"]) == 3 and r["floor"]["fd"][0] > r["floor"]["fd"][-1] > 0  # FD's few-sample bias
+    for v in r["variants"]:
+        ss, full = r["sample_size"][v]["0"], r["networks"]["study"][v]["0"]
+        assert ss["fd"][-1] == pytest.approx(full["fd"]) and ss["kid"][-1] == pytest.approx(full["kid"])
+        assert set(r["networks"]["second"][v]["0"]) == {"fd", "kid", "class_acc"}
+    assert r["networks"]["second"]["fm"]["0"]["fd"] != r["networks"]["study"]["fm"]["0"]["fd"]
+    stretch = r["stretch"]["fm"]
+    # a = 1 gives the same pixels (up to float32 round-off of another memory layout in the features)
+    assert stretch["1"]["0"] == pytest.approx(r["networks"]["study"]["fm"]["0"], rel=1e-6)
+    assert stretch["1.2"]["0"]["fd"] != pytest.approx(stretch["1"]["0"]["fd"], rel=1e-3)
+    pairs = {(p["variant"], p["baseline"]) for p in r["paired"]["second.fd"]}
+    assert ("dfm", "fm") in pairs and ("dfm", "fm+posthoc") in pairs
+    assert r["provenance"]["torch"] == torch.__version__
+    for name in ("digits-tiny-sample-size.png", "digits-tiny-pixel-histograms.png"):
+        assert (tmp_path / "fig" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checks_errors(study, tmp_path, capsys):
+    cfg, out = study
+    base = ["--config", str(cfg), "--out", str(out), "--json", str(tmp_path / "c.json")]
+    assert main([*base, "--num", "20", "--sizes", "10", "40"]) == 2
+    assert "--sizes must lie in 2..--num" in capsys.readouterr().err
+    assert main([*base, "--variants", "nothing", "--num", "20", "--sizes", "10"]) == 2
+    assert "unknown variant 'nothing'" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "empty"), "--json", str(tmp_path / "c.json"),
+                 "--num", "20", "--sizes", "10"]) == 2
+    assert "no checkpoint of arm fm seed 0" in capsys.readouterr().err

@@ -70,6 +70,14 @@ def test_checks_end_to_end(study, tmp_path):
     assert r["provenance"]["torch"] == torch.__version__
     for name in ("digits-tiny-sample-size.png", "digits-tiny-pixel-histograms.png"):
         assert (tmp_path / "fig" / name).read_bytes()[:4] == b"\x89PNG"
+    # the markdown, redrawn from the JSON alone
+    assert main(["--config", str(cfg), "--out", str(out), "--json", str(tmp_path / "c.json"), "--from-json",
+                 "--markdown", str(tmp_path / "c.md"), "--link-prefix", "figures"]) == 0
+    md = (tmp_path / "c.md").read_text()
+    floor = r["floor"]["fd"][0]
+    assert "| real images (floor) | " in md and f"{floor:.3g}" in md and "ΔFD (second)" in md
+    assert "| dfm | fm+posthoc | 1 |" in md and "![FD and KID against n](figures/digits-tiny-sample-size.png)" in md
+    assert "Contrast stretch of fm samples" in md and "| 1.2 | 1 |" in md
 
 
 def test_checks_errors(study, tmp_path, capsys):

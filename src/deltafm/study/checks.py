@@ -43,7 +43,7 @@ import numpy as np
 from deltafm.errors import CLI_ERRORS, OneLineParser, cli_error
 from deltafm.study.spec import CompareError, load_compare_config
 
-__all__ = ["build_parser", "contrast_stretch", "main", "pixel_histogram", "run_checks"]
+__all__ = ["build_parser", "checks_markdown", "contrast_stretch", "main", "pixel_histogram", "run_checks"]
 
 FORMAT = "deltafm.checks.v1"
 
@@ -249,6 +249,48 @@ def plot_checks(result: dict[str, Any], figures: Path, name: str) -> list[Path]:
     return paths
 
 
+def checks_markdown(result: dict[str, Any], figures_link: str | None = None) -> str:
+    """The checks as markdown: FD/KID against n with the floor, paired differences per feature network, the
+    contrast stretch against the raw baseline, and the figures (``figures_link``: their folder as linked)."""
+    from deltafm.study.markdown import fmt, pm, table
+
+    sizes, lines = result["sizes"], []
+    rows = [["real images (floor)", *[f"{fmt(f)} / {fmt(1e3 * k)}" for f, k in
+                                      zip(result["floor"]["fd"], result["floor"]["kid"])]]]
+    for v, seeds in result["sample_size"].items():
+        rows.append([v, *[f"{pm([s['fd'][i] for s in seeds.values()])} / "
+                          f"{pm([1e3 * s['kid'][i] for s in seeds.values()])}" for i in range(len(sizes))]])
+    lines += [f"FD / KID×10³ against the number of samples n (mean ± sd over seeds {result['seeds']}; the floor is "
+              "n real training images against the same reference):", ""]
+    lines += table(["", *[f"n = {n}" for n in sizes]], rows) + [""]
+
+    def ci(p: dict[str, Any], scale: float = 1.0) -> str:
+        if p["mean"] is None:
+            return "–"
+        if p["ci95"] is None:
+            return fmt(scale * p["mean"])
+        return f"{fmt(scale * p['mean'])} [{fmt(scale * p['ci95'][0])}, {fmt(scale * p['ci95'][1])}]"
+
+    nets = list(result["networks"])
+    head = ["variant", "baseline", "n", *[f"ΔFD ({n})" for n in nets], *[f"ΔKID×10³ ({n})" for n in nets]]
+    rows = []
+    for i, p in enumerate(result["paired"][f"{nets[0]}.fd"]):
+        rows.append([p["variant"], p["baseline"], str(p["n"]),
+                     *[ci(result["paired"][f"{n}.fd"][i]) for n in nets],
+                     *[ci(result["paired"][f"{n}.kid"][i], 1e3) for n in nets]])
+    lines += [f"Paired differences at n = {result['num']} per feature network (mean [95% t-interval] over seeds; "
+              f"networks: {', '.join(nets)}):", ""] + table(head, rows) + [""]
+    for name, pairs in result["paired"].items():
+        if name.startswith("stretch."):
+            rows = [[p["variant"].split("@", 1)[1], str(p["n"]), ci(p)] for p in pairs]
+            lines += [f"Contrast stretch of {name[8:]} samples (pixels x → m + a (x − m), m the image mean): ΔFD "
+                      "against the raw samples:", ""] + table(["a", "n", "ΔFD [95% CI]"], rows) + [""]
+    if figures_link is not None:
+        lines += [f"![FD and KID against n]({figures_link}/{result['study']}-sample-size.png)",
+                  f"![pixel histograms]({figures_link}/{result['study']}-pixel-histograms.png)", ""]
+    return "\n".join(lines)
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m deltafm.study.checks",
                       description="Sample-size, second-feature-network and contrast-stretch checks of a study.")
@@ -269,6 +311,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, required=True, help="write the results here")
     p.add_argument("--figures", type=Path, help="write the figures into this folder")
+    p.add_argument("--markdown", type=Path, help="write the tables (markdown) here")
+    p.add_argument("--link-prefix", help="how the markdown links the figures folder (default: --figures)")
+    p.add_argument("--from-json", action="store_true",
+                   help="do not compute: redraw the figures and markdown from an existing --json")
     return p
 
 
@@ -283,11 +329,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(a <= 0 for a in args.stretch):
             raise CompareError("--stretch factors must be > 0")
         torch.set_num_threads(args.threads)
-        result = run_checks(args)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        if args.from_json:
+            result = json.loads(args.json.read_text())
+        else:
+            result = run_checks(args)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
         if args.figures is not None:
             plot_checks(result, args.figures, result["study"])
+        if args.markdown is not None:
+            link = args.link_prefix or (str(args.figures) if args.figures is not None else None)
+            args.markdown.write_text(checks_markdown(result, link) + "\n")
     except CLI_ERRORS as e:
         print(cli_error(e), file=sys.stderr)
         return 2

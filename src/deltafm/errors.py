@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["UserError", "INPUT_OS_ERRORS", "CLI_ERRORS", "cli_error", "OneLineParser", "RelayedError",
-           "run_command"]
+           "run_command", "run_json_command"]
 
 
 class UserError(Exception):
@@ -57,3 +57,32 @@ def run_command(command: Callable[[Any], int], args: Any) -> int:
         if not isinstance(e, RelayedError) or os.environ.get("RANK", "0") == "0":
             print(cli_error(e), file=sys.stderr)
         return 2
+
+
+def run_json_command(compute: Callable[[], dict[str, Any]], threads: int, out: str | os.PathLike | None = None) -> int:
+    """A command that prints a JSON summary: ``compute()`` on ``threads`` torch threads (restored after), its
+    dict plus ``seconds`` printed (and written to ``out``); bad input (:data:`CLI_ERRORS`, or ``threads`` < 1)
+    is one ``error:`` line and exit status 2."""
+    import json
+    import time
+
+    import torch
+
+    before, t0 = torch.get_num_threads(), time.perf_counter()
+    try:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        result = compute()
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        text = json.dumps(result, indent=2)
+        if out:
+            with open(out, "w") as fh:
+                fh.write(text + "\n")
+    except CLI_ERRORS as e:
+        print(cli_error(e), file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(before)
+    print(text)
+    return 0

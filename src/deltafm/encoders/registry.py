@@ -13,11 +13,10 @@ not DINOv2 folders, usable from a training config (``repa.encoders``) and ``prep
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from deltafm.hub import looks_like_hub_id
+from deltafm.hub import local_folder, looks_like_hub_id
 
 from .base import EncoderError, ImageEncoder, encoder_name
 from .hf import DINOV2_TYPES, check_dinov2_folder, load_dinov2
@@ -44,16 +43,9 @@ def load_encoder(spec: str | os.PathLike, *, name: str | None = None,
         raise EncoderError("empty encoder spec; pass the folder of a saved DINOv2 model")
     if text.startswith("python:"):
         return _from_python(text, name, device)
-    path = Path(text).expanduser()
-    if not path.exists():
-        if looks_like_hub_id(text):
-            raise EncoderError(
-                f"encoder {text!r} is not a local folder and hub ids are not downloaded; on a machine with internet "
-                f"run python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{text}')"
-                f".save_pretrained('{text.split('/')[1]}')\" and pass that folder")
-        raise EncoderError(f"encoder {text!r}: no such folder (pass a folder saved with save_pretrained)")
-    if not path.is_dir():
-        raise EncoderError(f"encoder {text!r} is a file, not a folder (pass the folder that holds config.json)")
+    path = local_folder(text, "encoder", lambda t: (
+        f"run python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{t}')"
+        f".save_pretrained('{t.split('/')[1]}')\" and pass that folder"), EncoderError)
     cfg = check_dinov2_folder(path)
     if cfg["model_type"] in DINOV2_TYPES:
         return load_dinov2(path, name=name, device=device)

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from deltafm.data.shapes import ShapesConfig
-from deltafm.errors import CLI_ERRORS, OneLineParser, cli_error
+from deltafm.errors import OneLineParser, run_json_command
 from deltafm.eval.attributes import load_reader, save_reader
 from deltafm.eval.metrics import EvalInputError
 
@@ -157,23 +155,8 @@ def _score(args: Any) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (module docstring); returns 0, or 2 after one ``error:`` line on bad input."""
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    t0 = time.perf_counter()
-    try:
-        _positive(threads=args.threads)
-        torch.set_num_threads(args.threads)
-        result = (_train if args.command == "train" else _score)(args)
-        result["seconds"] = round(time.perf_counter() - t0, 1)
-        text = json.dumps(result, indent=2)
-        if getattr(args, "out", None) and args.command == "score":
-            Path(args.out).write_text(text + "\n")
-    except CLI_ERRORS as e:
-        print(cli_error(e), file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
-    print(text)
-    return 0
+    out = args.out if args.command == "score" else None
+    return run_json_command(lambda: (_train if args.command == "train" else _score)(args), args.threads, out)
 
 
 if __name__ == "__main__":

@@ -65,19 +65,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _check_folder(spec: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    from deltafm.hub import looks_like_hub_id
+    from deltafm.hub import local_folder
 
-    text = os.fspath(spec).strip()
-    folder = Path(text).expanduser()
-    if not folder.exists():
-        if looks_like_hub_id(text):
-            raise EvalInputError(
-                f"--clip {text!r} is not a local folder and hub ids are not downloaded; on a machine with internet "
-                f"save it with CLIPModel.from_pretrained('{text}').save_pretrained(D) and "
-                f"CLIPProcessor.from_pretrained('{text}').save_pretrained(D), then pass D")
-        raise EvalInputError(f"--clip {text!r}: no such folder")
-    if not folder.is_dir():
-        raise EvalInputError(f"--clip {text!r} is a file; pass the folder that holds config.json")
+    folder = local_folder(spec, "--clip", lambda t: (
+        f"save it with CLIPModel.from_pretrained('{t}').save_pretrained(D) and "
+        f"CLIPProcessor.from_pretrained('{t}').save_pretrained(D), then pass D"), EvalInputError)
     cfg = _read_config(folder)
     if not any((folder / w).is_file() for w in _WEIGHT_FILES):
         raise EvalInputError(f"{folder}: config.json but no weights ({' or '.join(_WEIGHT_FILES)})")

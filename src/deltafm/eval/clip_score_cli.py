@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from deltafm.errors import CLI_ERRORS, OneLineParser, cli_error
+from deltafm.errors import OneLineParser, run_json_command
 from deltafm.eval.metrics import EvalInputError
 
 __all__ = ["build_parser", "main", "prompts_of_samples"]
@@ -93,25 +91,13 @@ def _score(args: Any) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (module docstring); returns 0, or 2 after one ``error:`` line on bad input."""
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    t0 = time.perf_counter()
-    try:
-        for name in ("batch_size", "threads"):
-            if getattr(args, name) < 1:
-                raise EvalInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        torch.set_num_threads(args.threads)
-        result = _score(args)
-        result["seconds"] = round(time.perf_counter() - t0, 1)
-        text = json.dumps(result, indent=2)
-        if args.out:
-            Path(args.out).write_text(text + "\n")
-    except CLI_ERRORS as e:
-        print(cli_error(e), file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
-    print(text)
-    return 0
+
+    def compute() -> dict[str, Any]:
+        if args.batch_size < 1:
+            raise EvalInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        return _score(args)
+
+    return run_json_command(compute, args.threads, args.out)
 
 
 if __name__ == "__main__":

@@ -349,3 +349,30 @@ def test_every_shipped_study_config_parses_and_plans():
             assert c.equivalence == {"fd": 0.25} and c.eval.classifier == "weights/fmnist-classifier.safetensors"
     power = load_compare_config(ROOT / "configs" / "compare" / "fmnist-unet-power.yaml")
     assert len(power.seeds) >= 8 and power.eval.curve.num >= 2000
+
+
+def test_paired_differences_against_images_and_the_lambda_section(tmp_path):
+    from deltafm.study.report_paired import lambda_series, paired_curve
+    from deltafm.study.results import Results
+
+    data = _fake_results()
+    r = Results(data)
+    # fm curves (40, 20, 10) and (40, 25, 12); dfm (30, 10, 8) and (16, 8, 6): per-seed differences at 100
+    # images (-10, -24), at 300 (-2, -6): means -17 and -4, t_{0.975, 1} = 12.706 -> -4 ± 12.706 * 2.828 / √2
+    pts = paired_curve(r, "dfm", "fm", "fd")
+    assert [p[0] for p in pts] == [100, 200, 300] and pts[0][1] == pytest.approx(-17.0)
+    assert pts[2][1] == pytest.approx(-4.0) and pts[2][3] - pts[2][1] == pytest.approx(12.7062047 * 2.0, rel=1e-6)
+    assert "Paired ΔFD against images seen" not in build_report(data, tmp_path / "a", "figs")  # no comparisons
+    data["study"]["comparisons"] = [["dfm", "fm"]]
+    md = build_report(data, tmp_path / "b", "figs")
+    assert "| variant − baseline | 100 | 200 | 300 |" in md and "| dfm − fm | -17.0 [" in md
+    assert (tmp_path / "b" / "fake-paired-curves.png").is_file()
+    # a second ΔFM arm at λ = 0.1 (raw variant only) turns on the λ section; FM's own post-hoc map at 0.05
+    assert "FD against λ" not in md and lambda_series(r)["ΔFM"] == {0.05: [8, 6]}
+    arm = {**data["study"]["arms"][1], "name": "dfm-0.1", "lam": 0.1,
+           "variants": [{"name": "dfm-0.1", "map": "none", "lam": None}]}
+    data["study"]["arms"].append(arm)
+    one = data["runs"][1]  # dfm, seed 0
+    data["runs"].append({**one, "arm": "dfm-0.1", "variants": {"dfm-0.1": one["variants"]["dfm"]}})
+    md = build_report(data, tmp_path / "c", "figs")
+    assert "FD against λ with its controls (fake" in md and "| ΔFM | 7.00 [" in md and "| 8.00 (n=1) |" in md

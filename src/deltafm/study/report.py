@@ -32,6 +32,7 @@ from deltafm.study.paired import section_comparisons as _section_comparisons
 from deltafm.study.ratios import REL_PREFIX, format_ratio, nfe_to_match, steps_to_match
 from deltafm.study.report_attributes import prompts_what, reader_line, section_part_cfg
 from deltafm.study.report_context import ReportContext as _Report
+from deltafm.study.report_paired import section_lambda, section_paired_curves
 from deltafm.study.results import VIEWS, Results, mean_band
 
 __all__ = ["build_report", "write_report", "update_section", "main"]
@@ -342,7 +343,8 @@ def _section_grids(R: _Report) -> list[str]:
 
 
 #: the sections after the setup, once per prompt split of an attribute-scored study (once otherwise)
-_SECTIONS = (_section_final, _section_comparisons, _section_curves, _section_one_seed, _section_nfe, _section_along,
+_SECTIONS = (_section_final, _section_comparisons, section_paired_curves, _section_curves, _section_one_seed,
+             section_lambda, _section_nfe, _section_along,
              _section_cfg, section_part_cfg, _section_grids)
 
 

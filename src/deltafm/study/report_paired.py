@@ -1,0 +1,159 @@
+"""Report sections built on paired differences over seeds (:mod:`deltafm.study.paired`):
+
+* **against images seen** (:func:`section_paired_curves`): for each of the study's ``comparisons`` pairs
+  [A, B], the paired difference d_s(n) = m_A(s, n) − m_B(s, n) of FD at every evaluation point n, its mean
+  and 95% Student-t interval over seeds, as a table and as a figure (line and band per pair). With the pairs
+  [ΔFM, FM], [FM+post-hoc, FM] and [ΔFM, FM+post-hoc] this separates how the ΔFM gain moves with training
+  into the affine shift of the optimum (which FM+post-hoc has as well) and what the network learns on top;
+* **against λ** (:func:`section_lambda`): when the study trains ΔFM at several λ, the final FD of the raw ΔFM
+  arms, of their bias-corrected variants and of FM mapped post hoc to each λ, mean and 95% interval over seeds
+  (the λ figure with controls).
+
+Both appear only when the study has what they need (pairs with at least two evaluation points; raw ΔFM arms
+at two or more λ > 0), so other studies' reports are unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deltafm.study.markdown import fmt, table
+from deltafm.study.paired import t_interval
+from deltafm.study.results import Results
+
+__all__ = ["paired_curve", "lambda_series", "section_paired_curves", "section_lambda"]
+
+
+def paired_curve(r: Results, a: str, b: str, metric: str) -> list[tuple[int, float, float | None, float | None, int]]:
+    """(images, mean, low, high, n) of the per-seed differences a − b at every curve point both variants have
+    on at least one common seed (low/high None for one seed)."""
+    out = []
+    points = sorted({img for s in r.by_seed(a) for img, _ in r.curve(a, s, metric)})
+    for img in points:
+        diffs = []
+        for s in sorted(set(r.by_seed(a)) & set(r.by_seed(b))):
+            va, vb = dict(r.curve(a, s, metric)).get(img), dict(r.curve(b, s, metric)).get(img)
+            if va is not None and vb is not None:
+                diffs.append(va - vb)
+        if diffs:
+            ci = t_interval(diffs)
+            out.append((img, ci[0] if ci else diffs[0], ci[1] if ci else None, ci[2] if ci else None, len(diffs)))
+    return out
+
+
+def _plot_paired(curves: dict[str, list[tuple]], path: Path, title: str, ylabel: str, xlabel: str,
+                 xscale: float = 1.0, zero_line: bool = True, bars: bool = False,
+                 reference: tuple[str, float] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, rows in curves.items():
+        x = [row[0] / xscale for row in rows]
+        (line,) = ax.plot(x, [row[1] for row in rows], marker="o", markersize=3, label=label)
+        band = [(xi, row[2], row[3]) for xi, row in zip(x, rows) if row[2] is not None]
+        if band and bars:  # 95% intervals as error bars (isolated points show them too)
+            ax.errorbar([b[0] for b in band], [(b[1] + b[2]) / 2 for b in band], yerr=[(b[2] - b[1]) / 2 for b in band],
+                        fmt="none", capsize=3, color=line.get_color())
+        elif band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], alpha=0.15,
+                            color=line.get_color())
+    if zero_line:
+        ax.axhline(0.0, color="k", linewidth=0.8)
+    if reference is not None:
+        ax.axhline(reference[1], color="k", linestyle="--", linewidth=0.8, label=reference[0])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def section_paired_curves(R: Any) -> list[str]:
+    """Paired ΔFD of the comparisons against images seen (module docstring); [] without such pairs."""
+    r = R.r
+    pairs = [p for p in R.st.get("comparisons") or [] if all(v in R.present for v in p)]
+    curves = {f"{a} − {b}": paired_curve(r, a, b, "fd") for a, b in pairs}
+    curves = {k: v for k, v in curves.items() if len(v) >= 2}
+    if not curves:
+        return []
+    points = sorted({row[0] for rows in curves.values() for row in rows})
+    rows = []
+    for label, pts in curves.items():
+        at = {row[0]: row for row in pts}
+        rows.append([label, *[(f"{fmt(at[p][1])} [{fmt(at[p][2])}, {fmt(at[p][3])}]" if at.get(p) and at[p][2]
+                               is not None else (fmt(at[p][1]) if at.get(p) else "–")) for p in points]])
+    path = _plot_paired(curves, R.fig_dir / f"{R.tag}-paired-curves.png",
+                        f"paired ΔFD against images seen ({R.name})", "ΔFD (variant − baseline), 95% band",
+                        "images seen (thousands)", xscale=1e3)
+    return [f"{R.h} Paired ΔFD against images seen ({R.name}, mean [95% t-interval] over seeds)", "",
+            "Each row is the per-seed difference variant − baseline of FD at every evaluation point (negative: the "
+            "variant is better). ΔFM − FM is the whole gain, FM+post-hoc − FM the part an FM model gets from the "
+            "affine shift of the optimum, ΔFM − FM+post-hoc what contrastive training adds beyond it.", ""] + \
+        table(["variant − baseline", *[f"{p / 1000:g}k" if p >= 1000 else str(p) for p in points]], rows) + [""] + \
+        R.figure(path, "paired ΔFD against images seen")
+
+
+def lambda_series(r: Results) -> dict[str, dict[float, list[float]]]:
+    """Final FD per seed by λ for the raw ΔFM arms (``ΔFM``), their bias-corrected variants (``ΔFM + bc``) and
+    FM mapped post hoc to λ (``FM + post-hoc``), at the arms' common batch size; only arms with the study's
+    default negatives and batch size of the λ = 0 arm count."""
+    arms = r.study["arms"]
+    base = next((a for a in arms if a.get("lam") == 0.0), None)
+    if base is None:
+        return {}
+    same = [a for a in arms if a.get("batch_size") == base.get("batch_size")
+            and a.get("negatives") == base.get("negatives")]
+    out: dict[str, dict[float, list[float]]] = {"ΔFM": {}, "ΔFM + bc": {}, "FM + post-hoc": {}}
+    for a in same:
+        for v in a["variants"]:
+            final = list(r.final(v["name"], "fd").values())
+            if not final:
+                continue
+            if a["lam"] and v["map"] == "none":
+                out["ΔFM"][a["lam"]] = final
+            elif a["lam"] and v["map"] == "to_fm":
+                out["ΔFM + bc"][a["lam"]] = final
+            elif not a["lam"] and v["map"] == "to_delta" and v.get("lam"):
+                out["FM + post-hoc"][v["lam"]] = final
+    return out
+
+
+def section_lambda(R: Any) -> list[str]:
+    """Final FD against λ for ΔFM, ΔFM + bc and FM + post-hoc (module docstring); [] with fewer than two λ."""
+    if R.r.scorer == "attributes":
+        return []
+    series = lambda_series(R.r)
+    if len(series.get("ΔFM", {})) < 2:
+        return []
+    lams = sorted({lam for s in series.values() for lam in s})
+    rows, curves = [], {}
+    for name, by_lam in series.items():
+        pts = []
+        for lam in lams:
+            vals = by_lam.get(lam)
+            if vals:
+                ci = t_interval(vals)
+                pts.append((lam, ci[0] if ci else vals[0], ci[1] if ci else None, ci[2] if ci else None, len(vals)))
+        curves[name] = pts
+        at = {p[0]: p for p in pts}
+        rows.append([name, *[(f"{fmt(at[x][1])} [{fmt(at[x][2])}, {fmt(at[x][3])}] (n={at[x][4]})"
+                              if at.get(x) and at[x][2] is not None else
+                              (f"{fmt(at[x][1])} (n=1)" if at.get(x) else "–")) for x in lams]])
+    fm = list(R.r.final(R.st["baseline"], "fd").values())
+    path = _plot_paired({k: v for k, v in curves.items() if v}, R.fig_dir / f"{R.tag}-lambda.png",
+                        f"final FD against λ ({R.name})", "classifier-FD (95% intervals)", "λ", zero_line=False,
+                        bars=True, reference=(f"{R.st['baseline']} (λ = 0)", sum(fm) / len(fm)) if fm else None)
+    return [f"{R.h} FD against λ with its controls ({R.name}, end of training, mean [95% t-interval] over seeds)",
+            "", "ΔFM trained at each λ, the same models sampled with the bias correction, and the FM model sampled "
+            "through the post-hoc map to each λ's optimum (no contrastive training). FM itself is the λ = 0 "
+            "point of the post-hoc row's arm; n is the number of seeds.", ""] + \
+        table(["", *[f"λ={x:g}" for x in lams]], rows) + [""] + R.figure(path, "FD against λ")

@@ -90,3 +90,29 @@ def test_checks_errors(study, tmp_path, capsys):
     assert main(["--config", str(cfg), "--out", str(tmp_path / "empty"), "--json", str(tmp_path / "c.json"),
                  "--num", "20", "--sizes", "10"]) == 2
     assert "no checkpoint of arm fm seed 0" in capsys.readouterr().err
+
+
+def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path):
+    """The classifier path of eval.sample_seeds / kid_subsets / equivalence on the trained smoke study."""
+    cfg, out = study
+    spec = yaml.safe_load(cfg.read_text())
+    spec["eval"].update(sample_seeds=[7, 8], kid_subsets=4, kid_subset_size=10,
+                        curve={"solver": "euler", "nfe": 2, "num": 20})
+    spec.update(equivalence={"fd": 5.0}, main_variants=None)
+    for arm in spec["arms"]:
+        arm["stages"] = ["curve"]
+        for v in arm.get("variants") or []:
+            v.pop("stages", None)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    old = torch.get_num_threads()
+    assert compare_main(["--config", str(tmp_path / "s.yaml"), "--out", str(out), "--quiet"]) == 0
+    torch.set_num_threads(old)
+    res = json.loads((out / "results.json").read_text())
+    for run in res["runs"]:
+        for v in run["variants"].values():
+            (point,) = v["curve"]
+            assert len(point["per_seed"]["fd"]) == 2 and point["fd"] == pytest.approx(np.mean(point["per_seed"]["fd"]))
+            assert point["kid"] == pytest.approx(np.mean(point["per_seed"]["kid"]))
+        assert run["provenance"][0]["torch"] == torch.__version__
+    md = (out / "report" / "REPORT.md").read_text()
+    assert "ΔKID×10³ [95% CI]" in md and "fd within ±5 (TOST, 90% CI)" in md

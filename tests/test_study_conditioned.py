@@ -139,6 +139,18 @@ def test_text_study_end_to_end_report_and_resume(tmp_path, reader, text_dir):
         assert (out / "samples" / "dfm" / split / "seed0.png").is_file()
     assert "| reader-FD ↓ | prompt accuracy ↑ | agreement ↑ | shape accuracy ↑ |" in md
     assert "| dfm | fm+posthoc | 1 |" in md and "Δ prompt acc [95% CI]" in md
+    # per-attribute differences of each pair, unguided and at w = 2 (one seed: the difference itself)
+    fm_row = next(p for p in fm["fm+posthoc"]["curve"] if p["images"] == 32 and p["split"] == "heldout")
+    dfm_row = next(p for p in dfm["dfm"]["curve"] if p["images"] == 32 and p["split"] == "heldout")
+    assert "Per-attribute accuracy, variant − baseline (t2i-tiny, heldout prompts" in md
+    assert "| variant | baseline | guidance w | Δ shape accuracy | Δ colour accuracy |" in md
+    from deltafm.study.markdown import fmt
+
+    want = fmt(dfm_row["acc.colour"] - fm_row["acc.colour"])
+    heldout = md[md.index("Per-attribute accuracy, variant − baseline (t2i-tiny, heldout"):]
+    row = next(line for line in heldout.splitlines() if line.startswith("| dfm | fm+posthoc | none |"))
+    assert row.split(" | ")[4] == want
+    assert "| dfm | fm+posthoc | 2 |" in heldout
     assert "sample i conditioned on the caption of item i of each prompt split: test, heldout" in md
 
 

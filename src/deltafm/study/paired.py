@@ -115,4 +115,24 @@ def section_comparisons(R: Any) -> list[str]:
                   "before the runs; 'yes' when the 90% interval lies inside ±margin, 'not shown' otherwise (the "
                   "data cannot exclude a difference of that size).")
     return [f"{R.h} Paired comparisons ({R.name}, end of training, mean [95% t-interval] over seeds)", "",
-            notes, ""] + table(head, rows) + [""]
+            notes, ""] + table(head, rows) + [""] + _per_attribute(R, pairs)
+
+
+def _per_attribute(R: Any, pairs: list[list[str]]) -> list[str]:
+    """Attribute-scored studies: the same pairs' differences in every per-attribute (per-condition) accuracy the
+    units have, unguided and at each joint guidance scale (does ΔFM improve adherence to each condition?)."""
+    if R.r.scorer != "attributes":
+        return []
+    r = R.r
+    keys = [k for k in R.metrics if k.startswith("acc.") and any(r.final(v, k) for v in R.present)]
+    if not keys:
+        return []
+    ws = sorted({w for v in R.present for s in r.by_seed(v) for w, _ in r.cfg(v, s, keys[0])})
+    rows = []
+    for a, b in pairs:
+        for w in [1.0, *ws]:
+            diffs = [paired_final(r, a, b, k) if w == 1.0 else paired_cfg(r, a, b, k, w) for k in keys]
+            rows.append([a, b, "none" if w == 1.0 else f"{w:g}", *[_ci(d) for d in diffs]])
+    return [f"Per-attribute accuracy, variant − baseline ({R.name}; positive: the variant follows that part of "
+            "the prompt more often):", ""] + \
+        table(["variant", "baseline", "guidance w", *[f"Δ {R.label(k)}" for k in keys]], rows) + [""]

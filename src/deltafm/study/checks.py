@@ -9,7 +9,7 @@ samples buys the same FD gain as ΔFM.
 
 It reads the final checkpoint (EMA weights) of each (arm, seed) the study kept under ``OUT/runs`` and, per
 variant and seed, draws ``--num`` samples once with the study's curve sampler (``eval.curve``: solver, NFE;
-noise seed ``eval.sample_seed``), then:
+noise seed ``eval.sample_seed``, precision ``eval.amp``), then:
 
 * **sample size**: FD and KID of the first n samples for each n in ``--sizes``, against the study's reference
   statistics, and the *real-data floor*: the same metrics for n real images of the training split (never
@@ -103,7 +103,8 @@ def _draw(c: Any, ev: Any, out: Path, arm: Any, name: str, seed: int, num: int) 
         x = generate(lm.model, labels=labels, shape=lm.shape, num_classes=k, solver=c.eval.curve.solver,
                      steps=nfe_to_steps(c.eval.curve.solver, c.eval.curve.nfe), cfg=1.0,
                      correction=Evaluator.correction(lm, {"map": v.map, "lam": v.lam}),
-                     seed=c.eval.sample_seed, batch_size=c.eval.batch_size, path=lm.objective.path)
+                     seed=c.eval.sample_seed, batch_size=c.eval.batch_size, path=lm.objective.path,
+                     amp_dtype=torch.bfloat16 if c.eval.amp == "bf16" else None)
     imgs = ev._decoder(lm)(x)
     return (imgs.numpy() if hasattr(imgs, "numpy") else np.asarray(imgs)), labels.numpy()
 

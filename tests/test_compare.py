@@ -376,3 +376,17 @@ def test_paired_differences_against_images_and_the_lambda_section(tmp_path):
     data["runs"].append({**one, "arm": "dfm-0.1", "variants": {"dfm-0.1": one["variants"]["dfm"]}})
     md = build_report(data, tmp_path / "c", "figs")
     assert "FD against λ with its controls (fake" in md and "| ΔFM | 7.00 [" in md and "| 8.00 (n=1) |" in md
+
+
+def test_the_gpu_studies_script_names_shipped_studies():
+    """scripts/gpu_studies.sh (run on a CUDA machine; its CPU smoke mode is the digits smoke study) parses as bash
+    and runs only studies that exist."""
+    import re
+    import subprocess
+
+    script = ROOT / "scripts" / "gpu_studies.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    studies = re.search(r'STUDIES=\$\{STUDIES:-"([^"]+)"\}', script.read_text()).group(1).split()
+    assert studies[0] == "fmnist-unet-power"
+    for s in [*studies, "digits-tiny"]:
+        assert (ROOT / "configs" / "compare" / f"{s}.yaml").is_file(), s

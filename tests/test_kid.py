@@ -113,3 +113,12 @@ def test_provenance_names_the_commit_versions_and_machine():
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a git checkout (CI clones one)
         assert env["commit"] == head.stdout.strip() and isinstance(env["dirty"], bool)
+
+
+def test_provenance_outside_a_git_checkout_reads_deltafm_commit(tmp_path, monkeypatch):
+    from deltafm.provenance import git_commit
+
+    monkeypatch.delenv("DELTAFM_COMMIT", raising=False)
+    assert git_commit(tmp_path) == (None, None)
+    monkeypatch.setenv("DELTAFM_COMMIT", "abc123")
+    assert git_commit(tmp_path) == ("abc123", None)

@@ -105,8 +105,13 @@ def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path
             v.pop("stages", None)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     old = torch.get_num_threads()
-    assert compare_main(["--config", str(tmp_path / "s.yaml"), "--out", str(out), "--quiet"]) == 0
+    if not torch.cuda.is_available():  # a device that is not there stops the study before anything runs
+        assert compare_main(["--config", str(tmp_path / "s.yaml"), "--out", str(out), "--quiet",
+                             "--train-device", "cuda"]) == 2
+    assert compare_main(["--config", str(tmp_path / "s.yaml"), "--out", str(out), "--quiet",
+                         "--train-device", "cpu"]) == 0
     torch.set_num_threads(old)
+    assert "train.device: cpu" in (out / "compare.yaml").read_text()
     res = json.loads((out / "results.json").read_text())
     for run in res["runs"]:
         for v in run["variants"].values():

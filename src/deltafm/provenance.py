@@ -1,8 +1,9 @@
 """Where a result was computed: code commit, library versions and machine (:func:`environment`).
 
 Studies record this in every results file so a number can be traced to the code and hardware that made
-it: ``commit`` (``git rev-parse HEAD`` of the checkout deltafm is imported from, or None outside a git
-checkout), ``dirty`` (tracked files differ from the commit), ``deltafm``, ``torch``, ``numpy`` and
+it: ``commit`` (``git rev-parse HEAD`` of the checkout deltafm is imported from; outside a git checkout the
+environment variable ``DELTAFM_COMMIT``, e.g. set by a script that copies the tree to another machine, else
+None), ``dirty`` (tracked files differ from the commit), ``deltafm``, ``torch``, ``numpy`` and
 ``python`` versions, ``system``, ``machine`` (architecture), ``cpu`` (model name), ``cores`` (logical CPUs)
 and, when CUDA is available, ``gpus`` (device names). No host name or user name is recorded.
 """
@@ -40,14 +41,15 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_commit(root: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout holding ``root`` (default: the one deltafm is imported from);
-    (None, None) when it is not a git checkout or git is missing."""
+    """(commit, dirty) of the git checkout holding ``root`` (default: the one deltafm is imported from); outside
+    a git checkout (a copied tree, an installed package) the environment's ``DELTAFM_COMMIT`` (dirty unknown),
+    else (None, None)."""
     import deltafm
 
     root = root or Path(deltafm.__file__).resolve().parent
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
-        return None, None
+        return os.environ.get("DELTAFM_COMMIT") or None, None
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
     return head.strip(), (bool(status.strip()) if status is not None else None)
 

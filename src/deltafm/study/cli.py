@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "once into OUT/classifier)")
     p.add_argument("--threads", type=int, help="torch threads for evaluation (training uses train.threads)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (evaluation)")
+    p.add_argument("--train-device", help="train every arm on this device (cpu, cuda[:N], auto; default: the "
+                                          "training configs' train.device); not part of what makes results "
+                                          "comparable, like train.threads")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the per-arm configs, then exit")
     p.add_argument("--report-only", action="store_true", help="collect existing results and write the report")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -118,6 +121,9 @@ def _run(args: argparse.Namespace) -> int:
     from deltafm.study.run import collect_results, run_compare, write_json
 
     c = load_compare_config(args.config)
+    if args.train_device is not None:
+        resolve_device(args.train_device)  # a bad or missing device is an error before anything runs
+        c.overrides = {**c.overrides, "train.device": args.train_device}
     if args.seeds:
         c.seeds = list(args.seeds)
         validate_study(c)

@@ -216,6 +216,8 @@ CASES = [
     ("ev-pr-max-zero", [*SCORE, "--samples", "{K}/samples.npz", "--pr-max", "0"], "expected a positive integer"),
     ("ev-pr-max-word", [*SCORE, "--samples", "{K}/samples.npz", "--pr-max", "some"], "'match' or 'none'"),
     ("ev-k-zero", [*SCORE, "--samples", "{K}/samples.npz", "--k", "0"], "--k must be > 0"),
+    ("ev-kid-subsets", [*SCORE, "--samples", "{K}/samples.npz", "--kid-subsets", "-1"], "--kid-subsets must be >= 0"),
+    ("ev-kid-size", [*SCORE, "--samples", "{K}/samples.npz", "--kid-subset-size", "1"], "--kid-subset-size >= 2"),
     ("ev-splits-zero", [*SCORE, "--samples", "{K}/samples.npz", "--splits", "0"], "--splits must be > 0"),
     ("ev-batch-zero", [*SCORE, "--samples", "{K}/samples.npz", "--batch-size", "0"], "--batch-size must be > 0"),
     ("ev-fd-method", [*SCORE, "--samples", "{K}/samples.npz", "--fd-method", "svd"], "invalid choice: 'svd'"),

@@ -92,7 +92,7 @@ def test_checks_errors(study, tmp_path, capsys):
     assert "no checkpoint of arm fm seed 0" in capsys.readouterr().err
 
 
-def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path):
+def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path, capsys):
     """The classifier path of eval.sample_seeds / kid_subsets / equivalence on the trained smoke study."""
     cfg, out = study
     spec = yaml.safe_load(cfg.read_text())
@@ -105,6 +105,8 @@ def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path
             v.pop("stages", None)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     old = torch.get_num_threads()
+    bogus = compare_main(["--config", str(tmp_path / "s.yaml"), "--out", str(out), "--train-device", "tpu"])
+    assert bogus == 2 and "--train-device must be auto, cpu or cuda[:N], got 'tpu'" in capsys.readouterr().err
     if not torch.cuda.is_available():  # a device that is not there stops the study before anything runs
         assert compare_main(["--config", str(tmp_path / "s.yaml"), "--out", str(out), "--quiet",
                              "--train-device", "cuda"]) == 2

@@ -309,6 +309,9 @@ def _eval(args: argparse.Namespace) -> dict:
     from deltafm.eval.metrics import load_reference_stats
 
     _positive(k=args.k, splits=args.splits, is_split_size=args.is_split_size, batch_size=args.batch_size)
+    if args.kid_subsets < 0 or args.kid_subset_size < 2:
+        raise EvalInputError(f"--kid-subsets must be >= 0 (0: no KID) and --kid-subset-size >= 2, got "
+                             f"{args.kid_subsets} and {args.kid_subset_size}")
     protocol, opts = _protocol(args)
     out = _out_file(args.out) if args.out else None
     images, labels = load_samples(args.samples)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from deltafm.errors import CLI_ERRORS, cli_error
+from deltafm.errors import CLI_ERRORS, UserError, cli_error
 from deltafm.study.plan import (
     check_scoring,
     eval_points,
@@ -122,7 +122,12 @@ def _run(args: argparse.Namespace) -> int:
 
     c = load_compare_config(args.config)
     if args.train_device is not None:
-        resolve_device(args.train_device)  # a bad or missing device is an error before anything runs
+        try:  # a bad or missing device is an error before anything runs
+            resolve_device(args.train_device)
+        except CompareError:
+            raise
+        except UserError as e:
+            raise CompareError(str(e).replace("--device", "--train-device")) from None
         c.overrides = {**c.overrides, "train.device": args.train_device}
     if args.seeds:
         c.seeds = list(args.seeds)

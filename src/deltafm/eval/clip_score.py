@@ -38,24 +38,17 @@ from deltafm.eval.metrics import EvalInputError
 
 __all__ = ["ClipScorer", "load_clip_scorer", "summarise"]
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 #: where save_pretrained puts the image processor's settings (older transformers: the first; 5.x: the second)
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    import json
+    from deltafm.hub import read_config
 
     path = folder / "config.json"
-    if not path.is_file():
-        raise EvalInputError(f"--clip {folder} is not a CLIP folder: no config.json (pass a folder written by "
-                             "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise EvalInputError(f"{path}: not readable JSON ({e})") from None
+    cfg = read_config(folder, EvalInputError, f"--clip {folder} is not a CLIP folder: no config.json (pass a folder "
+                      "written by CLIPModel.save_pretrained and CLIPProcessor.save_pretrained)")
     if not isinstance(cfg, dict) or cfg.get("model_type") != "clip":
         mt = cfg.get("model_type") if isinstance(cfg, dict) else None
         what = ("only one tower of CLIP; CLIP-score needs the whole CLIPModel (text and vision towers with "
@@ -65,14 +58,13 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _check_folder(spec: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    from deltafm.hub import local_folder
+    from deltafm.hub import local_folder, require_weights
 
     folder = local_folder(spec, "--clip", lambda t: (
         f"save it with CLIPModel.from_pretrained('{t}').save_pretrained(D) and "
         f"CLIPProcessor.from_pretrained('{t}').save_pretrained(D), then pass D"), EvalInputError)
     cfg = _read_config(folder)
-    if not any((folder / w).is_file() for w in _WEIGHT_FILES):
-        raise EvalInputError(f"{folder}: config.json but no weights ({' or '.join(_WEIGHT_FILES)})")
+    require_weights(folder, EvalInputError)
     if not any((folder / f).is_file() for f in _PROCESSOR_FILES):
         raise EvalInputError(f"{folder}: no image-processor settings ({' or '.join(_PROCESSOR_FILES)}); save them "
                              "with CLIPProcessor.save_pretrained(folder)")
@@ -176,20 +168,14 @@ def load_clip_scorer(spec: str | os.PathLike, device: torch.device | str = "cpu"
         from transformers import CLIPModel, CLIPProcessor
     except ImportError:
         raise EvalInputError("CLIP-score needs the package transformers: pip install 'deltafm[text]'") from None
-    from transformers.utils import logging as hf_logging
+    from deltafm.hub import first_line, quiet_hf_loading
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True).float().eval()
-        processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # damaged files fail in many classes
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise EvalInputError(f"{folder}: cannot load the CLIP model or processor ({type(e).__name__}: {first})") \
-            from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+    with quiet_hf_loading():
+        try:
+            model = CLIPModel.from_pretrained(str(folder), local_files_only=True).float().eval()
+            processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # damaged files fail in many classes
+            raise EvalInputError(f"{folder}: cannot load the CLIP model or processor ({first_line(e)})") from None
     model.requires_grad_(False)
     max_tokens = int((cfg.get("text_config") or {}).get("max_position_embeddings", 77))
     device = torch.device(device)

@@ -14,7 +14,6 @@ Bad input prints one ``error:`` line and returns 2.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,16 +44,14 @@ def prompts_of_samples(images_path: str | Path, n: int) -> list[str]:
     """The prompt of each of the ``n`` images of a ``deltafm sample`` output: ``sample.json``'s ``prompts``
     beside the file, indexed by the file's ``prompt_ids``."""
     from deltafm.eval.metrics import open_npz, read_npz_array
+    from deltafm.hub import read_json
 
     images_path = Path(images_path)
     meta_path = images_path.with_name("sample.json")
     fix = "pass --captions FILE (one prompt per image)"
     if not meta_path.is_file():
         raise EvalInputError(f"no sample.json beside {images_path}; {fix}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise EvalInputError(f"{meta_path}: not readable JSON ({e})") from None
+    meta = read_json(meta_path, EvalInputError)
     prompts = meta.get("prompts") if isinstance(meta, dict) else None
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise EvalInputError(f"{meta_path} records no prompts (not samples of a text-to-image model?); {fix}")

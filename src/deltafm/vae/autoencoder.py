@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from deltafm.errors import UserError
-from deltafm.hub import looks_like_hub_id
+from deltafm.hub import looks_like_hub_id, read_config, require_weights
 
 __all__ = ["AutoencoderError", "Autoencoder", "load_autoencoder", "vae_identity", "check_vae_folder", "split_source",
            "looks_like_hub_id"]
@@ -45,23 +45,16 @@ class AutoencoderError(UserError, ValueError):
 def check_vae_folder(folder: Path) -> dict[str, Any]:
     """The config of a diffusers ``AutoencoderKL`` folder, or an :class:`AutoencoderError` saying why not."""
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise AutoencoderError(
-            f"{folder} is not a diffusers VAE folder: no config.json. Pass the folder written by "
-            "AutoencoderKL.save_pretrained (e.g. sd-vae-ft-ema, or a pipeline's vae/ subfolder: --vae-subfolder vae)"
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AutoencoderError(f"{cfg_path}: not readable JSON ({e})") from None
+    cfg = read_config(folder, AutoencoderError, f"{folder} is not a diffusers VAE folder: no config.json. Pass the "
+                      "folder written by AutoencoderKL.save_pretrained (e.g. sd-vae-ft-ema, or a pipeline's vae/ "
+                      "subfolder: --vae-subfolder vae)")
     if not isinstance(cfg, dict) or cfg.get("_class_name") != "AutoencoderKL":
         found = cfg.get("_class_name") if isinstance(cfg, dict) else type(cfg).__name__
         raise AutoencoderError(
             f"{cfg_path}: _class_name is {found!r}, expected 'AutoencoderKL' (deltafm loads KL autoencoders: "
             "SD-VAE, SD3/FLUX VAEs, or one from `deltafm train-autoencoder`)"
         )
-    if not any((folder / w).is_file() for w in _WEIGHT_FILES):
-        raise AutoencoderError(f"{folder}: config.json but no weights ({' or '.join(_WEIGHT_FILES)})")
+    require_weights(folder, AutoencoderError, _WEIGHT_FILES)
     return cfg
 
 

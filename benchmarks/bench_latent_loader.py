@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import torch
 from deltafm.data import BatchLoader, EpochBatchSampler, LatentShardWriter, LatentStore
 from deltafm.models import build_model
 from deltafm.objective import DeltaFMObjective
+from deltafm.provenance import cpu_model, git_commit
 from deltafm.train.logging import measure_matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +90,9 @@ def step_rate(name: str, batch: int, steps: int) -> tuple[float, float, int]:
 
 
 def machine() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "commit": head + (" (tree dirty: uncommitted changes)"
-                                                                        if dirty.strip() else ""),
+    head, dirty = git_commit(ROOT, untracked=True)
+    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "commit": (head or "") + (
+                " (tree dirty: uncommitted changes)" if dirty else ""),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "threads": str(torch.get_num_threads()), "load": f"{os.getloadavg()[0]:.1f}"}
 

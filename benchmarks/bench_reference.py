@@ -35,7 +35,6 @@ import argparse
 import datetime
 import importlib.util
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -299,18 +298,11 @@ def _row_md(row: dict, rates: dict[str, float] | None) -> str:
 
 def machine() -> str:
     """CPU model, cores, torch version and the commit of this tree."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+    from deltafm.provenance import cpu_model, git_commit
+
+    head, dirty = git_commit(ROOT, untracked=True)
+    head = head or ""
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
             f"commit `{head[:12]}`{' (tree dirty)' if dirty else ''}")
 
 

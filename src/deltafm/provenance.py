@@ -40,17 +40,18 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def git_commit(root: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout holding ``root`` (default: the one deltafm is imported from); outside
-    a git checkout (a copied tree, an installed package) the environment's ``DELTAFM_COMMIT`` (dirty unknown),
-    else (None, None)."""
+def git_commit(root: Path | None = None, untracked: bool = False) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout holding ``root`` (default: the one deltafm is imported from); dirty
+    counts changed tracked files, and with ``untracked`` also files git does not track (and does not ignore).
+    Outside a git checkout (a copied tree, an installed package) the environment's ``DELTAFM_COMMIT`` (dirty
+    unknown), else (None, None)."""
     import deltafm
 
     root = root or Path(deltafm.__file__).resolve().parent
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
         return os.environ.get("DELTAFM_COMMIT") or None, None
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    status = _git(root, "status", "--porcelain", *([] if untracked else ["--untracked-files=no"]))
     return head.strip(), (bool(status.strip()) if status is not None else None)
 
 

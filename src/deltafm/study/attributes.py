@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,13 +171,12 @@ class AttributeEvaluator:
         ``w``, or weight ``w`` on part ``part`` only) and map; score them."""
         from deltafm.generate import generate
         from deltafm.pixels import model_to_uint8
-        from deltafm.study.evaluator import Evaluator, combine_seeds, unit_seeds
+        from deltafm.study.evaluator import Evaluator, over_seeds
 
-        t0 = time.perf_counter()
         prompts = self.prompts(lm, u["split"], u["num"])
         cfg = {u["part"]: u["w"]} if u.get("part") else u["w"]
-        per_seed = []
-        for i, seed in enumerate(unit_seeds(u)):
+
+        def draw_and_score(seed: int, first: bool, kid: dict[str, int]) -> dict[str, Any]:
             try:
                 x = generate(lm.model, labels=prompts.labels, shape=lm.shape, num_classes=None, solver=u["solver"],
                              steps=nfe_to_steps(u["solver"], u["nfe"]), cfg=cfg,
@@ -188,15 +186,15 @@ class AttributeEvaluator:
             except ValueError as e:  # guidance weights for parts the model lacks
                 raise CompareError(f"checkpoint {lm.checkpoint}: {e}") from None
             images = model_to_uint8(x).numpy()
-            if grid_to is not None and i == 0:
+            if grid_to is not None and first:
                 from deltafm.data.shapes_grid import save_captioned_grid
 
                 grid_to.parent.mkdir(parents=True, exist_ok=True)
                 k = min(len(images), 16)
                 save_captioned_grid(images[:k], prompts.titles[:k], grid_to, ncols=4)
-            per_seed.append(self.score(images, u["split"], prompts, u.get("kid_subsets", 0),
-                                       u.get("kid_subset_size", 1000)))
-        return {**combine_seeds(per_seed), "seconds": round(time.perf_counter() - t0, 2)}
+            return self.score(images, u["split"], prompts, **kid)
+
+        return over_seeds(u, draw_and_score)
 
     def along_unit(self, lm: Any, u: dict[str, Any]) -> dict[str, Any]:
         raise CompareError("the along stage needs the classifier scorer")  # refused by the spec already

@@ -20,7 +20,7 @@ from deltafm.correction import correction_window
 from deltafm.solvers import nfe_to_steps
 from deltafm.study.spec import CompareConfig, CompareError, apply_study_overrides
 
-__all__ = ["SCORING", "Evaluator", "combine_seeds", "unit_metrics", "unit_seeds"]
+__all__ = ["SCORING", "Evaluator", "combine_seeds", "over_seeds", "unit_metrics", "unit_seeds"]
 
 #: How the study scores samples (arguments of ``evaluate_samples``): FD by the eigendecomposition form of
 #: tr((Σ₁Σ₂)^{1/2}) (exact for covariance matrices, ~100x faster than ``scipy.linalg.sqrtm`` on
@@ -44,6 +44,17 @@ def unit_metrics(result: dict[str, Any]) -> dict[str, Any]:
 def unit_seeds(u: dict[str, Any]) -> list[int]:
     """The sampling-noise seeds of a unit: ``seeds`` (eval.sample_seeds) or the one ``seed``."""
     return [int(s) for s in u["seeds"]] if "seeds" in u else [int(u["seed"])]
+
+
+def over_seeds(u: dict[str, Any],
+               draw_and_score: Callable[[int, bool, dict[str, int]], dict[str, Any]]) -> dict[str, Any]:
+    """A sampling unit's metrics: ``draw_and_score(seed, first, kid)`` for each of its noise seeds (``first``:
+    the seed whose samples go into the grid; ``kid``: the unit's KID settings as keyword arguments of the
+    scorer), combined by :func:`combine_seeds`, with the wall-clock ``seconds``."""
+    t0 = time.perf_counter()
+    kid = {"kid_subsets": u.get("kid_subsets", 0), "kid_subset_size": u.get("kid_subset_size", 1000)}
+    per_seed = [draw_and_score(seed, i == 0, kid) for i, seed in enumerate(unit_seeds(u))]
+    return {**combine_seeds(per_seed), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,22 +194,22 @@ class Evaluator:
         from deltafm.generate import generate, labels_for
         from deltafm.images import save_grid
 
-        t0 = time.perf_counter()
         k = lm.data.num_classes
         labels = labels_for(u["num"], k)
-        per_seed = []
-        for i, seed in enumerate(unit_seeds(u)):
+
+        def draw_and_score(seed: int, first: bool, kid: dict[str, int]) -> dict[str, Any]:
             x = generate(lm.model, labels=labels, shape=lm.shape, num_classes=k, solver=u["solver"],
                          steps=nfe_to_steps(u["solver"], u["nfe"]), cfg=u["w"],
                          interval=tuple(u.get("interval", (0.0, 1.0))), correction=self.correction(lm, u),
                          seed=seed, batch_size=self.c.eval.batch_size, device=self.device,
                          path=lm.objective.path, amp_dtype=self.amp)
             imgs = self._decoder(lm)(x)
-            if grid_to is not None and i == 0:
+            if grid_to is not None and first:
                 order = [i for c_ in range(k) for i in range(c_, min(len(imgs), 10 * k), k)]
                 save_grid(imgs[order], grid_to, ncol=10)
-            per_seed.append(self.score(imgs, labels.numpy(), u.get("kid_subsets", 0), u.get("kid_subset_size", 1000)))
-        return {**combine_seeds(per_seed), "seconds": round(time.perf_counter() - t0, 2)}
+            return self.score(imgs, labels.numpy(), **kid)
+
+        return over_seeds(u, draw_and_score)
 
     def _decoder(self, lm: Any) -> Callable[[Any], Any]:
         """Model-space samples -> uint8 NHWC images: the pixel map, or the VAE of a latent model."""

@@ -110,13 +110,13 @@ def _draw(c: Any, ev: Any, out: Path, arm: Any, name: str, seed: int, num: int) 
 
 
 def _paired(values: dict[str, dict[int, float]], a: str, b: str) -> dict[str, Any]:
-    from deltafm.study.paired import t_interval
+    from deltafm.study.paired import mean_ci
 
     seeds = sorted(set(values.get(a, {})) & set(values.get(b, {})))
     d = [values[a][s] - values[b][s] for s in seeds]
-    ci = t_interval(d)
-    return {"variant": a, "baseline": b, "n": len(d), "diffs": d,
-            "mean": ci[0] if ci else (d[0] if d else None), "ci95": [ci[1], ci[2]] if ci else None}
+    mean, low, high = mean_ci(d) if d else (None, None, None)
+    return {"variant": a, "baseline": b, "n": len(d), "diffs": d, "mean": mean,
+            "ci95": [low, high] if low is not None else None}
 
 
 def run_checks(args: argparse.Namespace, log=print) -> dict[str, Any]:
@@ -254,6 +254,7 @@ def checks_markdown(result: dict[str, Any], figures_link: str | None = None) -> 
     """The checks as markdown: FD/KID against n with the floor, paired differences per feature network, the
     contrast stretch against the raw baseline, and the figures (``figures_link``: their folder as linked)."""
     from deltafm.study.markdown import fmt, pm, table
+    from deltafm.study.paired import ci_text
 
     sizes, lines = result["sizes"], []
     rows = [["real images (floor)", *[f"{fmt(f)} / {fmt(1e3 * k)}" for f, k in
@@ -268,9 +269,8 @@ def checks_markdown(result: dict[str, Any], figures_link: str | None = None) -> 
     def ci(p: dict[str, Any], scale: float = 1.0) -> str:
         if p["mean"] is None:
             return "–"
-        if p["ci95"] is None:
-            return fmt(scale * p["mean"])
-        return f"{fmt(scale * p['mean'])} [{fmt(scale * p['ci95'][0])}, {fmt(scale * p['ci95'][1])}]"
+        low, high = p["ci95"] or (None, None)
+        return ci_text(scale * p["mean"], *((scale * low, scale * high) if low is not None else ()))
 
     nets = list(result["networks"])
     head = ["variant", "baseline", "n", *[f"ΔFD ({n})" for n in nets], *[f"ΔKID×10³ ({n})" for n in nets]]

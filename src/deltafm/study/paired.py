@@ -24,7 +24,7 @@ from typing import Any
 from deltafm.study.markdown import fmt, table
 from deltafm.study.results import Results
 
-__all__ = ["t_interval", "equivalence", "paired_final", "paired_cfg", "section_comparisons"]
+__all__ = ["t_interval", "mean_ci", "ci_text", "equivalence", "paired_final", "paired_cfg", "section_comparisons"]
 
 
 def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
@@ -67,11 +67,22 @@ def paired_cfg(r: Results, a: str, b: str, metric: str, w: float) -> list[float]
     return out
 
 
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of the 95% t-interval of ``values`` (one or more); low and high are None for one
+    value."""
+    ci = t_interval(values)
+    return ci if ci is not None else (values[0], None, None)
+
+
+def ci_text(mean: float | None, low: float | None = None, high: float | None = None) -> str:
+    """``mean [low, high]``, or the mean alone without an interval, or "–" without a mean."""
+    if mean is None:
+        return "–"
+    return fmt(mean) if low is None else f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
+
+
 def _ci(diffs: list[float]) -> str:
-    ci = t_interval(diffs)
-    if ci is None:
-        return fmt(diffs[0]) if diffs else "–"
-    return f"{fmt(ci[0])} [{fmt(ci[1])}, {fmt(ci[2])}]"
+    return ci_text(*mean_ci(diffs)) if diffs else "–"
 
 
 def _equivalent(diffs: list[float], margin: float) -> str:

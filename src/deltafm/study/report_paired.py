@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltafm.study.markdown import fmt, table
-from deltafm.study.paired import t_interval
+from deltafm.study.markdown import table
+from deltafm.study.paired import ci_text, mean_ci
 from deltafm.study.results import Results
 
 __all__ = ["paired_curve", "lambda_series", "section_paired_curves", "section_lambda"]
@@ -37,8 +37,7 @@ def paired_curve(r: Results, a: str, b: str, metric: str) -> list[tuple[int, flo
             if va is not None and vb is not None:
                 diffs.append(va - vb)
         if diffs:
-            ci = t_interval(diffs)
-            out.append((img, ci[0] if ci else diffs[0], ci[1] if ci else None, ci[2] if ci else None, len(diffs)))
+            out.append((img, *mean_ci(diffs), len(diffs)))
     return out
 
 
@@ -89,8 +88,7 @@ def section_paired_curves(R: Any) -> list[str]:
     rows = []
     for label, pts in curves.items():
         at = {row[0]: row for row in pts}
-        rows.append([label, *[(f"{fmt(at[p][1])} [{fmt(at[p][2])}, {fmt(at[p][3])}]" if at.get(p) and at[p][2]
-                               is not None else (fmt(at[p][1]) if at.get(p) else "–")) for p in points]])
+        rows.append([label, *[ci_text(*at[p][1:4]) if p in at else "–" for p in points]])
     path = _plot_paired(curves, R.fig_dir / f"{R.tag}-paired-curves.png",
                         f"paired ΔFD against images seen ({R.name})", "ΔFD (variant − baseline), 95% band",
                         "images seen (thousands)", xscale=1e3)
@@ -141,13 +139,10 @@ def section_lambda(R: Any) -> list[str]:
         for lam in lams:
             vals = by_lam.get(lam)
             if vals:
-                ci = t_interval(vals)
-                pts.append((lam, ci[0] if ci else vals[0], ci[1] if ci else None, ci[2] if ci else None, len(vals)))
+                pts.append((lam, *mean_ci(vals), len(vals)))
         curves[name] = pts
         at = {p[0]: p for p in pts}
-        rows.append([name, *[(f"{fmt(at[x][1])} [{fmt(at[x][2])}, {fmt(at[x][3])}] (n={at[x][4]})"
-                              if at.get(x) and at[x][2] is not None else
-                              (f"{fmt(at[x][1])} (n=1)" if at.get(x) else "–")) for x in lams]])
+        rows.append([name, *[f"{ci_text(*at[x][1:4])} (n={at[x][4]})" if x in at else "–" for x in lams]])
     fm = list(R.r.final(R.st["baseline"], "fd").values())
     path = _plot_paired({k: v for k, v in curves.items() if v}, R.fig_dir / f"{R.tag}-lambda.png",
                         f"final FD against λ ({R.name})", "classifier-FD (95% intervals)", "λ", zero_line=False,

@@ -65,10 +65,10 @@ def pixel_histogram(images: np.ndarray, bins: int = 32) -> list[float]:
 def _metrics(extractor: Any, images: np.ndarray, ref: Any, labels: np.ndarray | None, batch_size: int,
              kid_subsets: int, kid_subset_size: int) -> dict[str, float]:
     from deltafm.eval.features import evaluate_samples
+    from deltafm.study.evaluator import SCORING
 
-    r = evaluate_samples(extractor, images, ref, labels=labels, layout="NHWC", k=3, splits=1, pr_max="match",
-                         seed=0, fd_method="eigh", batch_size=batch_size, progress=False,
-                         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    r = evaluate_samples(extractor, images, ref, labels=labels, layout="NHWC", k=3, batch_size=batch_size,
+                         progress=False, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, **SCORING)
     out = {"fd": float(r["fd"]), "kid": float(r["kid"])}
     if "class_accuracy" in r:
         out["class_acc"] = float(r["class_accuracy"]["overall"])
@@ -139,10 +139,7 @@ def run_checks(args: argparse.Namespace, log=print) -> dict[str, Any]:
     nets: dict[str, tuple[Any, Any]] = {"study": (ev.classifier, ev.ref)}
     if args.second_classifier:
         second = load_classifier(args.second_classifier).eval()
-        ref_imgs = ev.split(c.eval.reference_split).images
-        if c.eval.reference_max is not None:
-            ref_imgs = ref_imgs[: c.eval.reference_max]
-        nets["second"] = (second, reference_statistics(second, ref_imgs, progress=False))
+        nets["second"] = (second, reference_statistics(second, ev.reference_images(), progress=False))
     train_imgs = ev.split("train").images
     if len(train_imgs) < sizes[-1]:
         raise CompareError(f"the training split has {len(train_imgs)} images, fewer than the largest size")

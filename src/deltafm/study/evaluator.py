@@ -139,6 +139,13 @@ class Evaluator:
             save_classifier(model, path)
         return path
 
+    def reference_images(self):
+        """The real images the reference statistics are computed from: the first ``eval.reference_max`` (default:
+        all) of the ``eval.reference_split`` split."""
+        e = self.c.eval
+        images = self.split(e.reference_split).images
+        return images if e.reference_max is None else images[: e.reference_max]
+
     def _reference_stats(self, ref_path: Path):
         """Reference statistics of the reference split (recomputed when the classifier, the number of
         items or the data folder changed)."""
@@ -150,9 +157,7 @@ class Evaluator:
         if ref is not None and ref.meta.get("extractor") == self.extractor_id and \
                 ref.meta.get("max_items") == e.reference_max and ref.meta.get("root") == root:
             return ref
-        images = self.split(e.reference_split).images
-        if e.reference_max is not None:
-            images = images[: e.reference_max]
+        images = self.reference_images()
         meta = {"dataset": self.dataset, "split": e.reference_split, "max_items": e.reference_max}
         if root is not None:
             meta["root"] = root

@@ -90,6 +90,11 @@ def test_checks_errors(study, tmp_path, capsys):
     assert main(["--config", str(cfg), "--out", str(tmp_path / "empty"), "--json", str(tmp_path / "c.json"),
                  "--num", "20", "--sizes", "10"]) == 2
     assert "no checkpoint of arm fm seed 0" in capsys.readouterr().err
+    assert main([*base, "--from-json"]) == 2 and "no such file" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text("not json")
+    assert main([*base, "--from-json"]) == 2 and "not readable JSON" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text("{}")
+    assert main([*base, "--from-json"]) == 2 and "not the results of" in capsys.readouterr().err
 
 
 def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path, capsys):

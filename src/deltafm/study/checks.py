@@ -328,7 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CompareError("--stretch factors must be > 0")
         torch.set_num_threads(args.threads)
         if args.from_json:
-            result = json.loads(args.json.read_text())
+            if not args.json.is_file():
+                raise CompareError(f"--json {args.json}: no such file (--from-json redraws an earlier run's results)")
+            from deltafm.hub import read_json
+
+            result = read_json(args.json, CompareError)
+            if not isinstance(result, dict) or result.get("format") != FORMAT:
+                raise CompareError(f"--json {args.json}: not the results of python -m deltafm.study.checks ({FORMAT})")
         else:
             result = run_checks(args)
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,7 @@ def _text_only_clip(folder: Path) -> Path:
     ("no_sample_json", "no sample.json beside"),
     ("class_samples", "records no prompts"),
     ("empty_prompt", "prompt 1 is empty"),
+    ("not_npz", "--images must be an .npz"),
 ])
 def test_bad_input_is_one_error_line(clip_dir, tmp_path, case, needle):
     import shutil
@@ -143,6 +144,8 @@ def test_bad_input_is_one_error_line(clip_dir, tmp_path, case, needle):
     elif case == "empty_prompt":
         (tmp_path / "c.txt").write_text("a red circle\n \na\na\na\na\n")
         extra = ["--captions", str(tmp_path / "c.txt")]
+    elif case == "not_npz":
+        images.write_text("not an archive")
     rc, out, err = run_cli(["clip-score", "--clip", clip, "--images", str(images), *extra])
     assert rc == 2 and out == "" and err.startswith("error:") and err.count("\n") == 1, err
     assert needle in err

@@ -132,7 +132,7 @@ def _score(args: Any) -> dict[str, Any]:
     reader = load_reader(args.reader)
     config = ShapesConfig(canvas=reader.config.canvas, shapes=reader.config.shapes, colours=reader.config.colours,
                           size_px=reader.config.size_px, gap_px=reader.config.gap_px)
-    images, labels = load_samples(args.images)
+    images, labels = load_samples(args.images, "--images")
     images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     if args.captions is not None:
         result = score_prompts(reader, images, read_captions(args.captions), config, args.threshold)

@@ -44,7 +44,7 @@ from deltafm.eval.metrics import EvalInputError, EvalKeyError, open_npz, read_np
 
 __all__ = ["build_parser", "load_samples", "main", "resolve_device"]
 
-SAMPLES_FORMAT = ("--samples must be an .npz (ADM layout) with arr_0 uint8 (N, H, W, C), C = 1 or 3, and optional "
+SAMPLES_FORMAT = ("{option} must be an .npz (ADM layout) with arr_0 uint8 (N, H, W, C), C = 1 or 3, and optional "
                   "integer labels under 'labels' or 'arr_1'; it is read with allow_pickle=False (never unpickled)")
 
 
@@ -140,30 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+def load_samples(path: str | Path, option: str = "--samples") -> tuple[np.ndarray, np.ndarray | None]:
     """Read ADM-layout samples: uint8 (N, H, W, C) under ``arr_0``; labels under ``labels`` or ``arr_1``.
+    ``option`` names the command-line option the file came from, in the error messages.
 
     Raises FileNotFoundError, :class:`EvalKeyError` (no ``arr_0``) or :class:`EvalInputError` (not an .npz,
     pickled arrays, another dtype or layout, non-integer or negative labels, a label count that differs).
     """
-    with open_npz(path, SAMPLES_FORMAT) as data:
+    fmt = SAMPLES_FORMAT.format(option=option)
+    with open_npz(path, fmt) as data:
         if "arr_0" not in data.files:
-            raise EvalKeyError(f"{path}: no 'arr_0' (has {data.files}); {SAMPLES_FORMAT}")
-        images = read_npz_array(data, "arr_0", path, SAMPLES_FORMAT)
+            raise EvalKeyError(f"{path}: no 'arr_0' (has {data.files}); {fmt}")
+        images = read_npz_array(data, "arr_0", path, fmt)
         labels = None
         for key in ("labels", "arr_1"):
             if key in data.files:
-                labels = read_npz_array(data, key, path, SAMPLES_FORMAT)
+                labels = read_npz_array(data, key, path, fmt)
                 break
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise EvalInputError(f"{path}: arr_0 is {images.dtype} {images.shape}; {SAMPLES_FORMAT}")
+        raise EvalInputError(f"{path}: arr_0 is {images.dtype} {images.shape}; {fmt}")
     if images.shape[3] not in (1, 3):
         hint = "; it looks like (N, C, H, W): transpose it to (N, H, W, C)" if images.shape[1] in (1, 3) else ""
         raise EvalInputError(f"{path}: arr_0 {images.shape} has {images.shape[3]} channels in its last axis{hint}; "
-                             f"{SAMPLES_FORMAT}")
+                             f"{fmt}")
     if labels is not None:
         if labels.dtype.kind not in "iu":
-            raise EvalInputError(f"{path}: labels must be integers, got {labels.dtype}; {SAMPLES_FORMAT}")
+            raise EvalInputError(f"{path}: labels must be integers, got {labels.dtype}; {fmt}")
         labels = labels.astype(np.int64).reshape(-1)
         if len(labels) != len(images):
             raise EvalInputError(f"{path}: {len(labels)} labels for {len(images)} images")

@@ -69,7 +69,7 @@ def _score(args: Any) -> dict[str, Any]:
     from deltafm.eval.cli import load_samples, resolve_device
     from deltafm.eval.clip_score import load_clip_scorer, summarise
 
-    images, _ = load_samples(args.images)
+    images, _ = load_samples(args.images, "--images")
     if len(images) == 0:
         raise EvalInputError(f"{args.images} holds no images")
     prompts = (read_captions(args.captions) if args.captions is not None

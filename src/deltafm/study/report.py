@@ -9,7 +9,9 @@ steps-to-match, all arms on the first seed, metric against NFE with NFE-to-match
 guidance, sample grids); the ratios are :mod:`deltafm.study.ratios`, the figures
 :mod:`deltafm.study.figures`. A study scored with the attribute reader gets the sections after the setup once
 per prompt split (headings "NAME, SPLIT prompts"), with its metrics (:mod:`deltafm.study.report_context`) and
-the per-part guidance table (:mod:`deltafm.study.report_attributes`).
+the per-part guidance table (:mod:`deltafm.study.report_attributes`); the paired sections are
+:mod:`deltafm.study.paired` and :mod:`deltafm.study.report_paired`, the sampling-error table
+:mod:`deltafm.study.report_noise`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from deltafm.study.paired import section_comparisons as _section_comparisons
 from deltafm.study.ratios import REL_PREFIX, format_ratio, nfe_to_match, steps_to_match
 from deltafm.study.report_attributes import prompts_what, reader_line, section_part_cfg
 from deltafm.study.report_context import ReportContext as _Report
+from deltafm.study.report_noise import section_sampling_error
 from deltafm.study.report_paired import section_lambda, section_paired_curves
 from deltafm.study.results import VIEWS, Results, mean_band
 
@@ -343,8 +346,8 @@ def _section_grids(R: _Report) -> list[str]:
 
 
 #: the sections after the setup, once per prompt split of an attribute-scored study (once otherwise)
-_SECTIONS = (_section_final, _section_comparisons, section_paired_curves, _section_curves, _section_one_seed,
-             section_lambda, _section_nfe, _section_along,
+_SECTIONS = (_section_final, _section_comparisons, section_sampling_error, section_paired_curves, _section_curves,
+             _section_one_seed, section_lambda, _section_nfe, _section_along,
              _section_cfg, section_part_cfg, _section_grids)
 
 

@@ -24,7 +24,8 @@ from typing import Any
 from deltafm.study.markdown import fmt, table
 from deltafm.study.results import Results
 
-__all__ = ["t_interval", "mean_ci", "ci_text", "equivalence", "paired_final", "paired_cfg", "section_comparisons"]
+__all__ = ["t_interval", "mean_ci", "ci_text", "equivalence", "paired_final", "paired_cfg", "paired_sweep",
+           "section_comparisons"]
 
 
 def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
@@ -62,6 +63,16 @@ def paired_cfg(r: Results, a: str, b: str, metric: str, w: float) -> list[float]
     out = []
     for s in sorted(set(r.by_seed(a)) & set(r.by_seed(b))):
         va, vb = dict(r.cfg(a, s, metric)).get(w), dict(r.cfg(b, s, metric)).get(w)
+        if va is not None and vb is not None:
+            out.append(va - vb)
+    return out
+
+
+def paired_sweep(r: Results, a: str, b: str, metric: str, solver: str, nfe: int) -> list[float]:
+    """Per-seed differences a − b of the sweep metric of ``solver`` at ``nfe`` over the seeds both have."""
+    out = []
+    for s in sorted(set(r.by_seed(a)) & set(r.by_seed(b))):
+        va, vb = dict(r.sweep(a, s, solver, metric)).get(nfe), dict(r.sweep(b, s, solver, metric)).get(nfe)
         if va is not None and vb is not None:
             out.append(va - vb)
     return out
@@ -126,7 +137,36 @@ def section_comparisons(R: Any) -> list[str]:
                   "before the runs; 'yes' when the 90% interval lies inside ±margin, 'not shown' otherwise (the "
                   "data cannot exclude a difference of that size).")
     return [f"{R.h} Paired comparisons ({R.name}, end of training, mean [95% t-interval] over seeds)", "",
-            notes, ""] + table(head, rows) + [""] + _per_attribute(R, pairs)
+            notes, ""] + table(head, rows) + [""] + _per_sampler(R, pairs, margins) + _per_attribute(R, pairs)
+
+
+def _per_sampler(R: Any, pairs: list[list[str]], margins: dict[str, float]) -> list[str]:
+    """The same pairs' ΔFD for every sampler of the NFE sweep at its largest NFE (where each sampler is closest
+    to its plateau), with the FD equivalence verdict: does the conclusion depend on the sampler?"""
+    r = R.r
+    at: dict[str, int] = {}
+    for v in R.present:
+        for s in r.by_seed(v):
+            for solver in R.ev.get("sweep", {}).get("solvers", []):
+                for n, _ in r.sweep(v, s, solver, "fd"):
+                    at[solver] = max(at.get(solver, 0), n)
+    if not at:
+        return []
+    rows, head = [], ["variant", "baseline"]
+    for solver, n in at.items():
+        head.append(f"ΔFD {solver} NFE {n}")
+        if "fd" in margins:
+            head.append(f"fd within ±{margins['fd']:g} ({solver})")
+    for a, b in pairs:
+        cells = [a, b]
+        for solver, n in at.items():
+            d = paired_sweep(r, a, b, "fd", solver, n)
+            cells.append(_ci(d))
+            if "fd" in margins:
+                cells.append(_equivalent(d, margins["fd"]))
+        rows.append(cells)
+    return [f"The same pairs for each sampler of the NFE sweep at its largest NFE ({R.name}; ΔFD [95% CI]"
+            + (", equivalence as above" if "fd" in margins else "") + "):", ""] + table(head, rows) + [""]
 
 
 def _per_attribute(R: Any, pairs: list[list[str]]) -> list[str]:

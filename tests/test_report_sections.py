@@ -1,4 +1,5 @@
-"""The sampling-error section of the study report (deltafm.study.report_noise): closed forms on hand-made draws."""
+"""Study report sections on hand-made results: the sampling-error table (deltafm.study.report_noise) and the
+per-sampler paired comparisons (deltafm.study.paired), against closed forms."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deltafm.study.paired import section_comparisons
 from deltafm.study.report_context import ReportContext
 from deltafm.study.report_noise import noise_split, section_sampling_error
 from deltafm.study.results import Results
@@ -85,3 +87,34 @@ def test_section_absent_without_noise_seeds(tmp_path: Path):
         for v in run["variants"].values():
             v["curve"][0].pop("per_seed")
     assert _section(data, tmp_path) == ""
+
+
+def test_comparisons_per_sampler_at_the_largest_nfe(tmp_path: Path):
+    """ΔFD per sweep sampler at its largest NFE: the paired mean and t-interval of hand-made values, and the
+    TOST verdict at the study's margin (scipy's t quantile as the independent check)."""
+    from scipy.stats import t as student_t
+
+    data = _results({0: [1.0, 1.0], 1: [1.0, 1.0], 2: [1.0, 1.0]}, {0: [1.0, 1.0], 1: [1.0, 1.0], 2: [1.0, 1.0]})
+    diffs = {"heun": [-0.1, 0.0, 0.1], "sde": [-2.0, -1.0, -3.0]}
+    for run in data["runs"]:
+        s, arm = run["seed"], run["arm"]
+        sweep = []
+        for solver, d in diffs.items():
+            for nfe in (4, 16):  # only NFE 16 (the largest) is reported
+                fd = 5.0 + (d[s] if arm == "dfm" and nfe == 16 else 0.0) + (9.0 if nfe == 4 else 0.0)
+                sweep.append({"solver": solver, "nfe": nfe, "fd": fd})
+        run["variants"][arm]["sweep"] = sweep
+    data["study"]["eval"]["sweep"] = {"solvers": ["heun", "sde"], "nfe": [4, 16], "num": 10}
+    data["study"]["equivalence"] = {"fd": 0.5}
+    md = "\n".join(section_comparisons(ReportContext(Results(data), "###", tmp_path, lambda f: f, None)))
+    head = next(line for line in md.splitlines() if line.startswith("| variant | baseline | ΔFD heun"))
+    assert head == ("| variant | baseline | ΔFD heun NFE 16 | fd within ±0.5 (heun) | ΔFD sde NFE 16 | "
+                    "fd within ±0.5 (sde) |")
+    row = md.splitlines()[md.splitlines().index(head) + 2]
+    half95 = float(student_t.ppf(0.975, 2)) * 0.1 / math.sqrt(3)      # the sd of (-0.1, 0, 0.1) is 0.1
+    half90 = float(student_t.ppf(0.95, 2)) * 0.1 / math.sqrt(3)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["dfm", "fm"]
+    assert cells[2] == f"0 [{-half95:.3g}, {half95:.3g}]"
+    assert cells[3] == f"yes [{-half90:.3g}, {half90:.3g}]"       # inside ±0.5
+    assert cells[4].startswith("-2.00 [") and cells[5].startswith("not shown")

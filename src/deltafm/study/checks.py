@@ -5,7 +5,8 @@ samples buys the same FD gain as ΔFM.
     python -m deltafm.study.checks --config configs/compare/fmnist-unet-power.yaml --out runs/compare/NAME \\
         --variants fm fm+posthoc dfm dfm+bc --seeds 0 1 2 --num 4000 --sizes 250 500 1000 2000 4000 \\
         --second-classifier runs/eval/fmnist-classifier-wide.safetensors --stretch 0.9 0.95 1.05 1.1 1.2 \\
-        --json docs/figures/compare/NAME-checks.json --figures docs/figures/compare
+        --json docs/figures/compare/NAME-checks.json --figures docs/figures/compare \\
+        --link-prefix figures/compare --update docs/RESULTS.md
 
 It reads the final checkpoint (EMA weights) of each (arm, seed) the study kept under ``OUT/runs`` and, per
 variant and seed, draws ``--num`` samples once with the study's curve sampler (``eval.curve``: solver, NFE;
@@ -190,8 +191,8 @@ def run_checks(args: argparse.Namespace, log=print) -> dict[str, Any]:
 def _summaries(result: dict[str, Any], c: Any, variants: list[str]) -> dict[str, Any]:
     """Paired differences of every variant against the study's baseline (and the study's comparisons) per
     network and metric, and the best contrast stretch against ΔFM."""
-    pairs = [[v, c.baseline] for v in variants if v != c.baseline] + \
-        [p for p in c.comparisons if all(x in variants for x in p)]
+    pairs = [[v, c.baseline] for v in variants if v != c.baseline]
+    pairs += [list(p) for p in c.comparisons if all(x in variants for x in p) and list(p) not in pairs]
     out: dict[str, Any] = {}
     for net, per in result["networks"].items():
         for metric in ("fd", "kid", "class_acc"):
@@ -310,6 +311,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--json", type=Path, required=True, help="write the results here")
     p.add_argument("--figures", type=Path, help="write the figures into this folder")
     p.add_argument("--markdown", type=Path, help="write the tables (markdown) here")
+    p.add_argument("--update", type=Path, help="also replace the block between <!-- BEGIN checks:NAME --> and "
+                                               "<!-- END checks:NAME --> of this markdown file (NAME: the study)")
     p.add_argument("--link-prefix", help="how the markdown links the figures folder (default: --figures)")
     p.add_argument("--from-json", action="store_true",
                    help="do not compute: redraw the figures and markdown from an existing --json")
@@ -341,9 +344,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         if args.figures is not None:
             plot_checks(result, args.figures, result["study"])
+        link = args.link_prefix or (str(args.figures) if args.figures is not None else None)
         if args.markdown is not None:
-            link = args.link_prefix or (str(args.figures) if args.figures is not None else None)
             args.markdown.write_text(checks_markdown(result, link) + "\n")
+        if args.update is not None:
+            from deltafm.study.report import update_section
+
+            try:
+                update_section(args.update, result["study"], checks_markdown(result, link), kind="checks",
+                               generated_by="python -m deltafm.study.checks")
+            except ValueError as e:
+                raise CompareError(str(e)) from None
     except CLI_ERRORS as e:
         print(cli_error(e), file=sys.stderr)
         return 2

@@ -139,4 +139,5 @@ def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path
         assert run["provenance"][0]["torch"] == torch.__version__
     md = (out / "report" / "REPORT.md").read_text()
     assert "ΔKID×10³ [95% CI]" in md and "fd within ±5 (TOST, 90% CI)" in md
+    assert " | KID ↓ |" in md.split("Final quality")[1].splitlines()[2]  # KID beside FD in the final table
     assert "Sampling error of the final point" in md and "| ΔFD dfm − fm+posthoc | 1 | 2 |" in md

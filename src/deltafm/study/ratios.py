@@ -53,10 +53,12 @@ METRICS: dict[str, tuple[str, bool]] = {
     "precision": ("precision", False),
     "recall": ("recall", False),
     "is": ("IS (classifier)", False),
+    "kid": ("KID", True),       # when the study computes it (eval.kid_subsets)
 }
 #: the attribute reader's metrics of text arms (deltafm.study.attributes), with the same meaning
 PROMPT_METRICS: dict[str, tuple[str, bool]] = {
     "fd": ("reader-FD", True),
+    "kid": ("reader-KID", True),
     "prompt_acc": ("prompt accuracy", False),
     "agreement": ("agreement", False),
     **{f"acc.{k}": (f"{k} accuracy", False) for k in ("shape", "colour", "size", "cell", "count", "relation")},
@@ -64,6 +66,7 @@ PROMPT_METRICS: dict[str, tuple[str, bool]] = {
 #: ... and of multi-condition arms
 CONDITION_METRICS: dict[str, tuple[str, bool]] = {
     "fd": ("reader-FD", True),
+    "kid": ("reader-KID", True),
     "all_acc": ("all-conditions accuracy", False),
     **{f"acc.{k}": (f"{k} accuracy", False) for k in ("shape", "colour", "size", "cell")},
     "one_object": ("one object read", False),

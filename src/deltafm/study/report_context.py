@@ -76,11 +76,8 @@ class ReportContext:
 
     @property
     def metrics(self) -> dict[str, tuple[str, bool]]:
-        """The metrics of the final-quality table: all of the classifier's; of the reader's, those some curve
-        point has."""
+        """The metrics of the final-quality table: those of the scorer that some curve point has."""
         table = self.labels
-        if self.r.scorer != "attributes":
-            return table
         have = {k for v in self.present for run in self.r.by_seed(v).values() for row in run["curve"]
                 for k, x in row.items() if x is not None}
         return {k: m for k, m in table.items() if k in have}

@@ -118,3 +118,15 @@ def test_comparisons_per_sampler_at_the_largest_nfe(tmp_path: Path):
     assert cells[2] == f"0 [{-half95:.3g}, {half95:.3g}]"
     assert cells[3] == f"yes [{-half90:.3g}, {half90:.3g}]"       # inside ±0.5
     assert cells[4].startswith("-2.00 [") and cells[5].startswith("not shown")
+    # the forest plot of the final pairs is written and linked
+    assert "![paired differences at the end of training](noisy-paired-final.png)" in md
+    assert (tmp_path / "noisy-paired-final.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_forest_plot_needs_differences(tmp_path: Path):
+    from deltafm.study.figures import plot_paired_final
+
+    assert plot_paired_final([("a − b", [], None)], tmp_path / "f.png", "t", "x", 0.25) is None
+    assert not (tmp_path / "f.png").exists()
+    assert plot_paired_final([("a − b", [0.1], None), ("c − d", [0.1, -0.2], (-2.0, 1.9))], tmp_path / "f.png",
+                             "t", "x", 0.25) == tmp_path / "f.png"

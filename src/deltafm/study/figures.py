@@ -5,7 +5,9 @@ One skeleton (:func:`_figure`) lays out the panels, draws the bands, puts the le
 panel and writes the PNG; the figures only say which curves go in which panel and how its axes
 are labelled: metric vs images seen (:func:`plot_curves`), metric vs NFE per solver (:func:`plot_nfe`),
 classifier accuracy along t (:func:`plot_along`), metric vs guidance scale (:func:`plot_cfg`) and, for
-multi-condition arms, metric vs the weight on one part (:func:`plot_part_cfg`).
+multi-condition arms, metric vs the weight on one part (:func:`plot_part_cfg`). The paired comparisons at
+the end of training have their own figure (:func:`plot_paired_final`): one row per pair, each seed's difference
+as a dot, the mean with its 95% t-interval as a bar, and the equivalence margin as a band.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from deltafm.study.ratios import METRICS
 from deltafm.study.results import VIEWS, Curve, Results, mean_band
 
-__all__ = ["plot_curves", "plot_nfe", "plot_along", "plot_cfg", "plot_part_cfg"]
+__all__ = ["plot_curves", "plot_nfe", "plot_along", "plot_cfg", "plot_part_cfg", "plot_paired_final"]
 
 
 def _plt():
@@ -171,3 +173,40 @@ def plot_part_cfg(r: Results, variants: list[str], parts: list[str], path: Path,
                      _Axes(f"weight w on {part}", labels.get(metric or f"acc.{part}", (f"{part} accuracy",))[0]))
               for j, part in enumerate(parts) for i, metric in enumerate(rows)]
     return _figure(r, variants, panels, (3, len(parts)), (4 * len(parts), 9), path, title)
+
+
+def plot_paired_final(rows: list[tuple[str, list[float], tuple[float, float] | None]], path: Path, title: str,
+                      xlabel: str, margin: float | None = None) -> Path | None:
+    """Forest plot of paired differences: for each (label, per-seed differences, 95% interval or None) a row
+    with the seeds as dots, the mean as a square and the interval as a bar; ±``margin`` shaded when given.
+    None (nothing written) without rows."""
+    rows = [row for row in rows if row[1]]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(rows) + 1.3))
+    if margin:
+        ax.axvspan(-margin, margin, color="0.85", label=f"equivalence margin ±{margin:g}")
+    ax.axvline(0.0, color="k", linewidth=0.8)
+    for i, (_, diffs, ci) in enumerate(rows):
+        y = len(rows) - 1 - i
+        offsets = [(j - (len(diffs) - 1) / 2) * 0.25 / max(len(diffs), 1) for j in range(len(diffs))]
+        ax.scatter(diffs, [y + 0.18 + o for o in offsets], s=10, color="tab:blue", alpha=0.7,
+                   label="one training seed" if i == 0 else None)
+        mean = sum(diffs) / len(diffs)
+        if ci is not None:
+            ax.errorbar([mean], [y], xerr=[[mean - ci[0]], [ci[1] - mean]], fmt="s", color="k", capsize=4,
+                        markersize=5, label="mean, 95% t-interval" if i == 0 else None)
+        else:
+            ax.plot([mean], [y], "s", color="k", markersize=5)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([row[0] for row in reversed(rows)], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

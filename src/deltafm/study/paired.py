@@ -137,7 +137,22 @@ def section_comparisons(R: Any) -> list[str]:
                   "before the runs; 'yes' when the 90% interval lies inside ±margin, 'not shown' otherwise (the "
                   "data cannot exclude a difference of that size).")
     return [f"{R.h} Paired comparisons ({R.name}, end of training, mean [95% t-interval] over seeds)", "",
-            notes, ""] + table(head, rows) + [""] + _per_sampler(R, pairs, margins) + _per_attribute(R, pairs)
+            notes, ""] + table(head, rows) + [""] + _forest(R, pairs, margins.get("fd")) + \
+        _per_sampler(R, pairs, margins) + _per_attribute(R, pairs)
+
+
+def _forest(R: Any, pairs: list[list[str]], margin: float | None) -> list[str]:
+    """The pairs' final ΔFD as a forest plot (per-seed dots, mean and 95% interval, the FD margin)."""
+    from deltafm.study.figures import plot_paired_final
+
+    rows = []
+    for a, b in pairs:
+        d = paired_final(R.r, a, b, "fd")
+        ci = t_interval(d)
+        rows.append((f"{a} − {b}", d, None if ci is None else (ci[1], ci[2])))
+    path = plot_paired_final(rows, R.fig_dir / f"{R.tag}-paired-final.png",
+                             f"paired ΔFD at the end of training ({R.name})", "ΔFD (variant − baseline)", margin)
+    return R.figure(path, "paired differences at the end of training")
 
 
 def _per_sampler(R: Any, pairs: list[list[str]], margins: dict[str, float]) -> list[str]:

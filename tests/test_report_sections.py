@@ -130,3 +130,21 @@ def test_forest_plot_needs_differences(tmp_path: Path):
     assert not (tmp_path / "f.png").exists()
     assert plot_paired_final([("a − b", [0.1], None), ("c − d", [0.1, -0.2], (-2.0, 1.9))], tmp_path / "f.png",
                              "t", "x", 0.25) == tmp_path / "f.png"
+
+
+def test_one_point_studies_have_no_steps_to_match(tmp_path: Path):
+    """A study evaluated only at the end of training gets no metric-vs-images section (one point is no curve)
+    and no steps-to-match in the seed-0 table; with a second point the section comes back."""
+    from deltafm.study.report import _section_curves, _section_one_seed
+
+    data = _results({0: [7.0, 7.2]}, {0: [6.0, 6.2]})
+    data["study"]["seeds"] = [0]
+    ctx = ReportContext(Results(data), "###", tmp_path, lambda f: f, None)
+    assert _section_curves(ctx) == []
+    row = next(line for line in _section_one_seed(ctx) if line.startswith("| dfm |"))
+    assert row.rstrip(" |").endswith("| -1.00 | –")
+    for run in data["runs"]:
+        v = next(iter(run["variants"].values()))
+        v["curve"].insert(0, {**v["curve"][0], "images": TOTAL // 2, "fd": 9.0})
+    ctx = ReportContext(Results(data), "###", tmp_path, lambda f: f, None)
+    assert any("Steps-to-match" in line for line in _section_curves(ctx))

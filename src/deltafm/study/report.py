@@ -165,7 +165,11 @@ def _steps_to_match_rows(R: _Report, others: list[str]) -> list[list[str]]:
 
 
 def _section_curves(R: _Report) -> list[str]:
+    """Metric against images seen with steps-to-match; [] when no curve has two points (a study evaluated at
+    the end of training only)."""
     r, name, present, metrics = R.r, R.name, R.present, ("fd", R.acc)
+    if max((len(r.curve(v, s, "fd")) for v in present for s in r.by_seed(v)), default=0) < 2:
+        return []
     f = figures.plot_curves(r, R.main, R.fig_dir / f"{R.tag}-curves.png", f"{name}: metric vs images seen (mean ± sd)",
                             metrics, R.labels)
     lines = [f"{R.h} Metric against images seen ({name})", ""] + R.figure(f, "metric vs images")
@@ -200,7 +204,7 @@ def _section_one_seed(R: _Report) -> list[str]:
         bfd = r.final(b, "fd").get(seed0) if b in present else None
         cb, co = r.curve(b, seed0, "fd"), r.curve(v, seed0, "fd")
         stm = "–"
-        if v != b and cb and co and cb[-1][0] == st["total_images"]:
+        if v != b and len(cb) > 1 and co and cb[-1][0] == st["total_images"]:
             m = steps_to_match(cb, co)
             stm = "never" if m["ratio"] is None else REL_PREFIX[m["rel"]] + f"{m['ratio']:.2f}"
         rows.append([v, f"{arm.get('lam', '?')}", str(arm.get("negatives", "?")), str(arm.get("batch_size", "?")),

@@ -148,3 +148,19 @@ def test_one_point_studies_have_no_steps_to_match(tmp_path: Path):
         v["curve"].insert(0, {**v["curve"][0], "images": TOTAL // 2, "fd": 9.0})
     ctx = ReportContext(Results(data), "###", tmp_path, lambda f: f, None)
     assert any("Steps-to-match" in line for line in _section_curves(ctx))
+
+
+def test_one_nfe_sweeps_have_no_nfe_to_match(tmp_path: Path):
+    from deltafm.study.report import _section_nfe
+
+    data = _results({0: [7.0, 7.2]}, {0: [6.0, 6.2]})
+    data["study"]["eval"]["sweep"] = {"solvers": ["heun"], "nfe": [16], "num": 10}
+    for run in data["runs"]:
+        next(iter(run["variants"].values()))["sweep"] = [{"solver": "heun", "nfe": 16, "fd": 9.0, "class_acc": 0.5}]
+    ctx = ReportContext(Results(data), "###", tmp_path, lambda f: f, None)
+    md = "\n".join(_section_nfe(ctx))
+    assert "| NFE 16 |" in md and "NFE-to-match" not in md
+    for run in data["runs"]:
+        next(iter(run["variants"].values()))["sweep"].insert(0, {"solver": "heun", "nfe": 8, "fd": 12.0,
+                                                                 "class_acc": 0.4})
+    assert "NFE-to-match" in "\n".join(_section_nfe(ReportContext(Results(data), "###", tmp_path, lambda f: f, None)))

@@ -264,7 +264,9 @@ def _section_nfe(R: _Report) -> list[str]:
     lines = [f"{R.h} Metric against NFE ({name})", ""] + R.figure(f, "metric vs NFE")
     for solver in solvers:
         lines += _nfe_table(R, sweep_v, solver)
-    rows = _nfe_to_match_rows(R, sweep_v, solvers)
+    one_nfe = all(len(r.sweep(v, seed, solver, "fd")) < 2
+                  for v in sweep_v for seed in r.by_seed(v) for solver in solvers)
+    rows = [] if one_nfe else _nfe_to_match_rows(R, sweep_v, solvers)  # one NFE: no curve to match on
     if rows:
         lines += ["NFE-to-match: the NFE the baseline needs to first reach its value at its largest NFE, divided "
                   "by the NFE the variant needs to reach that value (log-NFE interpolation; > 1: the variant "

@@ -18,11 +18,11 @@ both H0: μ_d ≤ −δ and H0: μ_d ≥ δ are rejected, i.e. when the 90% (= 1
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from deltafm.study.markdown import fmt, table
-from deltafm.study.results import Results
+from deltafm.study.results import Curve, Results
 
 __all__ = ["t_interval", "mean_ci", "ci_text", "equivalence", "paired_final", "paired_cfg", "paired_sweep",
            "section_comparisons"]
@@ -58,24 +58,25 @@ def paired_final(r: Results, a: str, b: str, metric: str) -> list[float]:
     return [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
 
 
-def paired_cfg(r: Results, a: str, b: str, metric: str, w: float) -> list[float]:
-    """Per-seed differences a − b of the guided metric at scale ``w`` over the seeds both have."""
+def _paired_at(r: Results, a: str, b: str, points: Callable[[str, int], Curve], x: float) -> list[float]:
+    """Per-seed differences a − b of the value at abscissa ``x`` of ``points(variant, seed)`` (one of the
+    :class:`Results` accessors) over the seeds where both variants have it."""
     out = []
     for s in sorted(set(r.by_seed(a)) & set(r.by_seed(b))):
-        va, vb = dict(r.cfg(a, s, metric)).get(w), dict(r.cfg(b, s, metric)).get(w)
+        va, vb = dict(points(a, s)).get(x), dict(points(b, s)).get(x)
         if va is not None and vb is not None:
             out.append(va - vb)
     return out
+
+
+def paired_cfg(r: Results, a: str, b: str, metric: str, w: float) -> list[float]:
+    """Per-seed differences a − b of the guided metric at scale ``w`` over the seeds both have."""
+    return _paired_at(r, a, b, lambda v, s: r.cfg(v, s, metric), w)
 
 
 def paired_sweep(r: Results, a: str, b: str, metric: str, solver: str, nfe: int) -> list[float]:
     """Per-seed differences a − b of the sweep metric of ``solver`` at ``nfe`` over the seeds both have."""
-    out = []
-    for s in sorted(set(r.by_seed(a)) & set(r.by_seed(b))):
-        va, vb = dict(r.sweep(a, s, solver, metric)).get(nfe), dict(r.sweep(b, s, solver, metric)).get(nfe)
-        if va is not None and vb is not None:
-            out.append(va - vb)
-    return out
+    return _paired_at(r, a, b, lambda v, s: r.sweep(v, s, solver, metric), nfe)
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]:

@@ -33,13 +33,8 @@ __all__ = ["noise_split", "final_draws", "section_sampling_error"]
 
 def final_draws(r: Results, variant: str, metric: str) -> dict[int, list[float]]:
     """Per training seed: the metric of each noise seed at the final curve point (seeds that kept them)."""
-    total = r.study["total_images"]
-    out = {}
-    for seed, v in r.by_seed(variant).items():
-        pts = [p for p in v["curve"] if p["images"] == total and metric in (p.get("per_seed") or {})]
-        if pts:
-            out[seed] = [float(x) for x in pts[-1]["per_seed"][metric]]
-    return out
+    rows = r.final_rows(variant, lambda p: metric in (p.get("per_seed") or {}))
+    return {seed: [float(x) for x in row["per_seed"][metric]] for seed, row in rows.items()}
 
 
 def noise_split(draws: list[list[float]]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ curves of each variant and seed, as (x, y) pairs, for the figures and the tables
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,15 +84,20 @@ class Results:
             return []
         return [(r["images"], r[metric]) for r in v["curve"] if r.get(metric) is not None]
 
-    def final(self, variant: str, metric: str) -> dict[int, float]:
-        """Per seed: the metric at the last curve point (only seeds whose curve reached total_images)."""
+    def final_rows(self, variant: str, has: Callable[[dict[str, Any]], bool]) -> dict[int, dict[str, Any]]:
+        """Per seed: the last curve row at total_images for which ``has(row)`` holds (seeds without one are
+        left out): the one rule for "the end of training" that :meth:`final` and the sampling-error table read."""
         total = self.study["total_images"]
         out = {}
         for seed, v in self.by_seed(variant).items():
-            pts = [r for r in v["curve"] if r["images"] == total and r.get(metric) is not None]
+            pts = [r for r in v["curve"] if r["images"] == total and has(r)]
             if pts:
-                out[seed] = pts[-1][metric]
+                out[seed] = pts[-1]
         return out
+
+    def final(self, variant: str, metric: str) -> dict[int, float]:
+        """Per seed: the metric at the last curve point (only seeds whose curve reached total_images)."""
+        return {s: row[metric] for s, row in self.final_rows(variant, lambda r: r.get(metric) is not None).items()}
 
     def sweep(self, variant: str, seed: int, solver: str, metric: str) -> Curve:
         v = self.by_seed(variant).get(seed)

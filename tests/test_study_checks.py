@@ -106,6 +106,15 @@ def test_checks_errors(study, tmp_path, capsys):
     assert main([*base, "--from-json"]) == 2 and "not readable JSON" in capsys.readouterr().err
     (tmp_path / "c.json").write_text("{}")
     assert main([*base, "--from-json"]) == 2 and "not the results of" in capsys.readouterr().err
+    # an --update target without the block, or no file at all, stops the checks before any sampling
+    (tmp_path / "c.json").unlink()
+    (tmp_path / "doc.md").write_text("no block\n")
+    for target in (tmp_path / "doc.md", tmp_path / "missing.md"):
+        assert main([*base, "--num", "20", "--sizes", "10", "--update", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1, err
+        assert not (tmp_path / "c.json").exists()
+    assert (tmp_path / "doc.md").read_text() == "no block\n"
 
 
 def test_a_classifier_study_with_noise_seeds_kid_and_equivalence(study, tmp_path, capsys):

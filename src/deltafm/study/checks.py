@@ -330,6 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(a <= 0 for a in args.stretch):
             raise CompareError("--stretch factors must be > 0")
         torch.set_num_threads(args.threads)
+        if args.update is not None and not args.from_json:  # before the long work: the block must be there
+            from deltafm.study.report import require_section
+
+            try:
+                require_section(args.update, load_compare_config(args.config).name, kind="checks")
+            except ValueError as e:
+                raise CompareError(str(e)) from None
         if args.from_json:
             if not args.json.is_file():
                 raise CompareError(f"--json {args.json}: no such file (--from-json redraws an earlier run's results)")

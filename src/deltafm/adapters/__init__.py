@@ -7,32 +7,7 @@
 Not imported by ``import deltafm``; import ``deltafm.adapters`` explicitly.
 """
 
-from .diffusers_fm import (
-    DiffusersLossOutput,
-    RunningMean,
-    add_bias_correction,
-    correct_prediction,
-    delta_fm_loss_diffusers,
-    deltafm_to_diffusers,
-    diffusers_to_deltafm,
-    sigma_to_t,
-    sigma_to_timestep,
-    t_to_sigma,
-    timestep_to_sigma,
-    u_bar_diffusers,
-)
+from . import diffusers_fm
+from .diffusers_fm import *  # noqa: F403  (the public names are diffusers_fm.__all__, listed once there)
 
-__all__ = [
-    "DiffusersLossOutput",
-    "RunningMean",
-    "add_bias_correction",
-    "correct_prediction",
-    "delta_fm_loss_diffusers",
-    "deltafm_to_diffusers",
-    "diffusers_to_deltafm",
-    "sigma_to_t",
-    "sigma_to_timestep",
-    "t_to_sigma",
-    "timestep_to_sigma",
-    "u_bar_diffusers",
-]
+__all__ = list(diffusers_fm.__all__)

@@ -223,6 +223,8 @@ def plot_checks(result: dict[str, Any], figures: Path, name: str) -> list[Path]:
             ax.fill_between(sizes, m - sd, m + sd, alpha=0.15)
         ax.plot(sizes, result["floor"][metric], "k--", label="real images (floor)")
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("samples n")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -235,7 +237,9 @@ def plot_checks(result: dict[str, Any], figures: Path, name: str) -> list[Path]:
     edges = np.linspace(0, 256, len(result["histograms"]["real"]) + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     for v, h in result["histograms"].items():
-        ax.plot(centres, h, "k--" if v == "real" else "-", label=v)
+        # the corrected variants dotted: each lies on top of the other arm's raw curve
+        style = "k--" if v == "real" else (":" if "+" in v else "-")
+        ax.plot(centres, h, style, linewidth=2 if "+" in v else 1.5, label=v)
     ax.set_yscale("log")
     ax.set_xlabel("pixel value")
     ax.set_ylabel("fraction of pixels")

@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from cli_cases import run_cli
-from deltafm.study.checks import contrast_stretch, main, pixel_histogram
+from deltafm.study.checks import balanced_order, contrast_stretch, main, pixel_histogram
 from deltafm.study.cli import main as compare_main
+from deltafm.study.spec import CompareError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,16 @@ def test_contrast_stretch_and_histogram_closed_forms():
     assert contrast_stretch(img, 0.5).ravel().tolist() == [50, 100, 150]
     assert np.array_equal(contrast_stretch(img, 1.0), img)
     assert pixel_histogram(img, bins=4) == pytest.approx([1 / 3, 1 / 3, 0, 1 / 3])
+
+
+def test_balanced_order_labels_like_the_samples():
+    labels = np.repeat(np.arange(3), [5, 4, 6])  # three classes of unequal size
+    idx = balanced_order(labels, 10, 3, np.random.default_rng(0))
+    assert len(set(idx.tolist())) == 10  # distinct items
+    assert labels[idx].tolist() == [i % 3 for i in range(10)]  # the order of generate.labels_for
+    assert np.array_equal(idx, balanced_order(labels, 10, 3, np.random.default_rng(0)))  # seeded
+    with pytest.raises(CompareError, match="class 1 has 4 training images, fewer than the 5"):
+        balanced_order(labels, 13, 3, np.random.default_rng(0))
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +67,8 @@ def test_checks_end_to_end(study, tmp_path):
     r = json.loads((tmp_path / "c.json").read_text())
     assert r["variants"] == ["fm", "fm+posthoc", "dfm", "dfm+bc"] and r["sizes"] == [10, 20, 40]
     assert len(r["floor"]["fd"]) == 3 and r["floor"]["fd"][0] > r["floor"]["fd"][-1] > 0  # FD's few-sample bias
+    assert len(r["floor_balanced"]["fd"]) == 3 and r["floor_balanced"]["fd"] != r["floor"]["fd"]
+    assert r["floor_seed"] == 0
     for v in r["variants"]:
         ss, full = r["sample_size"][v]["0"], r["networks"]["study"][v]["0"]
         assert ss["fd"][-1] == pytest.approx(full["fd"]) and ss["kid"][-1] == pytest.approx(full["kid"])
@@ -85,10 +98,29 @@ def test_checks_end_to_end(study, tmp_path):
     doc.write_text("no block\n")
     assert main(["--config", str(cfg), "--out", str(out), "--json", str(tmp_path / "c.json"), "--from-json",
                  "--update", str(doc)]) == 2
-    floor = r["floor"]["fd"][0]
-    assert "| real images (floor) | " in md and f"{floor:.3g}" in md and "ΔFD (second)" in md
+    floor, at_random = r["floor_balanced"]["fd"][0], r["floor"]["fd"][0]
+    assert f"| real images, class-balanced (floor) | {floor:.3g} / " in md and "ΔFD (second)" in md
+    assert f"| real images, at random | {at_random:.3g} / " in md
     assert "| dfm | fm+posthoc | 1 |" in md and "![FD and KID against n](figures/digits-tiny-sample-size.png)" in md
     assert "Contrast stretch of fm samples" in md and "| 1.2 | 1 |" in md
+    # results of before the balanced floor: one floor row; --floors-only adds the balanced one, as computed
+    # with the samples, and refuses a stored floor it cannot reproduce
+    old = {k: v for k, v in r.items() if k not in ("floor_balanced", "floor_seed")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["--config", str(cfg), "--out", str(out), "--json", str(tmp_path / "old.json"), "--from-json",
+                 "--markdown", str(tmp_path / "old.md")]) == 0
+    assert "| real images (floor) | " in (tmp_path / "old.md").read_text()
+    assert main(["--config", str(cfg), "--out", str(out), "--json", str(tmp_path / "old.json"), "--floors-only",
+                 "--markdown", str(tmp_path / "new.md"), "--link-prefix", "figures"]) == 0
+    redone = json.loads((tmp_path / "old.json").read_text())
+    for metric in ("fd", "kid"):
+        assert redone["floor_balanced"][metric] == pytest.approx(r["floor_balanced"][metric], rel=1e-9)
+    assert redone["floor"] == r["floor"] and redone["floors_provenance"]["torch"] == torch.__version__
+    assert (tmp_path / "new.md").read_text() == md
+    old["floor"] = {"fd": [x + 1 for x in r["floor"]["fd"]], "kid": r["floor"]["kid"]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["--config", str(cfg), "--out", str(out), "--json", str(tmp_path / "old.json"), "--floors-only"]) == 2
+    assert json.loads((tmp_path / "old.json").read_text()) == old  # nothing written
 
 
 def test_checks_errors(study, tmp_path, capsys):

@@ -14,8 +14,14 @@ noise seed ``eval.sample_seed``, precision ``eval.amp``), then:
 
 * **sample size**: FD and KID of the first n samples for each n in ``--sizes``, against the study's reference
   statistics, and the *real-data floor*: the same metrics for n real images of the training split (never
-  in the reference split), i.e. what a perfect generator would score with n samples. FD's few-sample bias
-  is the floor's excess over 0; KID is unbiased, so its floor is ≈ 0 at every n.
+  in the reference split), i.e. what a perfect generator would score with n samples. The samples are
+  class-balanced (label i mod K, :func:`deltafm.generate.labels_for`), and so is the floor that matches them:
+  n training images with the same labels in the same order (*balanced floor*). A balanced set has fewer
+  same-class pairs than an i.i.d. one (a pair shares its class with probability (n/K − 1)/(n − 1) instead
+  of 1/K), so both metrics read lower on it: KID, unbiased for i.i.d. sets, is biased low by O(1/n), and
+  FD's few-sample bias is smaller (measured on Fashion-MNIST test features: FD 0.41 against 0.75 at
+  n = 250, 0.06 against 0.10 at 2,000; KID −5.5 against −0.6 ×10⁻³ at 250). The i.i.d. floor (n training
+  images drawn at random) is kept beside it; FD's few-sample bias of the samples is near the balanced one.
 * **second feature network**: FD, KID and class accuracy of all ``--num`` samples in the features of
   ``--second-classifier`` (another classifier trained on the training split: other widths and seed,
   ``deltafm eval train-classifier --widths 48 96 192 --seed 1``), beside the study's own classifier; paired
@@ -86,6 +92,45 @@ def _final_checkpoint(out: Path, arm: str, seed: int) -> Path:
     return ckpts[-1]
 
 
+def balanced_order(labels: np.ndarray, num: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``num`` distinct items whose labels run 0, 1, …, K−1, 0, 1, … (the order of
+    :func:`deltafm.generate.labels_for`), each class's items drawn at random without replacement, so every
+    prefix of length n is class-balanced exactly as n generated samples are."""
+    labels = np.asarray(labels)
+    per = -(-num // num_classes)
+    pools = []
+    for k in range(num_classes):
+        have = np.flatnonzero(labels == k)
+        if len(have) < per:
+            raise CompareError(f"class {k} has {len(have)} training images, fewer than the {per} a balanced "
+                               f"floor of {num} needs")
+        pools.append(rng.choice(have, per, replace=False))
+    return np.array([pools[i % num_classes][i // num_classes] for i in range(num)], dtype=np.int64)
+
+
+def floors(ev: Any, batch_size: int, sizes: list[int], seed: int, kid: dict[str, int]) -> dict[str, Any]:
+    """The real-data floors at every n of ``sizes``: ``floor`` (n training images drawn at random, seed
+    ``seed``) and ``floor_balanced`` (n training images labelled like n generated samples,
+    :func:`balanced_order`, seed (``seed``, 1)), each {"fd": [...], "kid": [...]} against the study's
+    reference statistics."""
+    split = ev.split("train")
+    train_imgs, train_labels = split.images, np.asarray(split.labels)
+    if len(train_imgs) < sizes[-1]:
+        raise CompareError(f"the training split has {len(train_imgs)} images, fewer than the largest size")
+    g = np.random.default_rng(seed)
+    at_random = np.sort(g.choice(len(train_imgs), sizes[-1], replace=False))
+    balanced = balanced_order(train_labels, sizes[-1], split.num_classes, np.random.default_rng([seed, 1]))
+    out: dict[str, Any] = {}
+    for key, idx in (("floor", at_random), ("floor_balanced", balanced)):
+        real = train_imgs[idx].numpy().transpose(0, 2, 3, 1)
+        out[key] = {"fd": [], "kid": []}
+        for n in sizes:
+            m = _metrics(ev.classifier, real[:n], ev.ref, None, batch_size, **kid)
+            out[key]["fd"].append(m["fd"])
+            out[key]["kid"].append(m["kid"])
+    return out
+
+
 def _draw(c: Any, ev: Any, out: Path, arm: Any, name: str, seed: int, num: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 NHWC samples, their labels): ``num`` class-balanced samples of variant ``name`` from the final EMA
     checkpoint of (``arm``, ``seed``) with the study's curve sampler and noise seed."""
@@ -141,26 +186,19 @@ def run_checks(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if args.second_classifier:
         second = load_classifier(args.second_classifier).eval()
         nets["second"] = (second, reference_statistics(second, ev.reference_images(), progress=False))
-    train_imgs = ev.split("train").images
-    if len(train_imgs) < sizes[-1]:
-        raise CompareError(f"the training split has {len(train_imgs)} images, fewer than the largest size")
-    g = np.random.default_rng(args.seed)
-    real = train_imgs[np.sort(g.choice(len(train_imgs), sizes[-1], replace=False))].numpy().transpose(0, 2, 3, 1)
     kid = dict(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
     result: dict[str, Any] = {
         "format": FORMAT, "study": c.name, "config": str(args.config), "out": str(out), "num": args.num,
         "sizes": sizes, "seeds": args.seeds, "variants": variants, "sampler": {
             "solver": c.eval.curve.solver, "nfe": c.eval.curve.nfe, "noise_seed": c.eval.sample_seed},
-        "kid": kid, "classifier": ev.extractor_id, "provenance": environment(),
-        "floor": {"fd": [], "kid": []}, "sample_size": {}, "networks": {n: {} for n in nets}, "stretch": {},
+        "kid": kid, "floor_seed": args.seed, "classifier": ev.extractor_id, "provenance": environment(),
+        **floors(ev, c.eval.batch_size, sizes, args.seed, kid), "sample_size": {},
+        "networks": {n: {} for n in nets}, "stretch": {},
         "histograms": {"real": pixel_histogram(ev.split(c.eval.reference_split).images.numpy())}}
     if "second" in nets:
         result["second_classifier"] = nets["second"][0].extractor_id
-    for n in sizes:  # the real-data floor: n training images against the reference split
-        m = _metrics(ev.classifier, real[:n], ev.ref, None, c.eval.batch_size, **kid)
-        result["floor"]["fd"].append(m["fd"])
-        result["floor"]["kid"].append(m["kid"])
-    log("real-data floor FD " + ", ".join(f"{v:.2f}" for v in result["floor"]["fd"]) + f" at n = {sizes}")
+    log("real-data floor FD " + ", ".join(f"{v:.2f}" for v in result["floor_balanced"]["fd"]) + " (balanced), "
+        + ", ".join(f"{v:.2f}" for v in result["floor"]["fd"]) + f" (at random) at n = {sizes}")
     arms = {v.name: a for a, v in c.variants()}
     unknown = sorted(set(variants) - set(arms))
     if unknown:
@@ -205,6 +243,33 @@ def _summaries(result: dict[str, Any], c: Any, variants: list[str]) -> dict[str,
     return out
 
 
+def add_floors(args: argparse.Namespace, result: dict[str, Any], log=print) -> dict[str, Any]:
+    """``result`` (an earlier run's JSON) with both real-data floors computed again (:func:`floors`, its sizes,
+    KID settings and ``args.seed``) and the environment they were computed in under ``floors_provenance``.
+    The at-random floor must come out as stored (the same draw; the JSON's ``floor_seed`` where it has one):
+    a difference larger than float noise means another seed or data, and is an error, not an overwrite."""
+    from deltafm.provenance import environment
+    from deltafm.study.evaluator import Evaluator
+
+    c = load_compare_config(args.config)
+    if c.name != result["study"]:
+        raise CompareError(f"--config is study {c.name!r}, the JSON holds {result['study']!r}")
+    ev = Evaluator(c, Path(args.out), "cpu", lambda m: log(m), classifier=args.classifier)
+    if ev.extractor_id != result["classifier"]:
+        raise CompareError(f"the classifier is {ev.extractor_id}, the JSON was scored with {result['classifier']}")
+    seed = result.get("floor_seed", args.seed)
+    new = floors(ev, c.eval.batch_size, result["sizes"], seed, result["kid"])
+    old = result["floor"]
+    for metric in ("fd", "kid"):
+        worst = max(abs(a - b) for a, b in zip(old[metric], new["floor"][metric], strict=True))
+        if worst > 1e-6 * max(1.0, *map(abs, old[metric])):
+            raise CompareError(f"the at-random floor's {metric} differs from the stored one by {worst:.3g} (another "
+                               f"--seed than {seed}, or other data?)")
+    log("balanced floor FD " + ", ".join(f"{v:.3f}" for v in new["floor_balanced"]["fd"]) + "; at-random floor as "
+        "stored")
+    return {**result, "floor_balanced": new["floor_balanced"], "floors_provenance": environment()}
+
+
 def plot_checks(result: dict[str, Any], figures: Path, name: str) -> list[Path]:
     """FD and KID against n (mean ± sd over seeds, with the real-data floor) and the pixel histograms."""
     import matplotlib
@@ -221,7 +286,11 @@ def plot_checks(result: dict[str, Any], figures: Path, name: str) -> list[Path]:
             m, sd = arr.mean(0), arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1])
             ax.plot(sizes, m, marker="o", markersize=3, label=v)
             ax.fill_between(sizes, m - sd, m + sd, alpha=0.15)
-        ax.plot(sizes, result["floor"][metric], "k--", label="real images (floor)")
+        if "floor_balanced" in result:
+            ax.plot(sizes, result["floor_balanced"][metric], "k--", label="real images, class-balanced (floor)")
+            ax.plot(sizes, result["floor"][metric], "k:", label="real images, at random")
+        else:
+            ax.plot(sizes, result["floor"][metric], "k--", label="real images (floor)")
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()
@@ -259,13 +328,22 @@ def checks_markdown(result: dict[str, Any], figures_link: str | None = None) -> 
     from deltafm.study.paired import ci_text
 
     sizes, lines = result["sizes"], []
-    rows = [["real images (floor)", *[f"{fmt(f)} / {fmt(1e3 * k)}" for f, k in
-                                      zip(result["floor"]["fd"], result["floor"]["kid"])]]]
+
+    def floor_row(label: str, floor: dict[str, list[float]]) -> list[str]:
+        return [label, *[f"{fmt(f)} / {fmt(1e3 * k)}" for f, k in zip(floor["fd"], floor["kid"])]]
+
+    if "floor_balanced" in result:
+        rows = [floor_row("real images, class-balanced (floor)", result["floor_balanced"]),
+                floor_row("real images, at random", result["floor"])]
+        what = ("the floors are n real training images against the same reference, class-balanced in the samples' "
+                "label order and drawn at random")
+    else:
+        rows = [floor_row("real images (floor)", result["floor"])]
+        what = "the floor is n real training images against the same reference"
     for v, seeds in result["sample_size"].items():
         rows.append([v, *[f"{pm([s['fd'][i] for s in seeds.values()])} / "
                           f"{pm([1e3 * s['kid'][i] for s in seeds.values()])}" for i in range(len(sizes))]])
-    lines += [f"FD / KID×10³ against the number of samples n (mean ± sd over seeds {result['seeds']}; the floor is "
-              "n real training images against the same reference):", ""]
+    lines += [f"FD / KID×10³ against the number of samples n (mean ± sd over seeds {result['seeds']}; {what}):", ""]
     lines += table(["", *[f"n = {n}" for n in sizes]], rows) + [""]
 
     def ci(p: dict[str, Any], scale: float = 1.0) -> str:
@@ -320,6 +398,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--link-prefix", help="how the markdown links the figures folder (default: --figures)")
     p.add_argument("--from-json", action="store_true",
                    help="do not compute: redraw the figures and markdown from an existing --json")
+    p.add_argument("--floors-only", action="store_true",
+                   help="compute only the real-data floors (no sampling) into an existing --json, then redraw; "
+                        "for results written before the class-balanced floor existed")
     return p
 
 
@@ -341,14 +422,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 require_section(args.update, load_compare_config(args.config).name, kind="checks")
             except ValueError as e:
                 raise CompareError(str(e)) from None
-        if args.from_json:
+        if args.from_json or args.floors_only:
             if not args.json.is_file():
-                raise CompareError(f"--json {args.json}: no such file (--from-json redraws an earlier run's results)")
+                raise CompareError(f"--json {args.json}: no such file (--from-json and --floors-only read an earlier "
+                                   "run's results)")
             from deltafm.hub import read_json
 
             result = read_json(args.json, CompareError)
             if not isinstance(result, dict) or result.get("format") != FORMAT:
                 raise CompareError(f"--json {args.json}: not the results of python -m deltafm.study.checks ({FORMAT})")
+            if args.floors_only:
+                result = add_floors(args, result)
+                args.json.write_text(json.dumps(result, indent=1) + "\n")
         else:
             result = run_checks(args)
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -376,6 +376,26 @@ def test_paired_differences_against_images_and_the_lambda_section(tmp_path):
     data["runs"].append({**one, "arm": "dfm-0.1", "variants": {"dfm-0.1": one["variants"]["dfm"]}})
     md = build_report(data, tmp_path / "c", "figs")
     assert "FD against λ with its controls (fake" in md and "| ΔFM | 7.00 [" in md and "| 8.00 (n=1) |" in md
+    assert "paired ΔFD against λ" not in md  # λ = 0.1 has one seed: no paired table yet
+    # its second seed, and FM mapped post hoc to λ = 0.05 (finals 9 and 9), turn on the paired table
+    two = data["runs"][3]  # dfm, seed 1
+    data["runs"].append({**two, "arm": "dfm-0.1", "variants": {"dfm-0.1": two["variants"]["dfm"]}})
+    data["study"]["arms"][0]["variants"].append({"name": "fm+ph", "map": "to_delta", "lam": 0.05})
+    for run in data["runs"][:3:2]:  # fm seeds 0 and 1
+        ph = json.loads(json.dumps(run["variants"]["fm"]))
+        ph["curve"][-1]["fd"] = 9.0
+        run["variants"]["fm+ph"] = ph
+    from deltafm.study.report_paired import lambda_paired
+
+    paired = lambda_paired(Results(data), "fm")
+    # dfm finals (8, 6), dfm-0.1 (8, 6), fm (10, 12), fm+ph (9, 9)
+    assert paired == {"ΔFM − FM": {0.05: [-2, -6], 0.1: [-2, -6]}, "FM + post-hoc − FM": {0.05: [-1, -3]},
+                      "ΔFM − FM + post-hoc": {0.05: [-1, -3]}, "ΔFM + bc − FM": {}}
+    md = build_report(data, tmp_path / "d", "figs")
+    assert "| variant − baseline | λ=0.05 | λ=0.1 |" in md and "| ΔFM − FM + post-hoc | -2.00 [" in md
+    assert "| ΔFM − FM | -4.00 [-29.4, 21.4] (n=2) | -4.00 [-29.4, 21.4] (n=2) |" in md  # -4 ± 12.706·2.828/√2
+    assert "![paired ΔFD against λ](figs/fake-lambda-paired.png)" in md
+    assert (tmp_path / "d" / "fake-lambda-paired.png").is_file()
 
 
 def test_the_gpu_studies_script_names_shipped_studies():

@@ -7,7 +7,8 @@
   into the affine shift of the optimum (which FM+post-hoc has as well) and what the network learns on top;
 * **against λ** (:func:`section_lambda`): when the study trains ΔFM at several λ, the final FD of the raw ΔFM
   arms, of their bias-corrected variants and of FM mapped post hoc to each λ, mean and 95% interval over seeds
-  (the λ figure with controls).
+  (the λ figure with controls), and the same as per-seed paired differences (:func:`lambda_paired`): ΔFM − FM,
+  FM+post-hoc − FM, ΔFM − FM+post-hoc at the same λ and ΔFM+bc − FM.
 
 Both appear only when the study has what they need (pairs with at least two evaluation points; raw ΔFM arms
 at two or more λ > 0), so other studies' reports are unchanged.
@@ -22,7 +23,8 @@ from deltafm.study.markdown import table
 from deltafm.study.paired import ci_text, mean_ci
 from deltafm.study.results import Results
 
-__all__ = ["paired_curve", "lambda_series", "section_paired_curves", "section_lambda"]
+__all__ = ["paired_curve", "lambda_variants", "lambda_series", "lambda_paired", "section_paired_curves",
+           "section_lambda"]
 
 
 def paired_curve(r: Results, a: str, b: str, metric: str) -> list[tuple[int, float, float | None, float | None, int]]:
@@ -100,28 +102,57 @@ def section_paired_curves(R: Any) -> list[str]:
         R.figure(path, "paired ΔFD against images seen")
 
 
-def lambda_series(r: Results) -> dict[str, dict[float, list[float]]]:
-    """Final FD per seed by λ for the raw ΔFM arms (``ΔFM``), their bias-corrected variants (``ΔFM + bc``) and
-    FM mapped post hoc to λ (``FM + post-hoc``), at the arms' common batch size; only arms with the study's
-    default negatives and batch size of the λ = 0 arm count."""
+def lambda_variants(r: Results) -> dict[str, dict[float, str]]:
+    """The variant names by λ for the raw ΔFM arms (``ΔFM``), their bias-corrected variants (``ΔFM + bc``) and
+    FM mapped post hoc to λ (``FM + post-hoc``); only arms with the negatives and batch size of the λ = 0 arm
+    count, and only variants with a final FD."""
     arms = r.study["arms"]
     base = next((a for a in arms if a.get("lam") == 0.0), None)
     if base is None:
         return {}
     same = [a for a in arms if a.get("batch_size") == base.get("batch_size")
             and a.get("negatives") == base.get("negatives")]
-    out: dict[str, dict[float, list[float]]] = {"ΔFM": {}, "ΔFM + bc": {}, "FM + post-hoc": {}}
+    out: dict[str, dict[float, str]] = {"ΔFM": {}, "ΔFM + bc": {}, "FM + post-hoc": {}}
     for a in same:
         for v in a["variants"]:
-            final = list(r.final(v["name"], "fd").values())
-            if not final:
+            if not r.final(v["name"], "fd"):
                 continue
             if a["lam"] and v["map"] == "none":
-                out["ΔFM"][a["lam"]] = final
+                out["ΔFM"][a["lam"]] = v["name"]
             elif a["lam"] and v["map"] == "to_fm":
-                out["ΔFM + bc"][a["lam"]] = final
+                out["ΔFM + bc"][a["lam"]] = v["name"]
             elif not a["lam"] and v["map"] == "to_delta" and v.get("lam"):
-                out["FM + post-hoc"][v["lam"]] = final
+                out["FM + post-hoc"][v["lam"]] = v["name"]
+    return out
+
+
+def lambda_series(r: Results) -> dict[str, dict[float, list[float]]]:
+    """Final FD per seed by λ for the three series of :func:`lambda_variants`."""
+    return {kind: {lam: list(r.final(name, "fd").values()) for lam, name in by_lam.items()}
+            for kind, by_lam in lambda_variants(r).items()}
+
+
+def _final_diffs(r: Results, a: str, b: str) -> list[float]:
+    """Per-seed differences of the final FD, a − b, on the seeds both have."""
+    fa, fb = r.final(a, "fd"), r.final(b, "fd")
+    return [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
+
+
+def lambda_paired(r: Results, baseline: str) -> dict[str, dict[float, list[float]]]:
+    """Per-seed paired differences of the final FD by λ: the whole gain ΔFM − FM, the shift FM + post-hoc − FM,
+    the learned part ΔFM − FM + post-hoc (both at the same λ) and ΔFM + bc − FM; ``baseline`` is FM."""
+    v = lambda_variants(r)
+    if not v:
+        return {}
+    pairs = {"ΔFM − FM": (v["ΔFM"], None), "FM + post-hoc − FM": (v["FM + post-hoc"], None),
+             "ΔFM − FM + post-hoc": (v["ΔFM"], v["FM + post-hoc"]), "ΔFM + bc − FM": (v["ΔFM + bc"], None)}
+    out: dict[str, dict[float, list[float]]] = {}
+    for label, (left, right) in pairs.items():
+        out[label] = {}
+        for lam, name in left.items():
+            other = baseline if right is None else right.get(lam)
+            if other is not None and (d := _final_diffs(r, name, other)):
+                out[label][lam] = d
     return out
 
 
@@ -151,4 +182,28 @@ def section_lambda(R: Any) -> list[str]:
             "", "ΔFM trained at each λ, the same models sampled with the bias correction, and the FM model sampled "
             "through the post-hoc map to each λ's optimum (no contrastive training). FM itself is the λ = 0 "
             "point of the post-hoc row's arm; n is the number of seeds.", ""] + \
-        table(["", *[f"λ={x:g}" for x in lams]], rows) + [""] + R.figure(path, "FD against λ")
+        table(["", *[f"λ={x:g}" for x in lams]], rows) + [""] + R.figure(path, "FD against λ") + \
+        _section_lambda_paired(R)
+
+
+def _section_lambda_paired(R: Any) -> list[str]:
+    """The λ table as paired differences (:func:`lambda_paired`), shown once ΔFM − FM has at least two seeds at
+    two or more λ: the training seed's shared part cancels, so the intervals are those the conclusions use."""
+    paired = lambda_paired(R.r, R.st["baseline"])
+    if sum(len(d) >= 2 for d in paired.get("ΔFM − FM", {}).values()) < 2:
+        return []
+    lams = sorted({lam for by_lam in paired.values() for lam in by_lam})
+    rows, curves = [], {}
+    for label, by_lam in paired.items():
+        pts = [(lam, *mean_ci(by_lam[lam]), len(by_lam[lam])) for lam in lams if lam in by_lam]
+        if not pts:
+            continue
+        curves[label] = pts
+        at = {p[0]: p for p in pts}
+        rows.append([label, *[f"{ci_text(*at[x][1:4])} (n={at[x][4]})" if x in at else "–" for x in lams]])
+    path = _plot_paired(curves, R.fig_dir / f"{R.tag}-lambda-paired.png", f"paired ΔFD against λ ({R.name})",
+                        "ΔFD at the end of training (95% intervals)", "λ", bars=True)
+    return ["Paired over seeds (negative: the first variant has the lower FD; ΔFM − FM + post-hoc compares the two "
+            "at the same λ, i.e. what contrastive training adds beyond the shift of the optimum):", ""] + \
+        table(["variant − baseline", *[f"λ={x:g}" for x in lams]], rows) + [""] + \
+        R.figure(path, "paired ΔFD against λ")

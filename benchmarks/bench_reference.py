@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_reference.py MIRROR_GIT_DIR [--rounds N] [--configs S,B]
         [--threads T] [--batch B] [--nfe 4] [--write]
 
-MIRROR_GIT_DIR is a git directory (bare or not) of github gstoica27/DeltaFM. Its ``models/sit.py`` is
-extracted with ``git show`` into a temporary directory at run time and imported from there (it is never
+MIRROR_GIT_DIR is a git directory (bare or not) of github gstoica27/DeltaFM, a checkout of it, or its
+``models/sit.py`` itself (where no git is at hand, e.g. on a lent GPU machine). The file is read at run time
+(``git show`` for a git directory), written into a temporary directory and imported from there (it is never
 copied into this repository); its three timm layers get minimal stand-ins (timm needs torchvision, which
 does not work beside the CPU torch wheel): PatchEmbed = stride-p conv + flatten, Attention = fused qkv
 Linear + ``F.scaled_dot_product_attention`` + proj (timm's fused path), Mlp = fc1 → GELU(tanh) → fc2.
@@ -103,10 +104,24 @@ class _Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def reference_source(where: str) -> str:
+    """The text of the reference's ``models/sit.py``: ``where`` is that file itself, a checkout holding
+    ``models/sit.py``, or a git directory (bare or not; read with ``git show HEAD:models/sit.py``)."""
+    p = Path(where)
+    if p.is_file():
+        return p.read_text()
+    if (p / "models" / "sit.py").is_file():
+        return (p / "models" / "sit.py").read_text()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{where}: no reference (models/sit.py, a checkout or a git directory of it)")
+    return subprocess.run(["git", f"--git-dir={where}", "show", "HEAD:models/sit.py"],
+                          capture_output=True, text=True, check=True).stdout
+
+
 def load_reference(git_dir: str) -> types.ModuleType:
-    """Import ``models/sit.py`` of the reference from the git directory ``git_dir`` (read at run time)."""
-    src = subprocess.run(["git", f"--git-dir={git_dir}", "show", "HEAD:models/sit.py"],
-                         capture_output=True, text=True, check=True).stdout
+    """Import the reference's ``models/sit.py`` (:func:`reference_source`: the file, a checkout or a git
+    directory; read at run time, never kept in this repository)."""
+    src = reference_source(git_dir)
     vt = types.ModuleType("timm.models.vision_transformer")
     vt.PatchEmbed, vt.Attention, vt.Mlp = _PatchEmbed, _Attention, _Mlp  # type: ignore[attr-defined]
     sys.modules.update({"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -151,3 +152,40 @@ def test_bench_reference_helpers() -> None:
     v, u = torch.zeros(4, 2), torch.arange(8.0).reshape(4, 2)
     # with λ = 0 the loss is the plain mean squared error, whatever negatives are drawn
     assert torch.equal(br.dfm_loss(v, u, lam=0.0), u.pow(2).mean(1).mean())
+
+
+def test_the_reference_source_is_read_from_a_file_a_checkout_or_a_git_dir(tmp_path) -> None:
+    """bench_reference finds the reference's models/sit.py given the file, a checkout or a git directory (the
+    lent GPU machine gets the file alone)."""
+    import subprocess
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_reference import reference_source
+    finally:
+        sys.path.remove(str(BENCH))
+    (tmp_path / "co" / "models").mkdir(parents=True)
+    sit = tmp_path / "co" / "models" / "sit.py"
+    sit.write_text("X = 1\n")
+    assert reference_source(str(sit)) == "X = 1\n" and reference_source(str(tmp_path / "co")) == "X = 1\n"
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    git = tmp_path / "g"
+    for cmd in (["init", "-q", str(git)], ["-C", str(git), "add", "."], ["-C", str(git), "commit", "-qm", "x"]):
+        if cmd[0] == "-C" and cmd[2] == "add":
+            (git / "models").mkdir()
+            (git / "models" / "sit.py").write_text("Y = 2\n")
+        subprocess.run(["git", *cmd], check=True, env=env)
+    (git / "models" / "sit.py").unlink()  # so only git show can read it
+    assert reference_source(str(git / ".git")) == "Y = 2\n"
+    with pytest.raises(FileNotFoundError, match="no reference"):
+        reference_source(str(tmp_path / "missing"))
+
+
+def test_the_device_script_parses_and_runs_the_gpu_check() -> None:
+    import subprocess
+
+    script = BENCH.parent / "scripts" / "device_gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "benchmarks/gpu_check.py" in text and "--mirror .ref/sit.py" in text and (BENCH / "gpu_check.py").is_file()

@@ -156,6 +156,18 @@ def lambda_paired(r: Results, baseline: str) -> dict[str, dict[float, list[float
     return out
 
 
+def _by_lambda(series: dict[str, dict[float, list[float]]], lams: list[float]) -> list[tuple[str, list, list[str]]]:
+    """Per series: its name, the points (λ, mean, low, high, n) at the λ it has values for, and its table row
+    (mean [95% t-interval] (n=…) per λ of ``lams``, "–" where it has none)."""
+    out = []
+    for name, by_lam in series.items():
+        pts = [(lam, *mean_ci(by_lam[lam]), len(by_lam[lam])) for lam in lams if by_lam.get(lam)]
+        at = {p[0]: p for p in pts}
+        out.append((name, pts, [name, *[f"{ci_text(*at[x][1:4])} (n={at[x][4]})" if x in at else "–"
+                                        for x in lams]]))
+    return out
+
+
 def section_lambda(R: Any) -> list[str]:
     """Final FD against λ for ΔFM, ΔFM + bc and FM + post-hoc (module docstring); [] with fewer than two λ."""
     if R.r.scorer == "attributes":
@@ -164,16 +176,8 @@ def section_lambda(R: Any) -> list[str]:
     if len(series.get("ΔFM", {})) < 2:
         return []
     lams = sorted({lam for s in series.values() for lam in s})
-    rows, curves = [], {}
-    for name, by_lam in series.items():
-        pts = []
-        for lam in lams:
-            vals = by_lam.get(lam)
-            if vals:
-                pts.append((lam, *mean_ci(vals), len(vals)))
-        curves[name] = pts
-        at = {p[0]: p for p in pts}
-        rows.append([name, *[f"{ci_text(*at[x][1:4])} (n={at[x][4]})" if x in at else "–" for x in lams]])
+    summary = _by_lambda(series, lams)
+    rows, curves = [row for _, _, row in summary], {name: pts for name, pts, _ in summary}
     fm = list(R.r.final(R.st["baseline"], "fd").values())
     path = _plot_paired({k: v for k, v in curves.items() if v}, R.fig_dir / f"{R.tag}-lambda.png",
                         f"final FD against λ ({R.name})", "classifier-FD (95% intervals)", "λ", zero_line=False,
@@ -193,14 +197,8 @@ def _section_lambda_paired(R: Any) -> list[str]:
     if sum(len(d) >= 2 for d in paired.get("ΔFM − FM", {}).values()) < 2:
         return []
     lams = sorted({lam for by_lam in paired.values() for lam in by_lam})
-    rows, curves = [], {}
-    for label, by_lam in paired.items():
-        pts = [(lam, *mean_ci(by_lam[lam]), len(by_lam[lam])) for lam in lams if lam in by_lam]
-        if not pts:
-            continue
-        curves[label] = pts
-        at = {p[0]: p for p in pts}
-        rows.append([label, *[f"{ci_text(*at[x][1:4])} (n={at[x][4]})" if x in at else "–" for x in lams]])
+    summary = [s for s in _by_lambda(paired, lams) if s[1]]  # series without any λ left out
+    rows, curves = [row for _, _, row in summary], {label: pts for label, pts, _ in summary}
     path = _plot_paired(curves, R.fig_dir / f"{R.tag}-lambda-paired.png", f"paired ΔFD against λ ({R.name})",
                         "ΔFD at the end of training (95% intervals)", "λ", bars=True)
     return ["Paired over seeds (negative: the first variant has the lower FD; ΔFM − FM + post-hoc compares the two "

@@ -1,7 +1,8 @@
 """How much lower FD and KID read on class-balanced sets than on i.i.d. ones (docs/EVAL.md).
 
 Real Fashion-MNIST training images against the test split, in the features of the study classifier: for each
-n, 20 draws of n images at random and 20 draws of n/10 images per class; mean ± standard error of FD and KID.
+n, 20 draws of n images at random and 20 class-balanced draws of n/10 images per class
+(``deltafm.study.checks.balanced_order``, as the checks' floor); mean ± standard error of FD and KID.
 
     .venv/bin/python scripts/balanced_sets_bias.py [--classifier weights/fmnist-classifier.safetensors]
 
@@ -20,6 +21,7 @@ from deltafm.eval.classifier import load_classifier
 from deltafm.eval.features import extract
 from deltafm.eval.frechet import frechet_distance_from_features
 from deltafm.eval.kid import kid
+from deltafm.study.checks import balanced_order
 
 
 def main() -> None:
@@ -37,9 +39,6 @@ def main() -> None:
         ref = extract(clf, test.images, progress=False).features
     labels = np.asarray(train.labels)[idx]
 
-    def balanced(n: int, rng: np.random.Generator) -> np.ndarray:
-        return np.concatenate([rng.choice(np.flatnonzero(labels == c), n // 10, replace=False) for c in range(10)])
-
     def se(x: list[float]) -> str:
         a = np.asarray(x)
         return f"{a.mean():.4g} ± {a.std(ddof=1) / np.sqrt(len(a)):.2g}"
@@ -50,7 +49,8 @@ def main() -> None:
         kd = {"iid": [], "bal": []}
         for r in range(args.draws):
             rng = np.random.default_rng(100 + r)
-            for key, rows in (("iid", rng.choice(len(pool), n, replace=False)), ("bal", balanced(n, rng))):
+            draws = (("iid", rng.choice(len(pool), n, replace=False)), ("bal", balanced_order(labels, n, 10, rng)))
+            for key, rows in draws:
                 fd[key].append(frechet_distance_from_features(pool[rows], ref))
                 kd[key].append(1e3 * kid(pool[rows], ref, 50, min(n, 1000), seed=r)[0])
         print(f"| {n} | {se(fd['iid'])} | {se(fd['bal'])} | {se(kd['iid'])} | {se(kd['bal'])} |")

@@ -19,9 +19,8 @@ noise seed ``eval.sample_seed``, precision ``eval.amp``), then:
   n training images with the same labels in the same order (*balanced floor*). A balanced set has fewer
   same-class pairs than an i.i.d. one (a pair shares its class with probability (n/K − 1)/(n − 1) instead
   of 1/K), so both metrics read lower on it: KID, unbiased for i.i.d. sets, is biased low by O(1/n), and
-  FD's few-sample bias is smaller (measured on Fashion-MNIST test features: FD 0.41 against 0.75 at
-  n = 250, 0.06 against 0.10 at 2,000; KID −5.5 against −0.6 ×10⁻³ at 250). The i.i.d. floor (n training
-  images drawn at random) is kept beside it; FD's few-sample bias of the samples is near the balanced one.
+  FD's few-sample bias is smaller (``scripts/balanced_sets_bias.py``, table in docs/EVAL.md). The i.i.d.
+  floor (n training images drawn at random) is kept beside it.
 * **second feature network**: FD, KID and class accuracy of all ``--num`` samples in the features of
   ``--second-classifier`` (another classifier trained on the training split: other widths and seed,
   ``deltafm eval train-classifier --widths 48 96 192 --seed 1``), beside the study's own classifier; paired

@@ -28,6 +28,11 @@ the same function for both) against fixed encoder tokens on the 16×16 grid (the
 the same for both and left out). deltafm's model is :class:`deltafm.alignment.AlignedModel`; the
 reference's SiT computes its projections inside every forward (sampling included), deltafm's only when
 asked (``align=True``).
+
+Variant ``IMPL+bf16c`` (bf16 rows only): deltafm's ``train.precision: bf16-compute``
+(:class:`deltafm.train.bf16_compute.Bf16Compute`): the forward and backward run on a bf16 copy of the
+weights without autocast, AdamW steps the fp32 master, and the copy is refreshed after it; the cast of the
+gradients and the refresh are part of the timed step. Sampling runs the bf16 copy.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import torch.nn.functional as F
 
 from deltafm.alignment import AlignedModel, alignment_loss
 from deltafm.models.registry import build_model
+from deltafm.train.bf16_compute import Bf16Compute
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -162,6 +168,18 @@ class _RefAligned(nn.Module):
         return (out[0], out[1]) if align else out[0]
 
 
+def _bf16_compute(model: nn.Module) -> Bf16Compute | None:
+    """The :class:`Bf16Compute` behind ``model`` (itself or compiled), or None."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, Bf16Compute) else None
+
+
+def _trained_params(model: nn.Module) -> list[nn.Parameter]:
+    """What AdamW steps: the fp32 master's parameters for a bf16-compute variant, else the model's."""
+    bc = _bf16_compute(model)
+    return list((bc.master if bc is not None else model).parameters())
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool,
                sync: bool = True, tokens: list[torch.Tensor] | None = None) -> float:
     """One timed ΔFM + AdamW step (+ 0.5 · REPA against ``tokens`` when given); returns seconds. Tuple
@@ -176,7 +194,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     eps = torch.randn_like(x)
     tt = t[:, None, None, None]
     xt, target = tt * x + (1 - tt) * eps, x - eps
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    bc = _bf16_compute(model)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and bc is None):
         out = model(xt, t, y, align=True) if tokens is not None else model(xt, t, y)
     v = out[0] if isinstance(out, tuple) else out
     loss = dfm_loss(v.float(), target)
@@ -184,7 +203,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         loss = loss + 0.5 * alignment_loss(out[1], tokens)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if bc is not None:
+        bc.grads_to_master()
     opt.step()
+    if bc is not None:
+        bc.refresh()
     if sync:
         _sync(x.device)
     return time.perf_counter() - t0
@@ -199,7 +222,7 @@ def sample_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nfe: int, bf
     yy = torch.cat([y, torch.full_like(y, null)])
     for k in range(nfe):
         t = torch.full((2 * x.shape[0],), k / nfe, device=x.device)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and _bf16_compute(model) is None):
             out = model(torch.cat([x, x]), t, yy)
         v = (out[0] if isinstance(out, tuple) else out).float()
         vc, vu = v.chunk(2)
@@ -235,8 +258,9 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
                device: str, repa: bool = False) -> dict[str, nn.Module]:
     """Reference SiT-size/2 models ("ref[sdpa]" first: the baseline) and deltafm's, one per variant.
 
-    A variant is an attention implementation ("sdpa" or "matmul"), optionally with "+compile"
-    (``torch.compile(model, dynamic=False)``; its first steps, which compile, are warm-up).
+    A variant is an attention implementation ("sdpa" or "matmul"), optionally with "+bf16c" (bf16 compute
+    copy, :class:`Bf16Compute`) and/or "+compile" (``torch.compile(model, dynamic=False)``; its first steps,
+    which compile, are warm-up).
     """
     depth, hid, heads = SIZES[size]
     enc_depth = (4 if depth <= 12 else 8) if repa else depth
@@ -249,12 +273,21 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
             decoder_hidden_size=hid, patch_size=2, num_heads=heads)
         models[f"ref[{impl}]"] = _RefAligned(r) if repa else r
     for var in variants:
-        impl, _, comp = var.partition("+")
+        impl, *mods = var.split("+")
+        if set(mods) - {"compile", "bf16c"}:
+            raise SystemExit(f"unknown variant modifier in {var!r}: use IMPL[+bf16c][+compile]")
         m = build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000, attn_impl=impl).to(device)
         if repa:
             m = AlignedModel(m, [zdim], encoder_depth=enc_depth, projector_dim=pdim)
-        models[f"deltafm[{var}]"] = torch.compile(m, dynamic=False) if comp == "compile" else m
-    return {k: m.to(device) for k, m in models.items()}
+        if "bf16c" in mods:
+            m = Bf16Compute(m)
+        models[f"deltafm[{var}]"] = torch.compile(m, dynamic=False) if "compile" in mods else m
+    for m in models.values():
+        bc = _bf16_compute(m)
+        m.to(device)
+        if bc is not None:
+            bc.master.to(device)
+    return models
 
 
 def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],
@@ -262,14 +295,16 @@ def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, varian
                repa: bool = False) -> list[dict]:
     """Interleaved training and sampling rounds for one model size; one result row per (variant, precision)."""
     torch.manual_seed(0)
-    models = build_pair(ref, size, variants, list(ref_variants), device, repa)
+    all_models = build_pair(ref, size, variants, list(ref_variants), device, repa)
     x = torch.randn(batch, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     tokens = [torch.randn(batch, 256, 768, device=device)] if repa else None
     flops = 3 * build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000).flops_per_sample() * batch
     rows = []
     for bf16 in (False, True):
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device == "cuda") for k, m in models.items()}
+        # bf16-compute variants have bf16 rows only (in fp32 they would be the plain variant)
+        models = {k: m for k, m in all_models.items() if bf16 or _bf16_compute(m) is None}
+        opts = {k: torch.optim.AdamW(_trained_params(m), lr=1e-4, fused=device == "cuda") for k, m in models.items()}
         for k, m in models.items():  # warm-up: compilation, allocator, oneDNN primitives, AdamW state
             warm = [train_step(m, opts[k], x, y, bf16, tokens=tokens) for _ in range(2)]
             print(f"  {size} {'bf16' if bf16 else 'fp32'} {k}: warm-up steps {warm[0]:.1f} s, {warm[1]:.1f} s",

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltafm.models import SiT
+from deltafm.models import SiT, build_model
 from deltafm.models.sit import SiTBlock, _modulate
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -189,3 +189,26 @@ def test_the_device_script_parses_and_runs_the_gpu_check() -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "benchmarks/gpu_check.py" in text and "--mirror .ref/sit.py" in text and (BENCH / "gpu_check.py").is_file()
+
+
+def test_the_harness_steps_a_bf16_compute_variant_on_its_fp32_master() -> None:
+    """A ``+bf16c`` variant: AdamW steps the fp32 master and the bf16 copy is bf16(master) after the step."""
+    from deltafm.train.bf16_compute import Bf16Compute
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_reference as br
+    finally:
+        sys.path.remove(str(BENCH))
+    torch.manual_seed(0)
+    master = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
+    bc = Bf16Compute(master)
+    params = br._trained_params(bc)
+    assert params == list(master.parameters())
+    before = [p.detach().clone() for p in master.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    br.train_step(bc, opt, torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), bf16=True)
+    assert all(p.dtype == torch.float32 for p in master.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, master.parameters(), strict=True))
+    for p, q in zip(master.parameters(), bc.compute.parameters(), strict=True):
+        assert torch.equal(q, p.to(torch.bfloat16))

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .builders import SetupError
 from .config import format_config
 from .distributed import barrier, broadcast_object
@@ -52,7 +50,7 @@ class Bookkeeper:
         cfg, di = run.cfg, run.di
         self.logger = RunLogger.for_run(run.folder, cfg, enabled=di.is_main)
         self.flops = run.raw.flops_per_sample() if hasattr(run.raw, "flops_per_sample") else None
-        self.peak = cfg.log.peak_flops or measure_matmul_peak(di.device, run.amp_dtype or torch.float32)
+        self.peak = cfg.log.peak_flops or measure_matmul_peak(di.device, run.compute_dtype)
         self._announce()
         self.bar = None
         if di.is_main and cfg.log.progress_bar:

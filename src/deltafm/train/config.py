@@ -144,7 +144,7 @@ class TrainConfig:
     grad_accum: int = 1
     total_images: int | None = None
     steps: int | None = None
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "bf16-compute"] = "fp32"
     compile: bool = False
     device: str = "auto"
     threads: int | None = None

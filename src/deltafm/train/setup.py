@@ -12,7 +12,9 @@ order it
 3. builds AdamW (fused on CUDA), the GradScaler, the EMA, the batch sampler and the objective's
    ``torch.Generator``, and restores the checkpoint's :class:`~deltafm.train.state.RunState` into
    them (:meth:`Run.resume`) or seeds fresh per-rank streams;
-4. wraps the model for ``torch.compile`` and DDP.
+4. with ``train.precision: bf16-compute`` makes the model's bf16 compute copy
+   (:class:`~deltafm.train.bf16_compute.Bf16Compute`), and wraps what the step calls for ``torch.compile``
+   and DDP.
 
 :meth:`Run.snapshot` is the inverse of :meth:`Run.resume`: the RunState a checkpoint saves.
 """
@@ -30,6 +32,7 @@ from torch import nn
 from deltafm.data import EpochBatchSampler
 from deltafm.objective import DeltaFMObjective
 
+from .bf16_compute import Bf16Compute
 from .builders import DataInfo, SetupError, build_model_for, build_objective, data_info, load_training_data
 from .checkpoint import Checkpoint, CheckpointError, PickleCheckpointError, load_checkpoint
 from .conditions import Conditions
@@ -43,7 +46,8 @@ from .state import RunState, capture_rng, reseed_rng, restore_rng
 
 __all__ = ["Run", "setup_run"]
 
-_PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the autocast dtype of each train.precision; bf16-compute runs a bf16 copy without autocast (.bf16_compute)
+_PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-compute": None}
 _SUMS = ("sum_x1", "sum_x0", "count", "sum_rates")  # the mean target's running sums (per rank)
 
 
@@ -66,7 +70,8 @@ class Run:
     threads: int
     targets: RepaTargets | None = None  # REPA's encoder tokens (repa.*), None when off
     conditions: Conditions | None = None  # multi/text conditioning (conditioning.*), None for class ids
-    model: nn.Module = field(init=False)  # what a step calls: raw, compiled and/or DDP-wrapped
+    model: nn.Module = field(init=False)  # what a step calls: raw (or its bf16 copy), compiled and/or DDP-wrapped
+    compute: Bf16Compute | None = None  # the bf16 compute copy under train.precision=bf16-compute
     params: list[nn.Parameter] = field(init=False)  # the trained parameters (gradient clipping)
     step: int = 0
     images: int = 0
@@ -85,6 +90,11 @@ class Run:
     @property
     def amp_dtype(self) -> torch.dtype | None:
         return _PRECISION[self.cfg.train.precision]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model's matmuls run in (for the MFU's peak rate)."""
+        return torch.bfloat16 if self.cfg.train.precision == "bf16-compute" else (self.amp_dtype or torch.float32)
 
     @property
     def clip(self) -> float:
@@ -197,7 +207,9 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
         run.resume(ckpt)
     else:
         reseed_rng(t.seed, di.rank, 0, run.gen)
-    run.model = _wrap(raw, cfg, di)
+    if t.precision == "bf16-compute":  # after the weights are loaded: the copy starts as bf16(master)
+        run.compute = Bf16Compute(raw)
+    run.model = _wrap(run.compute or raw, cfg, di)
     return run
 
 

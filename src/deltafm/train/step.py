@@ -9,9 +9,10 @@ does on each rank::
         (out.loss / A).backward()                  # DDP all-reduces gradients on the last micro-step only
     ‖g‖ = clip_grad_norm_(params, grad_clip)       # unscaled first under fp16
     r = [loss, positive, negative, repa, non-finite, stop]  summed over ranks (all-reduce, on the device)
+    (bf16-compute: the bf16 copy's gradients are cast into the fp32 master's first; train.bf16_compute)
     r, ‖g‖ -> host with ONE .tolist()             # the step's only device -> host synchronisation
     non-finite on any rank -> NonFiniteLossError  (before the optimizer step: the last checkpoint stays good)
-    AdamW step;  step += 1;  images += B;  EMA update
+    AdamW step (bf16-compute: then copy <- bf16(master));  step += 1;  images += B;  EMA update
 
 The per-step reduction is the only point where the host waits for the device: everything before it
 (random draws, negatives, loss, clipping) and after it (the fused AdamW step on CUDA, the EMA) is
@@ -77,6 +78,8 @@ def train_step(run: Run, x: Tensor, y: Tensor, stop_requested: bool = False,
     for g in run.opt.param_groups:
         g["lr"] = lr
     sums = _forward_backward(run, x, y, extras or {})
+    if run.compute is not None:  # bf16-compute: the copy's gradients -> the fp32 master's .grad
+        run.compute.grads_to_master()
     run.scaler.unscale_(run.opt)
     gnorm = torch.nn.utils.clip_grad_norm_(run.params, run.clip)
     loss, positive, negative, repa, nonfinite, stop, grad_norm = _reduce(run, sums, gnorm, stop_requested)
@@ -90,6 +93,8 @@ def train_step(run: Run, x: Tensor, y: Tensor, stop_requested: bool = False,
     run.scaler.step(run.opt)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
+    if run.compute is not None:
+        run.compute.refresh()  # compute copy <- bf16(master)
     batch = run.cfg.train.batch_size
     run.step += 1
     run.images += batch

@@ -224,7 +224,8 @@ ONE = ["tolist @ step.py:_reduce"]
 
 
 @pytest.mark.parametrize("negatives,accum,precision", [
-    ("uniform", 1, "fp32"), ("uniform", 2, "fp32"), ("different_class", 1, "fp32"), ("uniform", 1, "bf16")])
+    ("uniform", 1, "fp32"), ("uniform", 2, "fp32"), ("different_class", 1, "fp32"), ("uniform", 1, "bf16"),
+    ("uniform", 2, "bf16-compute")])
 def test_a_training_step_syncs_once(tmp_path, monkeypatch, negatives, accum, precision):
     """ΔFM (λ 0.05) with label dropout 0.1 and EMA, as configured in digits-tiny; gradient accumulation
     adds micro-steps but no sync."""

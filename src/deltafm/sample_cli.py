@@ -263,8 +263,9 @@ def _sample(args: argparse.Namespace, device, di) -> int:
         done = _open(store, di)
         if done:
             _note(f"resuming: {sum(store.count(s) for s in done)} of {store.num} samples already in {store.root}")
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-        _draw(plan, device, amp, store.deal(done, di.rank, di.world_size), di, progress=not args.no_progress)
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-compute": None}[args.amp]
+        _draw(plan, device, amp, store.deal(done, di.rank, di.world_size), di, progress=not args.no_progress,
+              bf16_compute=args.amp == "bf16-compute")
         together(lambda: None)  # every rank has written its chunks
         if not di.is_main:
             return 0
@@ -294,13 +295,18 @@ def _sample(args: argparse.Namespace, device, di) -> int:
     return 0
 
 
-def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool) -> None:
+def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool, bf16_compute: bool = False) -> None:
     """Sample this rank's chunks (starts ``mine``) and write each as it is done."""
     from deltafm.generate import generate_batches
     from deltafm.pixels import to_uint8_nhwc
     from deltafm.vae.decoding import decode_uint8
 
     store, lm, v = plan.store, plan.lm, plan.v
+    model = lm.model
+    if bf16_compute:  # a bf16 copy of the weights, called without autocast (outputs cast back to fp32)
+        from deltafm.train.bf16_compute import Bf16Compute
+
+        model = Bf16Compute(lm.model).eval()
     cfg = v["cfg"] if plan.request is None else plan.request.cfg(v["cfg"])
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     bar = None
@@ -314,7 +320,7 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool) -> None
                    desc=f"sampling ({v['solver']}, {v['steps']} steps{who})")
     try:
         for start, x in generate_batches(
-                lm.model, labels=plan.labels, shape=lm.shape, num_classes=lm.data.num_classes, solver=v["solver"],
+                model, labels=plan.labels, shape=lm.shape, num_classes=lm.data.num_classes, solver=v["solver"],
                 steps=v["steps"], cfg=cfg, interval=v["interval"], correction=plan.correction, seed=v["seed"],
                 batch_size=v["batch_size"], device=device, path=lm.objective.path, amp_dtype=amp,
                 skip=set(store.starts).difference(mine)):

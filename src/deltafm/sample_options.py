@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw model weights")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    s.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype for the model")
+    s.add_argument("--amp", choices=["none", "bf16", "fp16", "bf16-compute"], default="none",
+                   help="autocast dtype for the model; bf16-compute: run a bf16 copy of the weights without autocast "
+                        "(faster on CPUs whose autocast casts cost; deltafm.train.bf16_compute)")
     s.add_argument("--vae", default=None,
                    help="latent models: the VAE folder that decodes the samples (default: the one recorded in the "
                         "checkpoint); it must be the VAE that encoded the training latents")

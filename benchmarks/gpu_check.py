@@ -12,7 +12,8 @@ measures itself (n×n products, 2n³ FLOP each), the MFU
 
 the peak memory, and whether one training step runs under ``torch.cuda.set_sync_debug_mode("error")``
 (i.e. with no host sync). With ``--mirror`` it then runs benchmarks/bench_reference.py there (SiT-B/2 and
-SiT-XL/2 side by side with the reference ΔFM SiT). Budget: well under 8 minutes including compilation.
+SiT-XL/2 side by side with the reference ΔFM SiT, with deltafm's fused and plain attention and its bf16-compute
+copy). Budget: well under 8 minutes including compilation.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
           f"peak memory {res['peak_gib']:.2f} GiB, step free of host syncs: {res['sync_free']}", flush=True)
     if a.mirror and not a.smoke:
         bench_reference_main([a.mirror, "--device", "cuda", "--configs", "B,XL", "--batch", "32",
-                              "--rounds", "5", "--nfe", "10"])
+                              "--rounds", "5", "--nfe", "10", "--variants", "sdpa,matmul,sdpa+bf16c"])
     return 0
 
 

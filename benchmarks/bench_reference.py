@@ -220,9 +220,10 @@ def sample_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nfe: int, bf
     _sync(x.device)
     t0 = time.perf_counter()
     yy = torch.cat([y, torch.full_like(y, null)])
+    autocast = bf16 and _bf16_compute(model) is None
     for k in range(nfe):
         t = torch.full((2 * x.shape[0],), k / nfe, device=x.device)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and _bf16_compute(model) is None):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(torch.cat([x, x]), t, yy)
         v = (out[0] if isinstance(out, tuple) else out).float()
         vc, vu = v.chunk(2)
@@ -282,12 +283,7 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
         if "bf16c" in mods:
             m = Bf16Compute(m)
         models[f"deltafm[{var}]"] = torch.compile(m, dynamic=False) if "compile" in mods else m
-    for m in models.values():
-        bc = _bf16_compute(m)
-        m.to(device)
-        if bc is not None:
-            bc.master.to(device)
-    return models
+    return {k: m.to(device) for k, m in models.items()}  # a Bf16Compute copies a model already on the device
 
 
 def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],

@@ -61,11 +61,7 @@ class Bf16Compute(nn.Module):
         fixed = [(m, c) for m, c in zip(master.buffers(), self.compute.buffers(), strict=True)
                  if m.is_floating_point()]
         self._mb = [m for m, _ in fixed]
-        self._cb = [c for _, c in fixed]
-        for p in self.compute.parameters():
-            p.requires_grad_(False)
-        for c in self._c:
-            c.requires_grad_(True)
+        self._cb = [c for _, c in fixed]  # (deepcopy and .to keep each parameter's requires_grad)
 
     @property
     def master(self) -> nn.Module:

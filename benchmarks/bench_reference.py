@@ -16,7 +16,8 @@ autocast for the bf16 rows), the ΔFM loss
 
     L = mean_i ‖v_i − u_i‖² / d − λ · mean_i ‖v_i − u_{j(i)}‖² / d,   j(i) ≠ i uniform, λ = 0.05,
 
-backward and AdamW. Each round runs every variant once, in an order rotated per round; the ratio
+backward, then what each codebase's training loop does after the backward pass (``--step``, below). Each
+round runs every variant once, in an order rotated per round; the ratio
 ref/variant is taken per round (paired), and its median gets a 95% bootstrap CI over rounds. The fp32 and
 bf16 matmul rates (2·n³ FLOP per n×n product) are measured in the same run, and MFU = 3 · forward FLOPs
 · batch / step time / matmul rate. Sampling: Euler with classifier-free guidance (2 forwards of the batch
@@ -33,6 +34,15 @@ Variant ``IMPL+bf16c`` (bf16 rows only): deltafm's ``train.precision: bf16-compu
 (:class:`deltafm.train.bf16_compute.Bf16Compute`): the forward and backward run on a bf16 copy of the
 weights without autocast, AdamW steps the fp32 master, and the copy is refreshed after it; the cast of the
 gradients and the refresh are part of the timed step. Sampling runs the bf16 copy.
+
+``--step full`` (default): after the backward pass each side does what its training loop does (:class:`Update`):
+the reference as its ``train.py`` (gradient-norm clipping at 1.0, ``torch.optim.AdamW`` with torch's default
+implementation: a loop over the parameters on CPU, ``foreach`` on CUDA; EMA 0.9999 per parameter,
+e ← e·β + p·(1 − β), a stand-in written here), deltafm as ``deltafm.train.step`` (clipping at 1.0,
+:func:`deltafm.train.optim.build_adamw`: the fused kernel on CPU and CUDA; :class:`deltafm.train.ema.EMA`). The
+column "update ms" is that part of the step. ``--step model`` (the protocol of the tables before 2026-12-03's
+fused-AdamW table): the same AdamW for both (fused on CUDA, the loop on CPU), no clipping, no EMA, so only the
+models differ.
 """
 
 from __future__ import annotations
@@ -58,6 +68,9 @@ import torch.nn.functional as F
 from deltafm.alignment import AlignedModel, alignment_loss
 from deltafm.models.registry import build_model
 from deltafm.train.bf16_compute import Bf16Compute
+from deltafm.train.config import OptimConfig
+from deltafm.train.ema import EMA
+from deltafm.train.optim import build_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -174,43 +187,101 @@ def _bf16_compute(model: nn.Module) -> Bf16Compute | None:
     return inner if isinstance(inner, Bf16Compute) else None
 
 
-def _trained_params(model: nn.Module) -> list[nn.Parameter]:
-    """What AdamW steps: the fp32 master's parameters for a bf16-compute variant, else the model's."""
-    bc = _bf16_compute(model)
-    return list((bc.master if bc is not None else model).parameters())
+class Update:
+    """What one codebase's training loop does after the backward pass (timed as part of the step).
+
+    ``full`` (``--step full``): the reference (``reference=True``) as its train.py: clip_grad_norm_(1.0),
+    torch.optim.AdamW(lr=1e-4) with torch's default implementation, EMA per parameter with mul_ and add_;
+    deltafm as deltafm.train.step: (bf16-compute: gradients → fp32 master) clip_grad_norm_(1.0),
+    build_adamw (fused on CPU/CUDA), (bf16-compute: copy ← bf16(master)), EMA.update (one foreach lerp).
+    Not ``full`` (``--step model``): AdamW only, the same for both sides (fused on CUDA, torch's default
+    elsewhere); a bf16-compute variant still casts its gradients and refreshes its copy.
+    """
+
+    def __init__(self, model: nn.Module, full: bool = True, reference: bool = False, device: str = "cpu") -> None:
+        self.bc = _bf16_compute(model)
+        self.net = self.bc.master if self.bc is not None else getattr(model, "_orig_mod", model)
+        self.params = list(self.net.parameters())  # AdamW steps the fp32 master of a bf16-compute variant
+        self.full, self.reference, self.images = full, reference, 0
+        if full and not reference:
+            self.opt = build_adamw(self.params, OptimConfig(lr=1e-4), torch.device(device))
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=(device == "cuda" and not full) or None)
+        self.ema = EMA(self.net, decay=0.9999) if full and not reference else None
+        self.ref_ema = [p.detach().clone() for p in self.params] if full and reference else None
+
+    @torch.no_grad()
+    def _reference_ema(self, decay: float = 0.9999) -> None:
+        """The reference's EMA step: every parameter, e ← e·decay + p·(1 − decay), two kernels each."""
+        for e, p in zip(self.ref_ema or [], self.params, strict=True):
+            e.mul_(decay).add_(p, alpha=1 - decay)
+
+    def __call__(self, batch: int) -> None:
+        if self.bc is not None:
+            self.bc.grads_to_master()
+        if self.full:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.bc is not None:
+            self.bc.refresh()
+        self.images += batch
+        if self.ema is not None:
+            self.ema.update(self.net, batch, self.images)
+        if self.ref_ema is not None:
+            self._reference_ema()
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool,
-               sync: bool = True, tokens: list[torch.Tensor] | None = None) -> float:
-    """One timed ΔFM + AdamW step (+ 0.5 · REPA against ``tokens`` when given); returns seconds. Tuple
-    outputs (the reference's) use element 0.
+class _Clock:
+    """Marks inside a step without a host sync: perf_counter on CPU, recorded CUDA events on CUDA."""
 
-    The step itself has no host sync; on CUDA the timer synchronises before and after it (``sync``).
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, i: int, j: int) -> float:
+        """Seconds from mark i to mark j (on CUDA only after the caller synchronised)."""
+        a, b = self.marks[i], self.marks[j]
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+
+def train_step(model: nn.Module, update: Update, x: torch.Tensor, y: torch.Tensor, bf16: bool,
+               sync: bool = True, tokens: list[torch.Tensor] | None = None) -> tuple[float, float]:
+    """One timed ΔFM step (+ 0.5 · REPA against ``tokens`` when given), then ``update``; returns (step
+    seconds, update seconds). Tuple outputs (the reference's) use element 0.
+
+    The step itself has no host sync; on CUDA the timer synchronises before and after it (``sync``; without
+    it the times are host-side, of queueing the work).
     """
     if sync:
         _sync(x.device)
     t0 = time.perf_counter()
+    clock = _Clock(x.device if sync else torch.device("cpu"))
     t = torch.rand(x.shape[0], device=x.device)
     eps = torch.randn_like(x)
     tt = t[:, None, None, None]
     xt, target = tt * x + (1 - tt) * eps, x - eps
-    bc = _bf16_compute(model)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and bc is None):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and update.bc is None):
         out = model(xt, t, y, align=True) if tokens is not None else model(xt, t, y)
     v = out[0] if isinstance(out, tuple) else out
     loss = dfm_loss(v.float(), target)
     if tokens is not None:
         loss = loss + 0.5 * alignment_loss(out[1], tokens)
-    opt.zero_grad(set_to_none=True)
     loss.backward()
-    if bc is not None:
-        bc.grads_to_master()
-    opt.step()
-    if bc is not None:
-        bc.refresh()
+    clock.mark()
+    update(x.shape[0])
+    clock.mark()
     if sync:
         _sync(x.device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, clock.seconds(0, 1)
 
 
 @torch.inference_mode()
@@ -288,8 +359,9 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
 
 def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],
                nfe: int, device: str = "cpu", ref_variants: tuple[str, ...] = ("sdpa",),
-               repa: bool = False) -> list[dict]:
-    """Interleaved training and sampling rounds for one model size; one result row per (variant, precision)."""
+               repa: bool = False, full: bool = True) -> list[dict]:
+    """Interleaved training and sampling rounds for one model size; one result row per (variant, precision).
+    ``full``: each side's own update after the backward pass (:class:`Update`)."""
     torch.manual_seed(0)
     all_models = build_pair(ref, size, variants, list(ref_variants), device, repa)
     x = torch.randn(batch, 4, 32, 32, device=device)
@@ -300,26 +372,30 @@ def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, varian
     for bf16 in (False, True):
         # bf16-compute variants have bf16 rows only (in fp32 they would be the plain variant)
         models = {k: m for k, m in all_models.items() if bf16 or _bf16_compute(m) is None}
-        opts = {k: torch.optim.AdamW(_trained_params(m), lr=1e-4, fused=device == "cuda") for k, m in models.items()}
+        upds = {k: Update(m, full, k.startswith("ref["), device) for k, m in models.items()}
         for k, m in models.items():  # warm-up: compilation, allocator, oneDNN primitives, AdamW state
-            warm = [train_step(m, opts[k], x, y, bf16, tokens=tokens) for _ in range(2)]
+            warm = [train_step(m, upds[k], x, y, bf16, tokens=tokens)[0] for _ in range(2)]
             print(f"  {size} {'bf16' if bf16 else 'fp32'} {k}: warm-up steps {warm[0]:.1f} s, {warm[1]:.1f} s",
                   flush=True)
             if nfe:
                 sample_time(m, x, y, 1, bf16, 1000)
         times: dict[str, list[float]] = {k: [] for k in models}
+        upd_times: dict[str, list[float]] = {k: [] for k in models}
         samp: dict[str, list[float]] = {k: [] for k in models}
         names = list(models)
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for k in order:
-                times[k].append(train_step(models[k], opts[k], x, y, bf16, tokens=tokens))
+                step_s, upd_s = train_step(models[k], upds[k], x, y, bf16, tokens=tokens)
+                times[k].append(step_s)
+                upd_times[k].append(upd_s)
             for k in order if nfe else []:
                 samp[k].append(sample_time(models[k], x, y, nfe, bf16, 1000))
         for k in names:
             ratios = [a / b for a, b in zip(times["ref[sdpa]"], times[k], strict=True)]
             row = dict(size=size, repa=repa, batch=batch, prec="bf16" if bf16 else "fp32", name=k,
-                       ms=1e3 * statistics.median(times[k]), ratio=statistics.median(ratios),
+                       ms=1e3 * statistics.median(times[k]), upd_ms=1e3 * statistics.median(upd_times[k]),
+                       ratio=statistics.median(ratios),
                        ci=bootstrap_ci(ratios), flops=flops)
             if nfe:
                 sr = [a / b for a, b in zip(samp["ref[sdpa]"], samp[k], strict=True)]
@@ -334,7 +410,7 @@ def _row_md(row: dict, rates: dict[str, float] | None) -> str:
     mfu = f"{100 * row['flops'] / (row['ms'] / 1e3) / (rates[row['prec']] * 1e9):.0f}%" if rates else "-"
     lo, hi = row["ci"]
     model = f"{'REPA-' if row.get('repa') else ''}SiT-{row['size']}/2"
-    s = (f"| {model} b{row['batch']} | {row['prec']} | {row['name']} | {row['ms']:.0f} | "
+    s = (f"| {model} b{row['batch']} | {row['prec']} | {row['name']} | {row['ms']:.0f} | {row['upd_ms']:.0f} | "
          f"{row['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | {mfu} |")
     if "img_s" in row:
         slo, shi = row["s_ci"]
@@ -352,10 +428,10 @@ def machine() -> str:
             f"commit `{head[:12]}`{' (tree dirty)' if dirty else ''}")
 
 
-def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int) -> str:
+def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int, full: bool = True) -> str:
     """The markdown section: command, date, machine, matmul rates, one table row per variant."""
-    head = "| model | precision | variant | step ms (median) | ref/variant step (95% CI) | MFU |"
-    sep = "|---|---|---|---|---|---|"
+    head = "| model | precision | variant | step ms (median) | of which update ms | ref/variant step (95% CI) | MFU |"
+    sep = "|---|---|---|---|---|---|---|"
     if nfe:
         head += f" sample img/s (NFE {nfe}, CFG) | ref/variant sampling (95% CI) |"
         sep += "---|---|"
@@ -368,7 +444,10 @@ def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int)
         "ref/variant = step time of the reference as published (ref[sdpa]: fused SDPA attention) / the row's "
         "(median of per-round ratios); > 1: the row is faster. ref[matmul] is the reference run with its "
         "--no-fused-attn. MFU = 3 × "
-        "forward FLOPs × batch / step time / matmul rate of the row's precision.", "",
+        "forward FLOPs × batch / step time / matmul rate of the row's precision. Update = what follows the "
+        "backward pass: " + ("each side's own training loop (reference: clipping, AdamW with torch's default "
+        "implementation, per-parameter EMA; deltafm: clipping, fused AdamW, foreach EMA; `--step full`)."
+        if full else "the same AdamW for both, no clipping, no EMA (`--step model`)."), "",
     ]
     return "\n".join(lines)
 
@@ -387,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-variants", default="sdpa", help="reference attention: sdpa (--fused-attn), matmul")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repa", action="store_true", help="time the REPA (+ΔFM) step: projectors and L_REPA")
+    p.add_argument("--step", choices=("full", "model"), default="full",
+                   help="full: each side's own clipping/AdamW/EMA; model: the same AdamW for both, nothing else")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -397,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in a.configs.split(","):
         rows += run_config(ref, size, a.batch, a.rounds, a.variants.split(","), a.nfe, a.device,
-                           tuple(a.ref_variants.split(",")), a.repa)
-    text = report(rows, rates, argv, a.nfe)
+                           tuple(a.ref_variants.split(",")), a.repa, a.step == "full")
+    text = report(rows, rates, argv, a.nfe, a.step == "full")
     print(text)
     if a.write:
         with RESULTS.open("a") as f:

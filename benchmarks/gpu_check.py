@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--mirror GIT_DIR] [--steps 30] [--batch 64] [--no-compile]
     python benchmarks/gpu_check.py --smoke        # tiny shapes on CPU, a few seconds (used by the tests)
 
-On CUDA: TF32 on for fp32 matmuls, bf16 autocast, ``torch.compile(model, dynamic=False)``, fused AdamW,
+On CUDA: TF32 on for fp32 matmuls, bf16 autocast, ``torch.compile(model, dynamic=False)``, clipping, fused AdamW, EMA,
 synthetic 4×32×32 latents already on the device. It prints the training img/s, the sampling img/s
 (Euler, classifier-free guidance: one forward of the doubled batch per step), the bf16 matmul rate it
 measures itself (n×n products, 2n³ FLOP each), the MFU
@@ -26,20 +26,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_reference import Update, matmul_rate, sample_time, train_step  # noqa: E402
 from bench_reference import main as bench_reference_main  # noqa: E402
-from bench_reference import matmul_rate, sample_time, train_step  # noqa: E402
 
 from deltafm.models.registry import build_model  # noqa: E402
 
 
-def _sync_free_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> str:
+def _sync_free_step(model: torch.nn.Module, upd: Update, x: torch.Tensor, y: torch.Tensor) -> str:
     """Run one step with CUDA's sync debug mode set to "error": "yes" if no host sync happened."""
     if x.device.type != "cuda":
         return "n/a (CPU)"
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_step(model, opt, x, y, True, sync=False)  # the timer's own synchronize would trip the check
+        train_step(model, upd, x, y, True, sync=False)  # the timer's own synchronize would trip the check
         torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
         verdict = "yes"
@@ -61,15 +61,15 @@ def check(model_name: str, image: int, batch: int, steps: int, nfe: int, device:
     model = build_model(model_name, in_channels=4, image_size=image, num_classes=1000).to(dev)
     flops = 3 * model.flops_per_sample() * batch  # type: ignore[operator]
     run = torch.compile(model, dynamic=False) if compile_ else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    upd = Update(run, full=True, device=dev.type)  # deltafm's own update: clipping, fused AdamW, EMA
     x = torch.randn(batch, 4, image, image, device=dev)
     y = torch.randint(0, 1000, (batch,), device=dev)
     t0 = time.perf_counter()
-    train_step(run, opt, x, y, True)  # compilation happens here
+    train_step(run, upd, x, y, True)  # compilation happens here
     first = time.perf_counter() - t0
-    warm = [train_step(run, opt, x, y, True) for _ in range(max(1, steps))]
+    warm = [train_step(run, upd, x, y, True)[0] for _ in range(max(1, steps))]
     step = sorted(warm)[len(warm) // 2]
-    sync_free = _sync_free_step(run, opt, x, y)
+    sync_free = _sync_free_step(run, upd, x, y)
     sample_time(run, x, y, 1, True, 1000)  # compiles the inference graph
     samp = sample_time(run, x, y, nfe, True, 1000)
     rate = matmul_rate(torch.bfloat16, 8192 if dev.type == "cuda" else 256, device=device)

@@ -203,12 +203,42 @@ def test_the_harness_steps_a_bf16_compute_variant_on_its_fp32_master() -> None:
     torch.manual_seed(0)
     master = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
     bc = Bf16Compute(master)
-    params = br._trained_params(bc)
-    assert params == list(master.parameters())
+    upd = br.Update(bc)
+    assert upd.params == list(master.parameters()) and upd.opt.defaults["fused"] is True
     before = [p.detach().clone() for p in master.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    br.train_step(bc, opt, torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), bf16=True)
+    br.train_step(bc, upd, torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), bf16=True)
     assert all(p.dtype == torch.float32 for p in master.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, master.parameters(), strict=True))
     for p, q in zip(master.parameters(), bc.compute.parameters(), strict=True):
         assert torch.equal(q, p.to(torch.bfloat16))
+
+
+def test_the_harness_updates_each_side_as_its_training_loop_does() -> None:
+    """``--step full``: the reference side steps torch's default AdamW and its per-parameter EMA stand-in,
+    deltafm's side the fused AdamW and deltafm's EMA; from equal weights and gradients both EMAs hold
+    β·e + (1 − β)·p (two implementations of one formula), and the two AdamWs agree within roundoff."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_reference as br
+    finally:
+        sys.path.remove(str(BENCH))
+    torch.manual_seed(0)
+    a = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
+    b = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
+    b.load_state_dict(a.state_dict())
+    ra, rb = br.Update(a, reference=True), br.Update(b)
+    assert ra.opt.defaults["fused"] is None and rb.opt.defaults["fused"] is True and rb.ema is not None
+    start = [p.detach().clone() for p in a.parameters()]
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        pa.grad = torch.randn_like(pa)
+        pb.grad = pa.grad.clone()
+    ra(2)
+    rb(2)
+    for s, pa, pb, ea, eb in zip(start, a.parameters(), b.parameters(), ra.ref_ema, rb.ema.module.parameters(),
+                                 strict=True):
+        assert not torch.equal(pa, s)  # clipped, then stepped
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ea, 0.9999 * s + 1e-4 * pa.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(eb, ea, rtol=1e-6, atol=1e-7)
+    model_only = br.Update(a, full=False)
+    assert model_only.ema is None and model_only.ref_ema is None and model_only.opt.defaults["fused"] is None

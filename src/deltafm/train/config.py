@@ -120,7 +120,8 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     """AdamW with a linear learning-rate warm-up over ``warmup_images`` and gradient-norm clipping
-    (``grad_clip`` <= 0 or null turns clipping off)."""
+    (``grad_clip`` <= 0 or null turns clipping off). ``fused``: torch's fused AdamW kernel on CUDA and CPU
+    (:func:`deltafm.train.optim.build_adamw`)."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -128,6 +129,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     warmup_images: int = 0
+    fused: bool = True
 
 
 @dataclass

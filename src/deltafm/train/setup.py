@@ -9,7 +9,7 @@ order it
 2. lets rank 0 lock the run folder and pick and verify the checkpoint to resume from
    (:meth:`~deltafm.train.runfolder.RunFolder.checkpoint_to_resume`); its verdict, or its error, is
    shared with every rank, so all ranks start or all stop; loads the checkpoint's weights;
-3. builds AdamW (fused on CUDA), the GradScaler, the EMA, the batch sampler and the objective's
+3. builds AdamW (fused on CUDA and CPU), the GradScaler, the EMA, the batch sampler and the objective's
    ``torch.Generator``, and restores the checkpoint's :class:`~deltafm.train.state.RunState` into
    them (:meth:`Run.resume`) or seeds fresh per-rank streams;
 4. with ``train.precision: bf16-compute`` makes the model's bf16 compute copy
@@ -40,6 +40,7 @@ from .config import Config, ConfigError, config_from_dict, config_to_dict, diff_
 from .distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, set_threads
 from .ema import EMA
 from .logging import check_backends, console
+from .optim import build_adamw, restore_adamw
 from .repa import RepaTargets
 from .runfolder import RunFolder
 from .state import RunState, capture_rng, reseed_rng, restore_rng
@@ -154,7 +155,7 @@ class Run:
             else:
                 self.ema.load_state_dict(ckpt.ema)
         try:
-            self.opt.load_state_dict(st.optimizer)
+            restore_adamw(self.opt, st.optimizer)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"cannot restore the optimizer state of {ckpt.path}: {e}") from None
         if st.scaler and self.scaler.is_enabled():
@@ -197,8 +198,7 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     ema = EMA(raw, t.ema_decay, t.ema_halflife_images, t.ema_rampup) if (
         t.ema_decay is not None or t.ema_halflife_images is not None) else None
     o = cfg.optim
-    opt = torch.optim.AdamW(raw.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                            weight_decay=o.weight_decay, fused=(device.type == "cuda") or None)
+    opt = build_adamw(raw.parameters(), o, device)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     sampler = EpochBatchSampler(len(ds), t.batch_size, t.seed, di.rank, di.world_size)
     run = Run(cfg, di, folder, ds, info, raw, objective, opt, scaler, ema, sampler,

@@ -1,7 +1,8 @@
 """deltafm's SiT against the reference ΔFM code's SiT: same shapes, same ΔFM step, interleaved rounds.
 
     .venv/bin/python benchmarks/bench_reference.py MIRROR_GIT_DIR [--rounds N] [--configs S,B]
-        [--threads T] [--batch B] [--nfe 4] [--write]
+        [--threads T] [--batch B] [--nfe 4] [--variants sdpa,matmul+bf16c,...] [--ref-variants sdpa,matmul]
+        [--precisions fp32,bf16] [--step full|model] [--repa] [--device cuda] [--write]
 
 MIRROR_GIT_DIR is a git directory (bare or not) of github gstoica27/DeltaFM, a checkout of it, or its
 ``models/sit.py`` itself (where no git is at hand, e.g. on a lent GPU machine). The file is read at run time
@@ -359,7 +360,7 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
 
 def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],
                nfe: int, device: str = "cpu", ref_variants: tuple[str, ...] = ("sdpa",),
-               repa: bool = False, full: bool = True) -> list[dict]:
+               repa: bool = False, full: bool = True, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
     """Interleaved training and sampling rounds for one model size; one result row per (variant, precision).
     ``full``: each side's own update after the backward pass (:class:`Update`)."""
     torch.manual_seed(0)
@@ -369,7 +370,7 @@ def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, varian
     tokens = [torch.randn(batch, 256, 768, device=device)] if repa else None
     flops = 3 * build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000).flops_per_sample() * batch
     rows = []
-    for bf16 in (False, True):
+    for bf16 in [p == "bf16" for p in ("fp32", "bf16") if p in precisions]:
         # bf16-compute variants have bf16 rows only (in fp32 they would be the plain variant)
         models = {k: m for k, m in all_models.items() if bf16 or _bf16_compute(m) is None}
         upds = {k: Update(m, full, k.startswith("ref["), device) for k, m in models.items()}
@@ -466,10 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-variants", default="sdpa", help="reference attention: sdpa (--fused-attn), matmul")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repa", action="store_true", help="time the REPA (+ΔFM) step: projectors and L_REPA")
+    p.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both (comma-separated)")
     p.add_argument("--step", choices=("full", "model"), default="full",
                    help="full: each side's own clipping/AdamW/EMA; model: the same AdamW for both, nothing else")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = p.parse_args(argv)
+    if not a.precisions or set(a.precisions.split(",")) - {"fp32", "bf16"}:
+        p.error(f"--precisions {a.precisions!r}: give fp32, bf16 or fp32,bf16")
     torch.set_num_threads(a.threads)
     ref = load_reference(a.mirror)
     n = 8192 if a.device == "cuda" else 1024
@@ -478,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in a.configs.split(","):
         rows += run_config(ref, size, a.batch, a.rounds, a.variants.split(","), a.nfe, a.device,
-                           tuple(a.ref_variants.split(",")), a.repa, a.step == "full")
+                           tuple(a.ref_variants.split(",")), a.repa, a.step == "full", tuple(a.precisions.split(",")))
     text = report(rows, rates, argv, a.nfe, a.step == "full")
     print(text)
     if a.write:

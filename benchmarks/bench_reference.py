@@ -44,6 +44,12 @@ e ← e·β + p·(1 − β), a stand-in written here), deltafm as ``deltafm.trai
 column "update ms" is that part of the step. ``--step model`` (the protocol of the tables before 2026-12-03's
 fused-AdamW table): the same AdamW for both (fused on CUDA, the loop on CPU), no clipping, no EMA, so only the
 models differ.
+
+``--isolate``: each round runs every model in a fresh process of its own (one at a time, rotated order;
+build, 2 warm-up steps, then the median of ``--steps-per-round`` timed steps is the round's value). In one
+process the models share glibc's allocator: on CPU a model stepped by a loop AdamW ran its own next
+forward/backward 25–35% slower in a 2×2 check (model × update, 2026-12-03), and which model pays depends
+on the neighbours, so ratios between codebases whose updates differ are measured isolated.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import random
 import statistics
@@ -328,8 +335,9 @@ def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[
 
 
 def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_variants: list[str],
-               device: str, repa: bool = False) -> dict[str, nn.Module]:
-    """Reference SiT-size/2 models ("ref[sdpa]" first: the baseline) and deltafm's, one per variant.
+               device: str, repa: bool = False, only: str | None = None) -> dict[str, nn.Module]:
+    """Reference SiT-size/2 models ("ref[sdpa]" first: the baseline) and deltafm's, one per variant
+    (``only``: just the model of that name, e.g. "deltafm[sdpa+bf16c]").
 
     A variant is an attention implementation ("sdpa" or "matmul"), optionally with "+bf16c" (bf16 compute
     copy, :class:`Bf16Compute`) and/or "+compile" (``torch.compile(model, dynamic=False)``; its first steps,
@@ -340,6 +348,8 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
     zdim, pdim = (768, 2048) if repa else (8, 8)
     models: dict[str, nn.Module] = {}
     for impl in ["sdpa", *(v for v in ref_variants if v != "sdpa")]:
+        if only not in (None, f"ref[{impl}]"):
+            continue
         r = ref.SiT(
             input_size=32, in_channels=4, num_classes=1000, encoder_depth=enc_depth, z_dims=[zdim],
             projector_dim=pdim, qk_norm=False, fused_attn=impl == "sdpa", depth=depth, hidden_size=hid,
@@ -349,6 +359,8 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
         impl, *mods = var.split("+")
         if set(mods) - {"compile", "bf16c"}:
             raise SystemExit(f"unknown variant modifier in {var!r}: use IMPL[+bf16c][+compile]")
+        if only not in (None, f"deltafm[{var}]"):
+            continue
         m = build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000, attn_impl=impl).to(device)
         if repa:
             m = AlignedModel(m, [zdim], encoder_depth=enc_depth, projector_dim=pdim)
@@ -358,49 +370,113 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
     return {k: m.to(device) for k, m in models.items()}  # a Bf16Compute copies a model already on the device
 
 
-def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],
-               nfe: int, device: str = "cpu", ref_variants: tuple[str, ...] = ("sdpa",),
-               repa: bool = False, full: bool = True, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
-    """Interleaved training and sampling rounds for one model size; one result row per (variant, precision).
-    ``full``: each side's own update after the backward pass (:class:`Update`)."""
+def _inputs(size: str, batch: int, device: str, repa: bool) -> tuple[torch.Tensor, torch.Tensor, list | None]:
+    """The batch every variant trains on (its own generator: the same in every process)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    tokens = [torch.randn(batch, 256, 768, generator=g).to(device)] if repa else None
+    return x, y, tokens
+
+
+def _in_process(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str], nfe: int,
+                device: str, ref_variants: tuple[str, ...], repa: bool, full: bool, bf16: bool) -> dict:
+    """Every model in this process, one step (and one sampling run) each per round, rotated order.
+    Returns {name: {"step": [...], "upd": [...], "sample": [...]}}, one entry per round."""
     torch.manual_seed(0)
     all_models = build_pair(ref, size, variants, list(ref_variants), device, repa)
-    x = torch.randn(batch, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    tokens = [torch.randn(batch, 256, 768, device=device)] if repa else None
+    x, y, tokens = _inputs(size, batch, device, repa)
+    # bf16-compute variants have bf16 rows only (in fp32 they would be the plain variant)
+    models = {k: m for k, m in all_models.items() if bf16 or _bf16_compute(m) is None}
+    upds = {k: Update(m, full, k.startswith("ref["), device) for k, m in models.items()}
+    for k, m in models.items():  # warm-up: compilation, allocator, oneDNN primitives, AdamW state
+        warm = [train_step(m, upds[k], x, y, bf16, tokens=tokens)[0] for _ in range(2)]
+        print(f"  {size} {'bf16' if bf16 else 'fp32'} {k}: warm-up steps {warm[0]:.1f} s, {warm[1]:.1f} s",
+              flush=True)
+        if nfe:
+            sample_time(m, x, y, 1, bf16, 1000)
+    res: dict[str, dict[str, list[float]]] = {k: {"step": [], "upd": [], "sample": []} for k in models}
+    names = list(models)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            step_s, upd_s = train_step(models[k], upds[k], x, y, bf16, tokens=tokens)
+            res[k]["step"].append(step_s)
+            res[k]["upd"].append(upd_s)
+        for k in order if nfe else []:
+            res[k]["sample"].append(sample_time(models[k], x, y, nfe, bf16, 1000))
+    return res
+
+
+def worker(ref: types.ModuleType, name: str, size: str, batch: int, steps: int, nfe: int, device: str,
+           repa: bool, full: bool, bf16: bool) -> dict[str, float]:
+    """One model alone in this process (``--isolate``): build, warm up (2 steps, one sampling run), then
+    the medians of ``steps`` timed steps and of ``max(1, steps // 2)`` sampling runs."""
+    torch.manual_seed(0)
+    impl = name[name.index("[") + 1:-1]
+    models = build_pair(ref, size, [impl] if name.startswith("deltafm[") else [],
+                        [impl] if name.startswith("ref[") else [], device, repa, only=name)
+    (m,) = models.values()
+    x, y, tokens = _inputs(size, batch, device, repa)
+    upd = Update(m, full, name.startswith("ref["), device)
+    for _ in range(2):
+        train_step(m, upd, x, y, bf16, tokens=tokens)
+    timed = [train_step(m, upd, x, y, bf16, tokens=tokens) for _ in range(steps)]
+    out = {"step": statistics.median(a for a, _ in timed), "upd": statistics.median(b for _, b in timed)}
+    if nfe:
+        sample_time(m, x, y, 1, bf16, 1000)
+        out["sample"] = statistics.median(sample_time(m, x, y, nfe, bf16, 1000) for _ in range(max(1, steps // 2)))
+    return out
+
+
+def _isolated(mirror: str, size: str, batch: int, rounds: int, names: list[str], nfe: int, device: str,
+              repa: bool, full: bool, bf16: bool, steps: int, threads: int) -> dict:
+    """``--isolate``: each round starts one process per model in rotated order, one at a time (so no model
+    shares an allocator, caches or AdamW temporaries with another); a round's value of a model is the
+    median of its ``steps`` timed steps in that process."""
+    res: dict[str, dict[str, list[float]]] = {k: {"step": [], "upd": [], "sample": []} for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            cmd = [sys.executable, str(Path(__file__).resolve()), mirror, "--worker", k, "--configs", size,
+                   "--batch", str(batch), "--nfe", str(nfe), "--device", device, "--threads", str(threads),
+                   "--precisions", "bf16" if bf16 else "fp32", "--steps-per-round", str(steps),
+                   "--step", "full" if full else "model", *(["--repa"] if repa else [])]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in done.stdout.splitlines() if ln.startswith("WORKER ")]
+            if done.returncode or not line:
+                raise SystemExit(f"worker {k} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
+            got = json.loads(line[-1][len("WORKER "):])
+            for key, v in got.items():
+                res[k][key].append(v)
+            print(f"  round {r + 1}/{rounds} {'bf16' if bf16 else 'fp32'} {k}: step {got['step']:.2f} s", flush=True)
+    return res
+
+
+def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, variants: list[str],
+               nfe: int, device: str = "cpu", ref_variants: tuple[str, ...] = ("sdpa",),
+               repa: bool = False, full: bool = True, precisions: tuple[str, ...] = ("fp32", "bf16"),
+               isolate: str | None = None, steps: int = 3, threads: int = 2) -> list[dict]:
+    """Interleaved training and sampling rounds for one model size; one result row per (variant, precision).
+    ``full``: each side's own update after the backward pass (:class:`Update`); ``isolate``: the mirror
+    path, to run every model in its own process per round (:func:`_isolated`)."""
     flops = 3 * build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000).flops_per_sample() * batch
+    refs = ["sdpa", *(v for v in ref_variants if v != "sdpa")]
     rows = []
     for bf16 in [p == "bf16" for p in ("fp32", "bf16") if p in precisions]:
-        # bf16-compute variants have bf16 rows only (in fp32 they would be the plain variant)
-        models = {k: m for k, m in all_models.items() if bf16 or _bf16_compute(m) is None}
-        upds = {k: Update(m, full, k.startswith("ref["), device) for k, m in models.items()}
-        for k, m in models.items():  # warm-up: compilation, allocator, oneDNN primitives, AdamW state
-            warm = [train_step(m, upds[k], x, y, bf16, tokens=tokens)[0] for _ in range(2)]
-            print(f"  {size} {'bf16' if bf16 else 'fp32'} {k}: warm-up steps {warm[0]:.1f} s, {warm[1]:.1f} s",
-                  flush=True)
-            if nfe:
-                sample_time(m, x, y, 1, bf16, 1000)
-        times: dict[str, list[float]] = {k: [] for k in models}
-        upd_times: dict[str, list[float]] = {k: [] for k in models}
-        samp: dict[str, list[float]] = {k: [] for k in models}
-        names = list(models)
-        for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for k in order:
-                step_s, upd_s = train_step(models[k], upds[k], x, y, bf16, tokens=tokens)
-                times[k].append(step_s)
-                upd_times[k].append(upd_s)
-            for k in order if nfe else []:
-                samp[k].append(sample_time(models[k], x, y, nfe, bf16, 1000))
-        for k in names:
-            ratios = [a / b for a, b in zip(times["ref[sdpa]"], times[k], strict=True)]
+        if isolate:
+            names = [f"ref[{v}]" for v in refs] + [f"deltafm[{v}]" for v in variants if bf16 or "bf16c" not in v]
+            res = _isolated(isolate, size, batch, rounds, names, nfe, device, repa, full, bf16, steps, threads)
+        else:
+            res = _in_process(ref, size, batch, rounds, variants, nfe, device, ref_variants, repa, full, bf16)
+        base = res["ref[sdpa]"]
+        for k, r in res.items():
+            ratios = [a / b for a, b in zip(base["step"], r["step"], strict=True)]
             row = dict(size=size, repa=repa, batch=batch, prec="bf16" if bf16 else "fp32", name=k,
-                       ms=1e3 * statistics.median(times[k]), upd_ms=1e3 * statistics.median(upd_times[k]),
-                       ratio=statistics.median(ratios),
-                       ci=bootstrap_ci(ratios), flops=flops)
+                       ms=1e3 * statistics.median(r["step"]), upd_ms=1e3 * statistics.median(r["upd"]),
+                       ratio=statistics.median(ratios), ci=bootstrap_ci(ratios), flops=flops)
             if nfe:
-                sr = [a / b for a, b in zip(samp["ref[sdpa]"], samp[k], strict=True)]
-                row.update(img_s=batch / statistics.median(samp[k]), s_ratio=statistics.median(sr),
+                sr = [a / b for a, b in zip(base["sample"], r["sample"], strict=True)]
+                row.update(img_s=batch / statistics.median(r["sample"]), s_ratio=statistics.median(sr),
                            s_ci=bootstrap_ci(sr))
             rows.append(row)
             print(_row_md(row, None), flush=True)
@@ -429,7 +505,8 @@ def machine() -> str:
             f"commit `{head[:12]}`{' (tree dirty)' if dirty else ''}")
 
 
-def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int, full: bool = True) -> str:
+def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int, full: bool = True,
+           isolate: bool = False) -> str:
     """The markdown section: command, date, machine, matmul rates, one table row per variant."""
     head = "| model | precision | variant | step ms (median) | of which update ms | ref/variant step (95% CI) | MFU |"
     sep = "|---|---|---|---|---|---|---|"
@@ -448,7 +525,9 @@ def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int,
         "forward FLOPs × batch / step time / matmul rate of the row's precision. Update = what follows the "
         "backward pass: " + ("each side's own training loop (reference: clipping, AdamW with torch's default "
         "implementation, per-parameter EMA; deltafm: clipping, fused AdamW, foreach EMA; `--step full`)."
-        if full else "the same AdamW for both, no clipping, no EMA (`--step model`)."), "",
+        if full else "the same AdamW for both, no clipping, no EMA (`--step model`).") + (
+            " Every model ran in its own process, one per round (`--isolate`), its round's value the median of "
+            "its timed steps there." if isolate else " All models in one process, one step each per round."), "",
     ]
     return "\n".join(lines)
 
@@ -470,20 +549,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both (comma-separated)")
     p.add_argument("--step", choices=("full", "model"), default="full",
                    help="full: each side's own clipping/AdamW/EMA; model: the same AdamW for both, nothing else")
+    p.add_argument("--isolate", action="store_true",
+                   help="every model in its own process, one per round and model (CPU: no shared allocator)")
+    p.add_argument("--steps-per-round", type=int, default=3, help="--isolate: timed steps per process (median)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one model, JSON line out
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     if not a.precisions or set(a.precisions.split(",")) - {"fp32", "bf16"}:
         p.error(f"--precisions {a.precisions!r}: give fp32, bf16 or fp32,bf16")
     torch.set_num_threads(a.threads)
     ref = load_reference(a.mirror)
+    if a.worker:
+        got = worker(ref, a.worker, a.configs, a.batch, a.steps_per_round, a.nfe, a.device, a.repa,
+                     a.step == "full", a.precisions == "bf16")
+        print("WORKER " + json.dumps(got), flush=True)
+        return 0
     n = 8192 if a.device == "cuda" else 1024
     rates = {k: matmul_rate(dt, n, device=a.device) for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"matmul GFLOP/s: fp32 {rates['fp32']:.0f}, bf16 {rates['bf16']:.0f}", flush=True)
     rows = []
     for size in a.configs.split(","):
         rows += run_config(ref, size, a.batch, a.rounds, a.variants.split(","), a.nfe, a.device,
-                           tuple(a.ref_variants.split(",")), a.repa, a.step == "full", tuple(a.precisions.split(",")))
-    text = report(rows, rates, argv, a.nfe, a.step == "full")
+                           tuple(a.ref_variants.split(",")), a.repa, a.step == "full", tuple(a.precisions.split(",")),
+                           a.mirror if a.isolate else None, a.steps_per_round, a.threads)
+    text = report(rows, rates, argv, a.nfe, a.step == "full", a.isolate)
     print(text)
     if a.write:
         with RESULTS.open("a") as f:

@@ -242,3 +242,43 @@ def test_the_harness_updates_each_side_as_its_training_loop_does() -> None:
         torch.testing.assert_close(eb, ea, rtol=1e-6, atol=1e-7)
     model_only = br.Update(a, full=False)
     assert model_only.ema is None and model_only.ref_ema is None and model_only.opt.defaults["fused"] is None
+
+
+_FAKE_REFERENCE = '''
+import torch.nn as nn
+from timm.models.vision_transformer import Mlp
+
+
+class SiT(nn.Module):
+    """A stand-in for the reference's SiT with its constructor keywords and (v, zs) output."""
+
+    def __init__(self, in_channels=4, **_):
+        super().__init__()
+        self.mlp = Mlp(in_channels, hidden_features=16)
+
+    def forward(self, x, t, y):
+        return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), []
+'''
+
+
+def test_the_isolated_harness_runs_every_model_in_its_own_process(tmp_path, capsys) -> None:
+    """``--isolate``: per round one worker process per model, each reporting its step, update and sampling
+    times as a JSON line; the parent pairs them by round into the usual rows (here against a stand-in
+    reference file, as on a machine without the reference's checkout)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_reference as br
+    finally:
+        sys.path.remove(str(BENCH))
+    fake = tmp_path / "sit.py"
+    fake.write_text(_FAKE_REFERENCE)
+    assert br.main([str(fake), "--configs", "S", "--batch", "2", "--rounds", "2", "--isolate", "--precisions",
+                    "bf16", "--variants", "sdpa+bf16c", "--nfe", "1", "--steps-per-round", "1",
+                    "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ref[sdpa]", "deltafm[sdpa+bf16c]"):
+        assert out.count(f"bf16 {name}: step") == 2  # one worker process per round
+        row = next(ln for ln in out.splitlines() if ln.startswith("| SiT-S/2 b2 | bf16 | " + name))
+        step_ms, upd_ms = (float(c) for c in row.split("|")[4:6])
+        assert 0 < upd_ms < step_ms
+    assert "`--isolate`" in out and "fp32 |" not in out

@@ -47,9 +47,10 @@ models differ.
 
 ``--isolate``: each round runs every model in a fresh process of its own (one at a time, rotated order;
 build, 2 warm-up steps, then the median of ``--steps-per-round`` timed steps is the round's value). In one
-process the models share glibc's allocator: on CPU a model stepped by a loop AdamW ran its own next
-forward/backward 25–35% slower in a 2×2 check (model × update, 2026-12-03), and which model pays depends
-on the neighbours, so ratios between codebases whose updates differ are measured isolated.
+process the models share glibc's allocator, and on CPU a model's forward/backward time there depended on
+which updates the other models ran (benchmarks/check_allocator_coupling.py: from +2% to +35% for the
+reference's SiT next to loop-AdamW updates, erratic between runs), so ratios between codebases whose updates
+differ are measured isolated.
 """
 
 from __future__ import annotations

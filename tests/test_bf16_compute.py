@@ -6,6 +6,8 @@ bit-identical to an uninterrupted one, and checkpoints that hold fp32 weights.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -146,3 +148,29 @@ def test_sampling_through_a_bf16_compute_copy(tmp_path):
     d_auto, d_bc = np.abs(auto - fp32).mean(), np.abs(bc - fp32).mean()
     assert d_bc > 0  # it did run in bf16
     assert d_bc <= 4 * d_auto + 1.0, (d_auto, d_bc)  # uint8 levels
+
+
+@pytest.mark.slow
+def test_sampling_through_a_compiled_model(tmp_path):
+    """``deltafm sample --compile`` (with and without the bf16 copy): the samples are eager's up to roundoff,
+    and sample.json records it (as do the work folder's settings, which a resume must match)."""
+    import numpy as np
+
+    from deltafm.cli import main as cli
+
+    res = _train(_cfg("train.steps=2", "train.precision=fp32"), tmp_path / "run")
+    assert res.step == 2
+
+    def sample(name: str, *extra: str) -> np.ndarray:
+        rc = cli(["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / name), "--no-progress",
+                  "--threads", "1", "--steps", "4", "--num", "20", "--seed", "3", *extra])
+        assert rc == 0
+        with np.load(tmp_path / name / "samples.npz") as z:
+            return z["arr_0"].astype(np.int16)
+
+    eager, compiled = sample("eager"), sample("compiled", "--compile")
+    assert np.abs(compiled - eager).max() <= 1  # uint8 levels: fp32 roundoff at most flips a rounding
+    bc, bcc = sample("bc", "--amp", "bf16-compute"), sample("bcc", "--amp", "bf16-compute", "--compile")
+    assert np.abs(bcc - eager).mean() <= 4 * np.abs(bc - eager).mean() + 1.0
+    settings = json.loads((tmp_path / "compiled" / "sample.json").read_text())
+    assert settings.get("compile") is True, settings

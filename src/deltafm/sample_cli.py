@@ -118,7 +118,7 @@ def _map_of(correction) -> dict[str, Any]:
 
 
 def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype, decoder,
-              request=None) -> dict[str, Any]:
+              request=None, compiled: bool = False) -> dict[str, Any]:
     """What determines the samples: a resumed run must match it exactly (the world size does not count); for
     text and multi-condition models also the prompts' (groups') digest and the guidance weights."""
     manifest = lm.checkpoint / "manifest.json"
@@ -129,7 +129,8 @@ def _settings(lm, v: dict[str, Any], correction, device, amp: str, shape, dtype,
                 **_map_of(correction), lam=lm.lam, seed=v["seed"], batch_size=v["batch_size"],
                 class_id=v["class_id"], amp=amp, device=device.type,
                 decoder=None if decoder is None else decoder.identity,
-                **({} if request is None else request.settings(v["cfg"])))
+                **({} if request is None else request.settings(v["cfg"])),
+                **({"compile": True} if compiled else {}))  # absent when off: older stores still resume
 
 
 def _prepare(args: argparse.Namespace, device) -> _Plan:
@@ -157,7 +158,8 @@ def _prepare(args: argparse.Namespace, device) -> _Plan:
              if images else ["latents.npz", "sample.json"])
     if request is not None and images:
         names = names[:3]  # no per-class grids
-    settings = _settings(lm, v, correction, device, args.amp, item_shape, np.dtype(dtype), decoder, request)
+    settings = _settings(lm, v, correction, device, args.amp, item_shape, np.dtype(dtype), decoder, request,
+                         compiled=getattr(args, "compile", False))
     store = ChunkStore(args.out / WORK_DIR, settings, v["num"], v["batch_size"], item_shape, dtype)
     store.check()
     have = sum(p.stat().st_size for p in store.root.glob("chunk_*.npy")) if store.root.is_dir() else 0
@@ -265,7 +267,7 @@ def _sample(args: argparse.Namespace, device, di) -> int:
             _note(f"resuming: {sum(store.count(s) for s in done)} of {store.num} samples already in {store.root}")
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-compute": None}[args.amp]
         _draw(plan, device, amp, store.deal(done, di.rank, di.world_size), di, progress=not args.no_progress,
-              bf16_compute=args.amp == "bf16-compute")
+              bf16_compute=args.amp == "bf16-compute", compiled=getattr(args, "compile", False))
         together(lambda: None)  # every rank has written its chunks
         if not di.is_main:
             return 0
@@ -280,7 +282,8 @@ def _sample(args: argparse.Namespace, device, di) -> int:
                     solver=v["solver"], steps=v["steps"], cfg=v["cfg"], guidance_interval=list(v["interval"]),
                     **maps, bias_correction=maps["map"] == "to_fm", lam=lm.lam, seed=v["seed"],
                     batch_size=v["batch_size"], class_id=v["class_id"], world_size=di.world_size,
-                    **({} if plan.decoder is None else dict(vae=plan.decoder.identity, vae_source=plan.decoder.source)))
+                    **({} if plan.decoder is None else dict(vae=plan.decoder.identity, vae_source=plan.decoder.source)),
+                    **({"compile": True} if getattr(args, "compile", False) else {}))
         if plan.request is None:
             msg = write_final(store, args.out, plan.labels.numpy(), meta, plan.images, lm.data.num_classes,
                               lm.data.class_names)
@@ -295,7 +298,8 @@ def _sample(args: argparse.Namespace, device, di) -> int:
     return 0
 
 
-def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool, bf16_compute: bool = False) -> None:
+def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool, bf16_compute: bool = False,
+          compiled: bool = False) -> None:
     """Sample this rank's chunks (starts ``mine``) and write each as it is done."""
     from deltafm.generate import generate_batches
     from deltafm.pixels import to_uint8_nhwc
@@ -307,6 +311,10 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool, bf16_co
         from deltafm.train.bf16_compute import Bf16Compute
 
         model = Bf16Compute(lm.model).eval()
+    if compiled:  # compiled on the first batch (and once more for a smaller last batch)
+        import torch
+
+        model = torch.compile(model, dynamic=False)
     cfg = v["cfg"] if plan.request is None else plan.request.cfg(v["cfg"])
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     bar = None

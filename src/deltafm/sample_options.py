@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--amp", choices=["none", "bf16", "fp16", "bf16-compute"], default="none",
                    help="autocast dtype for the model; bf16-compute: run a bf16 copy of the weights without autocast "
                         "(faster on CPUs whose autocast casts cost; deltafm.train.bf16_compute)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (dynamic=False) before sampling: the first batch compiles (about a "
+                        "minute for SiT-B/2 on 2 CPU cores), later batches run faster (benchmarks/RESULTS.md); not "
+                        "bit-equal to eager")
     s.add_argument("--vae", default=None,
                    help="latent models: the VAE folder that decodes the samples (default: the one recorded in the "
                         "checkpoint); it must be the VAE that encoded the training latents")

@@ -315,6 +315,9 @@ def _draw(plan: _Plan, device, amp, mine: list[int], di, progress: bool, bf16_co
         import torch
 
         model = torch.compile(model, dynamic=False)
+        if di.is_main:
+            _note("note: --compile: the first batch compiles the model (a minute or more on a CPU), later ones run "
+                  "faster")
     cfg = v["cfg"] if plan.request is None else plan.request.cfg(v["cfg"])
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     bar = None

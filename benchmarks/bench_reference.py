@@ -211,7 +211,7 @@ class Update:
         self.bc = _bf16_compute(model)
         self.net = self.bc.master if self.bc is not None else getattr(model, "_orig_mod", model)
         self.params = list(self.net.parameters())  # AdamW steps the fp32 master of a bf16-compute variant
-        self.full, self.reference, self.images = full, reference, 0
+        self.full, self.images = full, 0
         if full and not reference:
             self.opt = build_adamw(self.params, OptimConfig(lr=1e-4), torch.device(device))
         else:

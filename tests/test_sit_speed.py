@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,6 +25,15 @@ from deltafm.models import SiT, build_model
 from deltafm.models.sit import SiTBlock, _modulate
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench(module: str) -> ModuleType:
+    """A module of benchmarks/ (a folder of scripts, not a package), imported by name."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def _perturbed(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -130,11 +141,7 @@ def test_sit_forward_and_grads_bitwise_equal_to_plain_blocks() -> None:
 
 
 def test_gpu_check_smoke_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(BENCH))
+    gpu_check = _bench("gpu_check")
     assert gpu_check.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     for word in ("train", "img/s", "MFU", "matmul", "peak memory", "host syncs"):
@@ -142,11 +149,7 @@ def test_gpu_check_smoke_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_bench_reference_helpers() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_reference as br
-    finally:
-        sys.path.remove(str(BENCH))
+    br = _bench("bench_reference")
     lo, hi = br.bootstrap_ci([1.0, 1.0, 1.0])
     assert lo == hi == 1.0
     v, u = torch.zeros(4, 2), torch.arange(8.0).reshape(4, 2)
@@ -159,11 +162,7 @@ def test_the_reference_source_is_read_from_a_file_a_checkout_or_a_git_dir(tmp_pa
     lent GPU machine gets the file alone)."""
     import subprocess
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        from bench_reference import reference_source
-    finally:
-        sys.path.remove(str(BENCH))
+    reference_source = _bench("bench_reference").reference_source
     (tmp_path / "co" / "models").mkdir(parents=True)
     sit = tmp_path / "co" / "models" / "sit.py"
     sit.write_text("X = 1\n")
@@ -195,11 +194,7 @@ def test_the_harness_steps_a_bf16_compute_variant_on_its_fp32_master() -> None:
     """A ``+bf16c`` variant: AdamW steps the fp32 master and the bf16 copy is bf16(master) after the step."""
     from deltafm.train.bf16_compute import Bf16Compute
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_reference as br
-    finally:
-        sys.path.remove(str(BENCH))
+    br = _bench("bench_reference")
     torch.manual_seed(0)
     master = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
     bc = Bf16Compute(master)
@@ -217,11 +212,7 @@ def test_the_harness_updates_each_side_as_its_training_loop_does() -> None:
     """``--step full``: the reference side steps torch's default AdamW and its per-parameter EMA stand-in,
     deltafm's side the fused AdamW and deltafm's EMA; from equal weights and gradients both EMAs hold
     β·e + (1 − β)·p (two implementations of one formula), and the two AdamWs agree within roundoff."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_reference as br
-    finally:
-        sys.path.remove(str(BENCH))
+    br = _bench("bench_reference")
     torch.manual_seed(0)
     a = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
     b = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
@@ -265,11 +256,7 @@ def test_the_isolated_harness_runs_every_model_in_its_own_process(tmp_path, caps
     """``--isolate``: per round one worker process per model, each reporting its step, update and sampling
     times as a JSON line; the parent pairs them by round into the usual rows (here against a stand-in
     reference file, as on a machine without the reference's checkout)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_reference as br
-    finally:
-        sys.path.remove(str(BENCH))
+    br = _bench("bench_reference")
     fake = tmp_path / "sit.py"
     fake.write_text(_FAKE_REFERENCE)
     assert br.main([str(fake), "--configs", "S", "--batch", "2", "--rounds", "2", "--isolate", "--precisions",

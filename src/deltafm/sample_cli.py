@@ -159,7 +159,7 @@ def _prepare(args: argparse.Namespace, device) -> _Plan:
     if request is not None and images:
         names = names[:3]  # no per-class grids
     settings = _settings(lm, v, correction, device, args.amp, item_shape, np.dtype(dtype), decoder, request,
-                         compiled=getattr(args, "compile", False))
+                         compiled=args.compile)
     store = ChunkStore(args.out / WORK_DIR, settings, v["num"], v["batch_size"], item_shape, dtype)
     store.check()
     have = sum(p.stat().st_size for p in store.root.glob("chunk_*.npy")) if store.root.is_dir() else 0
@@ -267,7 +267,7 @@ def _sample(args: argparse.Namespace, device, di) -> int:
             _note(f"resuming: {sum(store.count(s) for s in done)} of {store.num} samples already in {store.root}")
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-compute": None}[args.amp]
         _draw(plan, device, amp, store.deal(done, di.rank, di.world_size), di, progress=not args.no_progress,
-              bf16_compute=args.amp == "bf16-compute", compiled=getattr(args, "compile", False))
+              bf16_compute=args.amp == "bf16-compute", compiled=args.compile)
         together(lambda: None)  # every rank has written its chunks
         if not di.is_main:
             return 0
@@ -283,7 +283,7 @@ def _sample(args: argparse.Namespace, device, di) -> int:
                     **maps, bias_correction=maps["map"] == "to_fm", lam=lm.lam, seed=v["seed"],
                     batch_size=v["batch_size"], class_id=v["class_id"], world_size=di.world_size,
                     **({} if plan.decoder is None else dict(vae=plan.decoder.identity, vae_source=plan.decoder.source)),
-                    **({"compile": True} if getattr(args, "compile", False) else {}))
+                    **({"compile": True} if args.compile else {}))
         if plan.request is None:
             msg = write_final(store, args.out, plan.labels.numpy(), meta, plan.images, lm.data.num_classes,
                               lm.data.class_names)

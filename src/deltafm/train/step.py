@@ -15,7 +15,7 @@ does on each rank::
     AdamW step (bf16-compute: then copy <- bf16(master));  step += 1;  images += B;  EMA update
 
 The per-step reduction is the only point where the host waits for the device: everything before it
-(random draws, negatives, loss, clipping) and after it (the fused AdamW step on CUDA, the EMA) is
+(random draws, negatives, loss, clipping) and after it (the AdamW step, fused by default, the EMA) is
 queued without reading a tensor's value. The loop runs the step inside
 :func:`deltafm.checks.validation_disabled` (its labels were checked once when the data was loaded), so
 the class-id range checks of the objective, the class embedding and the mean target, which read

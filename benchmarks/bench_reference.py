@@ -558,8 +558,20 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.precisions or set(a.precisions.split(",")) - {"fp32", "bf16"}:
         p.error(f"--precisions {a.precisions!r}: give fp32, bf16 or fp32,bf16")
+    for var in a.variants.split(","):
+        impl, *mods = var.split("+")
+        if impl not in ("sdpa", "matmul") or set(mods) - {"compile", "bf16c"}:
+            p.error(f"--variants: {var!r} is not IMPL[+bf16c][+compile] with IMPL sdpa or matmul")
+    if set(a.ref_variants.split(",")) - {"sdpa", "matmul"}:
+        p.error(f"--ref-variants {a.ref_variants!r}: give sdpa, matmul or sdpa,matmul")
+    for name in ("rounds", "batch", "steps_per_round", "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     torch.set_num_threads(a.threads)
-    ref = load_reference(a.mirror)
+    try:
+        ref = load_reference(a.mirror)
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        p.error(f"cannot read the reference from {a.mirror}: {e}")
     if a.worker:
         got = worker(ref, a.worker, a.configs, a.batch, a.steps_per_round, a.nfe, a.device, a.repa,
                      a.step == "full", a.precisions == "bf16")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
+    if a.rounds < 1 or a.threads < 1:
+        p.error(f"--rounds and --threads must be at least 1, got {a.rounds} and {a.threads}")
     torch.set_num_threads(a.threads)
-    ref = br.load_reference(a.mirror)
+    try:
+        ref = br.load_reference(a.mirror)
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        p.error(f"cannot read the reference from {a.mirror}: {e}")
     torch.manual_seed(0)
     first = br.build_pair(ref, "B", ["sdpa"], ["sdpa"], "cpu")
     second = br.build_pair(ref, "B", ["sdpa"], ["sdpa"], "cpu")

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
+    if min(a.batch) < 1 or a.threads < 1:
+        p.error(f"--batch and --threads must be at least 1, got {a.batch} and {a.threads}")
     torch.set_num_threads(a.threads)
     print("| batch | GEMMs of the step (GFLOP/s) | 1024² product (GFLOP/s) | ratio |\n|---|---|---|---|")
     for b in a.batch:

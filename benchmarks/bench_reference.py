@@ -48,9 +48,9 @@ models differ.
 ``--isolate``: each round runs every model in a fresh process of its own (one at a time, rotated order;
 build, 2 warm-up steps, then the median of ``--steps-per-round`` timed steps is the round's value). In one
 process the models share glibc's allocator, and on CPU a model's forward/backward time there depended on
-which updates the other models ran (benchmarks/check_allocator_coupling.py: from +2% to +35% for the
-reference's SiT next to loop-AdamW updates, erratic between runs), so ratios between codebases whose updates
-differ are measured isolated.
+which updates the other models ran (benchmarks/check_allocator_coupling.py: +2% for the reference's SiT
+next to loop-AdamW updates in one run, +24% in an in-process run of this harness; it varies between runs),
+so ratios between codebases whose updates differ are measured isolated.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ the same for both and left out). deltafm's model is :class:`deltafm.alignment.Al
 reference's SiT computes its projections inside every forward (sampling included), deltafm's only when
 asked (``align=True``).
 
+Variant modifier ``+fu``: deltafm's ``optim.fused_update`` (:class:`deltafm.train.fused_update.FusedUpdate`):
+clipping, AdamW, the copy's refresh and the EMA in one compiled kernel per parameter tensor; its kernels
+compile in the warm-up steps.
+
 Variant ``IMPL+bf16c`` (bf16 rows only): deltafm's ``train.precision: bf16-compute``
 (:class:`deltafm.train.bf16_compute.Bf16Compute`): the forward and backward run on a bf16 copy of the
 weights without autocast, AdamW steps the fp32 master, and the copy is refreshed after it; the cast of the
@@ -79,11 +83,13 @@ from deltafm.models.registry import build_model
 from deltafm.train.bf16_compute import Bf16Compute
 from deltafm.train.config import OptimConfig
 from deltafm.train.ema import EMA
+from deltafm.train.fused_update import FusedUpdate
 from deltafm.train.optim import build_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+MODIFIERS = ("bf16c", "compile", "fu")  # variant modifiers: bf16 compute copy, torch.compile, fused update
 
 
 class _PatchEmbed(nn.Module):
@@ -207,7 +213,8 @@ class Update:
     elsewhere); a bf16-compute variant still casts its gradients and refreshes its copy.
     """
 
-    def __init__(self, model: nn.Module, full: bool = True, reference: bool = False, device: str = "cpu") -> None:
+    def __init__(self, model: nn.Module, full: bool = True, reference: bool = False, device: str = "cpu",
+                 fused_update: bool = False) -> None:
         self.bc = _bf16_compute(model)
         self.net = self.bc.master if self.bc is not None else getattr(model, "_orig_mod", model)
         self.params = list(self.net.parameters())  # AdamW steps the fp32 master of a bf16-compute variant
@@ -218,6 +225,8 @@ class Update:
             self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=(device == "cuda" and not full) or None)
         self.ema = EMA(self.net, decay=0.9999) if full and not reference else None
         self.ref_ema = [p.detach().clone() for p in self.params] if full and reference else None
+        fuse = full and fused_update and not reference
+        self.fu = FusedUpdate(self.opt, self.net, self.ema, self.bc) if fuse else None
 
     @torch.no_grad()
     def _reference_ema(self, decay: float = 0.9999) -> None:
@@ -226,6 +235,11 @@ class Update:
             e.mul_(decay).add_(p, alpha=1 - decay)
 
     def __call__(self, batch: int) -> None:
+        if self.fu is not None:  # deltafm's optim.fused_update: clipping, AdamW, copy and EMA in one pass
+            assert self.ema is not None
+            self.images += batch
+            self.fu.step(self.fu.grad_norm(), 1.0, self.ema.beta(batch, self.images))
+            return
         if self.bc is not None:
             self.bc.grads_to_master()
         if self.full:
@@ -358,8 +372,8 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
         models[f"ref[{impl}]"] = _RefAligned(r) if repa else r
     for var in variants:
         impl, *mods = var.split("+")
-        if set(mods) - {"compile", "bf16c"}:
-            raise SystemExit(f"unknown variant modifier in {var!r}: use IMPL[+bf16c][+compile]")
+        if set(mods) - set(MODIFIERS):
+            raise SystemExit(f"unknown variant modifier in {var!r}: use IMPL[+bf16c][+compile][+fu]")
         if only not in (None, f"deltafm[{var}]"):
             continue
         m = build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000, attn_impl=impl).to(device)
@@ -389,7 +403,7 @@ def _in_process(ref: types.ModuleType, size: str, batch: int, rounds: int, varia
     x, y, tokens = _inputs(size, batch, device, repa)
     # bf16-compute variants have bf16 rows only (in fp32 they would be the plain variant)
     models = {k: m for k, m in all_models.items() if bf16 or _bf16_compute(m) is None}
-    upds = {k: Update(m, full, k.startswith("ref["), device) for k, m in models.items()}
+    upds = {k: Update(m, full, k.startswith("ref["), device, "+fu" in k) for k, m in models.items()}
     for k, m in models.items():  # warm-up: compilation, allocator, oneDNN primitives, AdamW state
         warm = [train_step(m, upds[k], x, y, bf16, tokens=tokens)[0] for _ in range(2)]
         print(f"  {size} {'bf16' if bf16 else 'fp32'} {k}: warm-up steps {warm[0]:.1f} s, {warm[1]:.1f} s",
@@ -419,7 +433,7 @@ def worker(ref: types.ModuleType, name: str, size: str, batch: int, steps: int, 
                         [impl] if name.startswith("ref[") else [], device, repa, only=name)
     (m,) = models.values()
     x, y, tokens = _inputs(size, batch, device, repa)
-    upd = Update(m, full, name.startswith("ref["), device)
+    upd = Update(m, full, name.startswith("ref["), device, "+fu" in name)
     for _ in range(2):
         train_step(m, upd, x, y, bf16, tokens=tokens)
     timed = [train_step(m, upd, x, y, bf16, tokens=tokens) for _ in range(steps)]
@@ -543,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--nfe", type=int, default=0, help="sampling steps to time (0: no sampling rows)")
-    p.add_argument("--variants", default="sdpa,matmul", help="deltafm variants: sdpa|matmul[+compile],...")
+    p.add_argument("--variants", default="sdpa,matmul", help="deltafm variants: sdpa|matmul[+bf16c][+compile][+fu],...")
     p.add_argument("--ref-variants", default="sdpa", help="reference attention: sdpa (--fused-attn), matmul")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repa", action="store_true", help="time the REPA (+ΔFM) step: projectors and L_REPA")
@@ -560,8 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--precisions {a.precisions!r}: give fp32, bf16 or fp32,bf16")
     for var in a.variants.split(","):
         impl, *mods = var.split("+")
-        if impl not in ("sdpa", "matmul") or set(mods) - {"compile", "bf16c"}:
-            p.error(f"--variants: {var!r} is not IMPL[+bf16c][+compile] with IMPL sdpa or matmul")
+        if impl not in ("sdpa", "matmul") or set(mods) - set(MODIFIERS):
+            p.error(f"--variants: {var!r} is not IMPL[+bf16c][+compile][+fu] with IMPL sdpa or matmul")
+        if "fu" in mods and a.step != "full":
+            p.error(f"--variants: {var!r}: +fu (the fused update) needs --step full")
     if set(a.ref_variants.split(",")) - {"sdpa", "matmul"}:
         p.error(f"--ref-variants {a.ref_variants!r}: give sdpa, matmul or sdpa,matmul")
     for name in ("rounds", "batch", "steps_per_round", "threads"):

@@ -79,10 +79,20 @@ class Bf16Compute(nn.Module):
             m.grad = None if c.grad is None else c.grad.float()
             c.grad = None
 
+    @property
+    def trained(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(master, compute copy) of every trained parameter, in the master's parameter order."""
+        return list(zip(self._m, self._c, strict=True))
+
     @torch.no_grad()
     def refresh(self) -> None:
         """compute ← bf16(master): parameters and floating buffers (after every optimizer step)."""
         if self._c:
             torch._foreach_copy_(self._c, self._m)
+        self.refresh_buffers()
+
+    @torch.no_grad()
+    def refresh_buffers(self) -> None:
+        """compute ← bf16(master) for the floating buffers only (the parameters refreshed elsewhere)."""
         if self._cb:
             torch._foreach_copy_(self._cb, self._mb)

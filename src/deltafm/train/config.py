@@ -121,7 +121,9 @@ class ObjectiveConfig:
 class OptimConfig:
     """AdamW with a linear learning-rate warm-up over ``warmup_images`` and gradient-norm clipping
     (``grad_clip`` <= 0 or null turns clipping off). ``fused``: torch's fused AdamW kernel on CUDA and CPU
-    (:func:`deltafm.train.optim.build_adamw`)."""
+    (:func:`deltafm.train.optim.build_adamw`). ``fused_update``: clipping, AdamW, the bf16 copy's refresh and
+    the EMA in one compiled kernel per parameter tensor (:mod:`deltafm.train.fused_update`; compiles at the
+    first step; not with ``train.precision: fp16``)."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -130,6 +132,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0
     warmup_images: int = 0
     fused: bool = True
+    fused_update: bool = False
 
 
 @dataclass
@@ -402,6 +405,9 @@ def _validate(cfg: Config) -> None:
     _require(op.eps > 0, "optim.eps", "must be positive")
     _require(op.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(op.warmup_images >= 0, "optim.warmup_images", "must be >= 0")
+    _require(not (op.fused_update and t.precision == "fp16"), "optim.fused_update",
+             "cannot be used with train.precision=fp16 (its GradScaler unscales and may skip the optimizer step); "
+             "use train.precision=bf16 or bf16-compute, or optim.fused_update=false")
     _require(cfg.data.workers >= 0, "data.workers", f"must be >= 0 (0: load in the training process), "
              f"got {cfg.data.workers}")
     _require(cfg.data.prefetch >= 1, "data.prefetch", f"must be >= 1 (batches per worker), got {cfg.data.prefetch}")

@@ -74,11 +74,19 @@ class EMA:
         """Move the average toward ``model`` after a step of ``batch_images`` (now ``images_seen``).
         Returns the β used."""
         beta = self.beta(batch_images, images_seen)
+        self.apply(model, beta)
+        return beta
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, beta: float, done: frozenset[int] = frozenset()) -> None:
+        """θ̄ ← θ̄ + (1 − β)(θ − θ̄) for every floating parameter and buffer of ``model`` (non-float buffers
+        copied), except the EMA parameters whose ``id`` is in ``done``: those a caller has already moved
+        (:class:`deltafm.train.fused_update.FusedUpdate` does it inside its kernel)."""
         ema_p = [p for p in self.module.parameters()]
         live_p = [p.detach() for p in model.parameters()]
         if len(ema_p) != len(live_p):
             raise ValueError("EMA and model have different parameter lists")
-        floats = [(e, v) for e, v in zip(ema_p, live_p) if e.dtype.is_floating_point]
+        floats = [(e, v) for e, v in zip(ema_p, live_p) if e.dtype.is_floating_point and id(e) not in done]
         if floats:
             e_list = [e for e, _ in floats]
             v_list = [v.to(e.dtype) for e, v in floats]
@@ -89,7 +97,6 @@ class EMA:
             else:
                 eb.copy_(vb)
         self.last_beta = beta
-        return beta
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -39,6 +39,7 @@ from .conditions import Conditions
 from .config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs
 from .distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, set_threads
 from .ema import EMA
+from .fused_update import FusedUpdate
 from .logging import check_backends, console
 from .optim import build_adamw, restore_adamw
 from .repa import RepaTargets
@@ -73,6 +74,7 @@ class Run:
     conditions: Conditions | None = None  # multi/text conditioning (conditioning.*), None for class ids
     model: nn.Module = field(init=False)  # what a step calls: raw (or its bf16 copy), compiled and/or DDP-wrapped
     compute: Bf16Compute | None = None  # the bf16 compute copy under train.precision=bf16-compute
+    fused: FusedUpdate | None = None  # the one-pass update under optim.fused_update
     params: list[nn.Parameter] = field(init=False)  # the trained parameters (gradient clipping)
     step: int = 0
     images: int = 0
@@ -209,6 +211,8 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
         reseed_rng(t.seed, di.rank, 0, run.gen)
     if t.precision == "bf16-compute":  # after the weights are loaded: the copy starts as bf16(master)
         run.compute = Bf16Compute(raw)
+    if o.fused_update:  # after the copy: its kernels write the copy too
+        run.fused = FusedUpdate(opt, raw, ema, run.compute)
     run.model = _wrap(run.compute or raw, cfg, di)
     return run
 

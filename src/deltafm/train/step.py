@@ -12,7 +12,9 @@ does on each rank::
     (bf16-compute: the bf16 copy's gradients are cast into the fp32 master's first; train.bf16_compute)
     r, ‖g‖ -> host with ONE .tolist()             # the step's only device -> host synchronisation
     non-finite on any rank -> NonFiniteLossError  (before the optimizer step: the last checkpoint stays good)
-    AdamW step (bf16-compute: then copy <- bf16(master));  step += 1;  images += B;  EMA update
+    AdamW step (bf16-compute: then copy <- bf16(master));  EMA update;  step += 1;  images += B
+    (optim.fused_update: ‖g‖ from the gradients as they are; clipping, AdamW, the copy and the EMA in one
+    compiled kernel per parameter tensor: deltafm.train.fused_update)
 
 The per-step reduction is the only point where the host waits for the device: everything before it
 (random draws, negatives, loss, clipping) and after it (the AdamW step, fused by default, the EMA) is
@@ -78,10 +80,13 @@ def train_step(run: Run, x: Tensor, y: Tensor, stop_requested: bool = False,
     for g in run.opt.param_groups:
         g["lr"] = lr
     sums = _forward_backward(run, x, y, extras or {})
-    if run.compute is not None:  # bf16-compute: the copy's gradients -> the fp32 master's .grad
-        run.compute.grads_to_master()
-    run.scaler.unscale_(run.opt)
-    gnorm = torch.nn.utils.clip_grad_norm_(run.params, run.clip)
+    if run.fused is not None:  # optim.fused_update: the norm now, clipping inside the update's kernels
+        gnorm = run.fused.grad_norm()
+    else:
+        if run.compute is not None:  # bf16-compute: the copy's gradients -> the fp32 master's .grad
+            run.compute.grads_to_master()
+        run.scaler.unscale_(run.opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(run.params, run.clip)
     loss, positive, negative, repa, nonfinite, stop, grad_norm = _reduce(run, sums, gnorm, stop_requested)
     if nonfinite > 0:
         raise NonFiniteLossError(
@@ -90,16 +95,20 @@ def train_step(run: Run, x: Tensor, y: Tensor, stop_requested: bool = False,
             f"was not taken. Last good checkpoint: {run.last_checkpoint or 'none yet'}. Try a lower optim.lr, "
             "train.precision=fp32, or optim.grad_clip."
         )
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    run.opt.zero_grad(set_to_none=True)
-    if run.compute is not None:
-        run.compute.refresh()  # compute copy <- bf16(master)
     batch = run.cfg.train.batch_size
+    if run.fused is not None:  # clip, AdamW, copy <- bf16(master) and the EMA in one pass (.fused_update)
+        beta = run.ema.beta(batch, run.images + batch) if run.ema is not None else None
+        run.fused.step(gnorm, run.clip, beta)
+    else:
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.opt.zero_grad(set_to_none=True)
+        if run.compute is not None:
+            run.compute.refresh()  # compute copy <- bf16(master)
+        if run.ema is not None:
+            run.ema.update(run.raw, batch, run.images + batch)
     run.step += 1
     run.images += batch
-    if run.ema is not None:
-        run.ema.update(run.raw, batch, run.images)
     w = run.di.world_size
     return StepStats(loss / w, positive / w, negative / w, repa / w, grad_norm, lr, stop > 0)
 

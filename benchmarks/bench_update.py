@@ -1,8 +1,10 @@
 """The update after the backward pass alone, eager vs ``optim.fused_update``, on SiT's parameters.
 
-    .venv/bin/python benchmarks/bench_update.py [--model SiT-B/2] [--rounds 7] [--threads 2]
+    .venv/bin/python benchmarks/bench_update.py [--model SiT-B/2] [--rounds 5] [--steps 3] [--threads 2]
 
-Four setups in one process, each deltafm's update exactly as ``deltafm.train.step`` runs it
+Four setups, each in a fresh process of its own per round (one at a time, order rotated per round: in one
+process the setups' allocations interfere, as benchmarks/check_allocator_coupling.py shows for whole steps),
+each deltafm's update exactly as ``deltafm.train.step`` runs it
 (``bench_reference.Update``: clipping at 1.0, AdamW, EMA 0.9999):
 
 * ``eager``: fp32 gradients (``train.precision`` fp32 or bf16): clip_grad_norm_, torch's fused AdamW, EMA;
@@ -11,8 +13,9 @@ Four setups in one process, each deltafm's update exactly as ``deltafm.train.ste
 * ``fused`` and ``fused+bf16c``: the same through :class:`deltafm.train.fused_update.FusedUpdate` (the norm,
   then one compiled kernel per parameter tensor; compiled in the warm-up round).
 
-Each round sets fixed random gradients (untimed) and times one update of every setup, in an order rotated
-per round; printed are the medians and the paired ratio eager/fused per round (median, range). The bytes
+A process sets fixed random gradients (untimed) before each update and reports the median of ``--steps``
+timed updates after one warm-up update; printed are the medians over rounds and the paired ratio
+eager/fused per round (median, range). The bytes
 each moves per parameter (module docstring of deltafm.train.fused_update: 52 / 68 eager, 40 / 38 fused with
 the norm's read) give an effective bandwidth.
 """
@@ -20,7 +23,9 @@ the norm's read) give an effective bandwidth.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,31 +41,19 @@ from deltafm.train.bf16_compute import Bf16Compute  # noqa: E402
 BYTES = {"eager": 52, "eager+bf16c": 68, "fused": 40, "fused+bf16c": 38}  # per parameter, read + written
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="SiT-B/2")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    if a.rounds < 1 or a.threads < 1:
-        p.error(f"--rounds and --threads must be at least 1, got {a.rounds} and {a.threads}")
-    torch.set_num_threads(a.threads)
-    setups: dict[str, tuple[Update, list[torch.Tensor]]] = {}
-    for name in BYTES:
-        torch.manual_seed(0)
-        try:
-            m = build_model(a.model, in_channels=4, image_size=32, num_classes=1000)
-        except (KeyError, ValueError) as e:
-            p.error(f"--model {a.model!r}: {e}")
-        model = Bf16Compute(m) if "bf16c" in name else m
-        upd = Update(model, full=True, fused_update=name.startswith("fused"))
-        grads_of = [c for _, c in upd.bc.trained] if upd.bc is not None else upd.params
-        setups[name] = (upd, grads_of)
-    n = sum(q.numel() for q in setups["eager"][0].params)
-    print(f"{a.model}: {n / 1e6:.1f}M parameters, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+def _setup(name: str, model_name: str) -> tuple[Update, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    m = build_model(model_name, in_channels=4, image_size=32, num_classes=1000)
+    upd = Update(Bf16Compute(m) if "bf16c" in name else m, full=True, fused_update=name.startswith("fused"))
+    return upd, ([c for _, c in upd.bc.trained] if upd.bc is not None else upd.params)
 
-    def one(name: str, seed: int) -> float:
-        upd, targets = setups[name]
+
+def worker(name: str, model_name: str, steps: int) -> dict[str, float]:
+    """One setup alone in this process: a warm-up update (AdamW state, compilation), then ``steps`` timed
+    updates, each after fresh gradients are set (untimed). Returns the warm-up and the median seconds."""
+    upd, targets = _setup(name, model_name)
+
+    def one(seed: int) -> float:
         g = torch.Generator().manual_seed(seed)
         for q in targets:
             q.grad = (1e-3 * torch.randn(q.shape, generator=g)).to(q.dtype)
@@ -68,16 +61,45 @@ def main(argv: list[str] | None = None) -> int:
         upd(8)
         return time.perf_counter() - t0
 
-    names = list(setups)
-    for name in names:  # warm-up: AdamW state, the fused kernels' compilation
-        t0 = time.perf_counter()
-        one(name, 0)
-        print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    warm = one(0)
+    return {"warm": warm, "median": statistics.median(one(s + 1) for s in range(steps)),
+            "params": sum(q.numel() for q in upd.params)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="SiT-B/2")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="timed updates per process (median)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one setup, JSON line out
+    a = p.parse_args(argv)
+    if min(a.rounds, a.steps, a.threads) < 1:
+        p.error(f"--rounds, --steps and --threads must be at least 1, got {a.rounds}, {a.steps}, {a.threads}")
+    torch.set_num_threads(a.threads)
+    try:
+        build_model(a.model, in_channels=4, image_size=32, num_classes=1000, depth=1)
+    except (KeyError, ValueError, TypeError) as e:
+        p.error(f"--model {a.model!r}: {e}")
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.model, a.steps)))
+        return 0
+    names = list(BYTES)
+    print(f"{a.model}, {a.threads} thread(s), torch {torch.__version__}; every setup in its own process per "
+          f"round, {a.steps} timed update(s) each", flush=True)
     times: dict[str, list[float]] = {k: [] for k in names}
+    n = 0
     for r in range(a.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(one(name, r + 1))
-    print("\n| update | ms (median) | bytes/param | effective GB/s | eager/fused per round (median, range) |")
+            out = subprocess.run([sys.executable, __file__, "--model", a.model, "--steps", str(a.steps),
+                                  "--threads", str(a.threads), "--worker", name],
+                                 capture_output=True, text=True, check=True)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            times[name].append(res["median"])
+            n = int(res["params"])
+            print(f"  round {r + 1} {name}: {1e3 * res['median']:.0f} ms (warm-up {res['warm']:.1f} s)", flush=True)
+    print(f"\n{a.model}: {n / 1e6:.1f}M parameters\n")
+    print("| update | ms (median) | bytes/param | effective GB/s | eager/fused per round (median, range) |")
     print("|---|---|---|---|---|")
     for name in names:
         ms = 1e3 * statistics.median(times[name])

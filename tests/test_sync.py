@@ -239,3 +239,16 @@ def test_the_step_count_would_catch_a_loop_that_validates_values(tmp_path, monke
     monkeypatch.setattr(loop, "validation_disabled", contextlib.nullcontext)
     per_step = _per_step_syncs(tmp_path, monkeypatch, "train.steps=1")
     assert len(per_step) == 1 and len(per_step[0]) > 1 and ONE[0] in per_step[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-compute"])
+def test_a_step_with_the_fused_update_syncs_once(tmp_path, monkeypatch, precision):
+    """optim.fused_update: the clipping factor and AdamW's bias corrections stay on the device. torch.compile
+    refuses to run under a dispatch mode, so the kernels run as the Python functions they compile (their
+    ops are counted too; compiled, they are generated code that reads no value)."""
+    import deltafm.train.fused_update as fused_update
+
+    monkeypatch.setattr(fused_update, "_compiled", lambda fn, *key: fn)
+    per_step = _per_step_syncs(tmp_path, monkeypatch, "train.steps=3", "model.name=SiT-S/2", "model.kwargs.depth=1",
+                               "optim.fused_update=true", f"train.precision={precision}")
+    assert per_step == [ONE] * 3

@@ -489,6 +489,12 @@ def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, varian
             row = dict(size=size, repa=repa, batch=batch, prec="bf16" if bf16 else "fp32", name=k,
                        ms=1e3 * statistics.median(r["step"]), upd_ms=1e3 * statistics.median(r["upd"]),
                        ratio=statistics.median(ratios), ci=bootstrap_ci(ratios), flops=flops)
+            plain = k.replace("+fu", "")
+            if plain != k and plain in res:  # the fused update: paired against the same variant without it
+                fr = [a / b for a, b in zip(res[plain]["step"], r["step"], strict=True)]
+                ur = [a / b for a, b in zip(res[plain]["upd"], r["upd"], strict=True)]
+                row.update(fu_of=plain, fu_ratio=statistics.median(fr), fu_ci=bootstrap_ci(fr),
+                           fu_upd_ratio=statistics.median(ur), fu_upd_ci=bootstrap_ci(ur))
             if nfe:
                 sr = [a / b for a, b in zip(base["sample"], r["sample"], strict=True)]
                 row.update(img_s=batch / statistics.median(r["sample"]), s_ratio=statistics.median(sr),
@@ -508,6 +514,14 @@ def _row_md(row: dict, rates: dict[str, float] | None) -> str:
         slo, shi = row["s_ci"]
         s += f" {row['img_s']:.2f} | {row['s_ratio']:.3f} ({slo:.3f}–{shi:.3f}) |"
     return s
+
+
+def _fu_lines(rows: list[dict]) -> list[str]:
+    """One line per ``+fu`` row: its step and update against the same variant without it, paired per round."""
+    out = [f"Paired, {r['fu_of']} / {r['name']} per round (median, 95% CI): step {r['fu_ratio']:.3f} "
+           f"({r['fu_ci'][0]:.3f}–{r['fu_ci'][1]:.3f}), update {r['fu_upd_ratio']:.3f} "
+           f"({r['fu_upd_ci'][0]:.3f}–{r['fu_upd_ci'][1]:.3f}).  " for r in rows if "fu_ratio" in r]
+    return [*out, ""] if out else []
 
 
 def machine() -> str:
@@ -534,6 +548,7 @@ def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int,
         f"Date: {datetime.date.today()}. Machine: {machine()}. Matmul rate in the same run (n×n, best of "
         f"1 s): fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s**; load average at "
         f"the end {os.getloadavg()[0]:.1f}.", "", head, sep, *(_row_md(r, rates) for r in rows), "",
+        *_fu_lines(rows),
         "ref/variant = step time of the reference as published (ref[sdpa]: fused SDPA attention) / the row's "
         "(median of per-round ratios); > 1: the row is faster. ref[matmul] is the reference run with its "
         "--no-fused-attn. MFU = 3 × "

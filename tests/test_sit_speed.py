@@ -217,20 +217,26 @@ def test_the_harness_updates_each_side_as_its_training_loop_does() -> None:
     a = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
     b = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
     b.load_state_dict(a.state_dict())
-    ra, rb = br.Update(a, reference=True), br.Update(b)
+    c = build_model("SiT-S/2", in_channels=4, image_size=8, num_classes=10, depth=1)
+    c.load_state_dict(a.state_dict())
+    ra, rb, rc = br.Update(a, reference=True), br.Update(b), br.Update(c, fused_update=True)  # rc: "+fu"
     assert ra.opt.defaults["fused"] is None and rb.opt.defaults["fused"] is True and rb.ema is not None
+    assert rc.fu is not None and rb.fu is None and br.Update(a, reference=True, fused_update=True).fu is None
     start = [p.detach().clone() for p in a.parameters()]
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
         pa.grad = torch.randn_like(pa)
-        pb.grad = pa.grad.clone()
+        pb.grad, pc.grad = pa.grad.clone(), pa.grad.clone()
     ra(2)
     rb(2)
-    for s, pa, pb, ea, eb in zip(start, a.parameters(), b.parameters(), ra.ref_ema, rb.ema.module.parameters(),
-                                 strict=True):
+    rc(2)
+    for s, pa, pb, pc, ea, eb, ec in zip(start, a.parameters(), b.parameters(), c.parameters(), ra.ref_ema,
+                                         rb.ema.module.parameters(), rc.ema.module.parameters(), strict=True):
         assert not torch.equal(pa, s)  # clipped, then stepped
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pc, pb, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ea, 0.9999 * s + 1e-4 * pa.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(eb, ea, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ec, eb, rtol=1e-6, atol=1e-7)
     model_only = br.Update(a, full=False)
     assert model_only.ema is None and model_only.ref_ema is None and model_only.opt.defaults["fused"] is None
 

@@ -31,6 +31,9 @@ the same for both and left out). deltafm's model is :class:`deltafm.alignment.Al
 reference's SiT computes its projections inside every forward (sampling included), deltafm's only when
 asked (``align=True``).
 
+Variant modifier ``+keep`` (``--isolate`` only): that variant's worker processes run with glibc told to keep
+freed memory (:data:`GLIBC_KEEP`); paired per round against the same variant without it.
+
 Variant modifier ``+fu``: deltafm's ``optim.fused_update`` (:class:`deltafm.train.fused_update.FusedUpdate`):
 clipping, AdamW, the copy's refresh and the EMA in one compiled kernel per parameter tensor; its kernels
 compile in the warm-up steps.
@@ -89,7 +92,11 @@ from deltafm.train.optim import build_adamw
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-MODIFIERS = ("bf16c", "compile", "fu")  # variant modifiers: bf16 compute copy, torch.compile, fused update
+MODIFIERS = ("bf16c", "compile", "fu", "keep")  # bf16 compute copy, torch.compile, fused update, glibc keeps memory
+#: ``+keep`` (``--isolate`` only): the worker runs with glibc told to keep freed memory (no trimming, large
+#: allocations from the heap), the setting under which benchmarks/check_allocator_coupling.py saw the coupling vanish
+GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+              "MALLOC_TOP_PAD_": "1073741824"}
 
 
 class _PatchEmbed(nn.Module):
@@ -373,7 +380,7 @@ def build_pair(ref: types.ModuleType, size: str, variants: list[str], ref_varian
     for var in variants:
         impl, *mods = var.split("+")
         if set(mods) - set(MODIFIERS):
-            raise SystemExit(f"unknown variant modifier in {var!r}: use IMPL[+bf16c][+compile][+fu]")
+            raise SystemExit(f"unknown variant modifier in {var!r}: use IMPL[+bf16c][+compile][+fu][+keep]")
         if only not in (None, f"deltafm[{var}]"):
             continue
         m = build_model(f"SiT-{size}/2", in_channels=4, image_size=32, num_classes=1000, attn_impl=impl).to(device)
@@ -456,7 +463,8 @@ def _isolated(mirror: str, size: str, batch: int, rounds: int, names: list[str],
                    "--batch", str(batch), "--nfe", str(nfe), "--device", device, "--threads", str(threads),
                    "--precisions", "bf16" if bf16 else "fp32", "--steps-per-round", str(steps),
                    "--step", "full" if full else "model", *(["--repa"] if repa else [])]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, **GLIBC_KEEP} if "+keep" in k else None
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in done.stdout.splitlines() if ln.startswith("WORKER ")]
             if done.returncode or not line:
                 raise SystemExit(f"worker {k} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
@@ -489,12 +497,17 @@ def run_config(ref: types.ModuleType, size: str, batch: int, rounds: int, varian
             row = dict(size=size, repa=repa, batch=batch, prec="bf16" if bf16 else "fp32", name=k,
                        ms=1e3 * statistics.median(r["step"]), upd_ms=1e3 * statistics.median(r["upd"]),
                        ratio=statistics.median(ratios), ci=bootstrap_ci(ratios), flops=flops)
-            plain = k.replace("+fu", "")
-            if plain != k and plain in res:  # the fused update: paired against the same variant without it
-                fr = [a / b for a, b in zip(res[plain]["step"], r["step"], strict=True)]
-                ur = [a / b for a, b in zip(res[plain]["upd"], r["upd"], strict=True)]
-                row.update(fu_of=plain, fu_ratio=statistics.median(fr), fu_ci=bootstrap_ci(fr),
-                           fu_upd_ratio=statistics.median(ur), fu_upd_ci=bootstrap_ci(ur))
+            row["pairs"] = []
+            for mod in ("fu", "keep"):  # paired per round against the same variant without the modifier
+                plain = k.replace(f"+{mod}", "")
+                if plain != k and plain in res:
+                    fr = [a / b for a, b in zip(res[plain]["step"], r["step"], strict=True)]
+                    ur = [a / b for a, b in zip(res[plain]["upd"], r["upd"], strict=True)]
+                    fb = [(a - u) / (b - v) for a, u, b, v in zip(res[plain]["step"], res[plain]["upd"], r["step"],
+                                                                   r["upd"], strict=True)]
+                    row["pairs"].append(dict(of=plain, step=(statistics.median(fr), bootstrap_ci(fr)),
+                                             upd=(statistics.median(ur), bootstrap_ci(ur)),
+                                             fb=(statistics.median(fb), bootstrap_ci(fb))))
             if nfe:
                 sr = [a / b for a, b in zip(base["sample"], r["sample"], strict=True)]
                 row.update(img_s=batch / statistics.median(r["sample"]), s_ratio=statistics.median(sr),
@@ -517,10 +530,12 @@ def _row_md(row: dict, rates: dict[str, float] | None) -> str:
 
 
 def _fu_lines(rows: list[dict]) -> list[str]:
-    """One line per ``+fu`` row: its step and update against the same variant without it, paired per round."""
-    out = [f"Paired, {r['fu_of']} / {r['name']} per round (median, 95% CI): step {r['fu_ratio']:.3f} "
-           f"({r['fu_ci'][0]:.3f}–{r['fu_ci'][1]:.3f}), update {r['fu_upd_ratio']:.3f} "
-           f"({r['fu_upd_ci'][0]:.3f}–{r['fu_upd_ci'][1]:.3f}).  " for r in rows if "fu_ratio" in r]
+    """One line per ``+fu`` / ``+keep`` row and modifier: step, update and forward+backward (step − update)
+    against the same variant without that modifier, paired per round."""
+    def f(x: tuple[float, tuple[float, float]]) -> str:
+        return f"{x[0]:.3f} ({x[1][0]:.3f}–{x[1][1]:.3f})"
+    out = [f"Paired, {q['of']} / {r['name']} per round (median, 95% CI): step {f(q['step'])}, update "
+           f"{f(q['upd'])}, forward+backward {f(q['fb'])}.  " for r in rows for q in r.get("pairs", [])]
     return [*out, ""] if out else []
 
 
@@ -572,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--nfe", type=int, default=0, help="sampling steps to time (0: no sampling rows)")
-    p.add_argument("--variants", default="sdpa,matmul", help="deltafm variants: sdpa|matmul[+bf16c][+compile][+fu],...")
+    p.add_argument("--variants", default="sdpa,matmul",
+                   help="deltafm variants: sdpa|matmul[+bf16c][+compile][+fu][+keep],...")
     p.add_argument("--ref-variants", default="sdpa", help="reference attention: sdpa (--fused-attn), matmul")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repa", action="store_true", help="time the REPA (+ΔFM) step: projectors and L_REPA")
@@ -590,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     for var in a.variants.split(","):
         impl, *mods = var.split("+")
         if impl not in ("sdpa", "matmul") or set(mods) - set(MODIFIERS):
-            p.error(f"--variants: {var!r} is not IMPL[+bf16c][+compile][+fu] with IMPL sdpa or matmul")
+            p.error(f"--variants: {var!r} is not IMPL[+bf16c][+compile][+fu][+keep] with IMPL sdpa or matmul")
+        if "keep" in mods and not a.isolate:
+            p.error(f"--variants: {var!r}: +keep (glibc keeping freed memory, set per process) needs --isolate")
         if "fu" in mods and a.step != "full":
             p.error(f"--variants: {var!r}: +fu (the fused update) needs --step full")
     if set(a.ref_variants.split(",")) - {"sdpa", "matmul"}:

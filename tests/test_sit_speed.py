@@ -266,10 +266,12 @@ def test_the_isolated_harness_runs_every_model_in_its_own_process(tmp_path, caps
     fake = tmp_path / "sit.py"
     fake.write_text(_FAKE_REFERENCE)
     assert br.main([str(fake), "--configs", "S", "--batch", "2", "--rounds", "2", "--isolate", "--precisions",
-                    "bf16", "--variants", "sdpa+bf16c", "--nfe", "1", "--steps-per-round", "1",
+                    "bf16", "--variants", "sdpa+bf16c,sdpa+bf16c+keep", "--nfe", "1", "--steps-per-round", "1",
                     "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    for name in ("ref[sdpa]", "deltafm[sdpa+bf16c]"):
+    # +keep: the same variant in processes with glibc keeping freed memory, paired against the plain one
+    assert "Paired, deltafm[sdpa+bf16c] / deltafm[sdpa+bf16c+keep] per round" in out
+    for name in ("ref[sdpa]", "deltafm[sdpa+bf16c]", "deltafm[sdpa+bf16c+keep]"):
         assert out.count(f"bf16 {name}: step") == 2  # one worker process per round
         row = next(ln for ln in out.splitlines() if ln.startswith("| SiT-S/2 b2 | bf16 | " + name))
         step_ms, upd_ms = (float(c) for c in row.split("|")[4:6])

@@ -31,8 +31,10 @@ the same for both and left out). deltafm's model is :class:`deltafm.alignment.Al
 reference's SiT computes its projections inside every forward (sampling included), deltafm's only when
 asked (``align=True``).
 
-Variant modifier ``+keep`` (``--isolate`` only): that variant's worker processes run with glibc told to keep
-freed memory (:data:`GLIBC_KEEP`); paired per round against the same variant without it.
+Variant modifier ``+keep`` (``--isolate`` only): that variant's worker processes tell glibc to keep freed
+memory before they build the model (:func:`deltafm.train.allocator.keep_freed_memory`, ``train.keep_freed_memory``;
+at commit `8e7bea5` the harness set the equivalent environment variables instead); paired per round against the
+same variant without it.
 
 Variant modifier ``+fu``: deltafm's ``optim.fused_update`` (:class:`deltafm.train.fused_update.FusedUpdate`):
 clipping, AdamW, the copy's refresh and the EMA in one compiled kernel per parameter tensor; its kernels
@@ -83,6 +85,7 @@ import torch.nn.functional as F
 
 from deltafm.alignment import AlignedModel, alignment_loss
 from deltafm.models.registry import build_model
+from deltafm.train.allocator import keep_freed_memory
 from deltafm.train.bf16_compute import Bf16Compute
 from deltafm.train.config import OptimConfig
 from deltafm.train.ema import EMA
@@ -93,10 +96,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 MODIFIERS = ("bf16c", "compile", "fu", "keep")  # bf16 compute copy, torch.compile, fused update, glibc keeps memory
-#: ``+keep`` (``--isolate`` only): the worker runs with glibc told to keep freed memory (no trimming, large
-#: allocations from the heap), the setting under which benchmarks/check_allocator_coupling.py saw the coupling vanish
-GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_TOP_PAD_": "1073741824"}
+
 
 
 class _PatchEmbed(nn.Module):
@@ -434,6 +434,8 @@ def worker(ref: types.ModuleType, name: str, size: str, batch: int, steps: int, 
            repa: bool, full: bool, bf16: bool) -> dict[str, float]:
     """One model alone in this process (``--isolate``): build, warm up (2 steps, one sampling run), then
     the medians of ``steps`` timed steps and of ``max(1, steps // 2)`` sampling runs."""
+    if "+keep" in name:  # before the model and its first step allocate
+        keep_freed_memory()
     torch.manual_seed(0)
     impl = name[name.index("[") + 1:-1]
     models = build_pair(ref, size, [impl] if name.startswith("deltafm[") else [],
@@ -463,8 +465,7 @@ def _isolated(mirror: str, size: str, batch: int, rounds: int, names: list[str],
                    "--batch", str(batch), "--nfe", str(nfe), "--device", device, "--threads", str(threads),
                    "--precisions", "bf16" if bf16 else "fp32", "--steps-per-round", str(steps),
                    "--step", "full" if full else "model", *(["--repa"] if repa else [])]
-            env = {**os.environ, **GLIBC_KEEP} if "+keep" in k else None
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            done = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in done.stdout.splitlines() if ln.startswith("WORKER ")]
             if done.returncode or not line:
                 raise SystemExit(f"worker {k} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")

@@ -153,6 +153,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     threads: int | None = None
+    keep_freed_memory: bool = False
     ema_decay: float | None = 0.9999
     ema_halflife_images: float | None = None
     ema_rampup: float | None = None

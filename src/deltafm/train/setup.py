@@ -32,6 +32,7 @@ from torch import nn
 from deltafm.data import EpochBatchSampler
 from deltafm.objective import DeltaFMObjective
 
+from .allocator import keep_freed_memory
 from .bf16_compute import Bf16Compute
 from .builders import DataInfo, SetupError, build_model_for, build_objective, data_info, load_training_data
 from .checkpoint import Checkpoint, CheckpointError, PickleCheckpointError, load_checkpoint
@@ -191,6 +192,9 @@ def setup_run(cfg: Config, folder: RunFolder, resume: str | None, di: DistInfo) 
     on rank 0 ``folder`` holds the lock afterwards (when the folder exists)."""
     t = cfg.train
     threads = set_threads(di.world_size, t.threads) if di.device.type == "cpu" else torch.get_num_threads()
+    if t.keep_freed_memory and di.device.type == "cpu" and not keep_freed_memory():
+        console("note: train.keep_freed_memory needs glibc's malloc; the allocator is left as it is",
+                enabled=di.is_main)
     ds, info, raw, objective, targets, conditions = _build(cfg, di)
     ckpt = _checkpoint_to_resume(folder, resume, di)
     if ckpt is not None:

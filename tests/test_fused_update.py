@@ -2,8 +2,9 @@
 
 Against AdamW's closed form on the first step, against the eager path (torch's clip_grad_norm_, its fused
 AdamW, Bf16Compute.refresh, EMA.update) over several steps within fp32 roundoff, with torch's AdamW state in
-both directions, and in the training loop: a split run equal bit for bit to an uninterrupted one. Each
-test's kernels compile at their first use (a few seconds per parameter size; cached on disk after)."""
+both directions, and in the training loop: a split run equal bit for bit to an uninterrupted one (marked slow:
+``.venv/bin/python -m pytest -q -m slow tests/test_fused_update.py``). Kernels compile at their first use (a few
+seconds per parameter size; cached on disk after). tests/test_sync.py runs the loop with it in the default suite."""
 
 from __future__ import annotations
 
@@ -148,6 +149,7 @@ def _train(cfg, out, resume=None):
         return train(cfg, out, resume=resume)
 
 
+@pytest.mark.slow  # compiles a SiT's kernels and trains four times: about 30 s per case on 2 cores
 @pytest.mark.parametrize("precision", ["fp32", "bf16-compute"])
 def test_a_fused_update_run_resumes_bit_exactly_and_tracks_the_eager_run(tmp_path, precision):
     whole = _train(_cfg("train.steps=4", f"train.precision={precision}"), tmp_path / "whole")

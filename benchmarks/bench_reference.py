@@ -530,7 +530,7 @@ def _row_md(row: dict, rates: dict[str, float] | None) -> str:
     return s
 
 
-def _fu_lines(rows: list[dict]) -> list[str]:
+def _pair_lines(rows: list[dict]) -> list[str]:
     """One line per ``+fu`` / ``+keep`` row and modifier: step, update and forward+backward (step − update)
     against the same variant without that modifier, paired per round."""
     def f(x: tuple[float, tuple[float, float]]) -> str:
@@ -564,7 +564,7 @@ def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int,
         f"Date: {datetime.date.today()}. Machine: {machine()}. Matmul rate in the same run (n×n, best of "
         f"1 s): fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s**; load average at "
         f"the end {os.getloadavg()[0]:.1f}.", "", head, sep, *(_row_md(r, rates) for r in rows), "",
-        *_fu_lines(rows),
+        *_pair_lines(rows),
         "ref/variant = step time of the reference as published (ref[sdpa]: fused SDPA attention) / the row's "
         "(median of per-round ratios); > 1: the row is faster. ref[matmul] is the reference run with its "
         "--no-fused-attn. MFU = 3 × "

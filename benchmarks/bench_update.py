@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(a.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             out = subprocess.run([sys.executable, __file__, "--model", a.model, "--steps", str(a.steps),
-                                  "--threads", str(a.threads), "--worker", name],
-                                 capture_output=True, text=True, check=True)
+                                  "--threads", str(a.threads), "--worker", name], capture_output=True, text=True)
+            if out.returncode or not out.stdout.strip():
+                raise SystemExit(f"worker {name} failed (rc {out.returncode}):\n{out.stderr[-2000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             times[name].append(res["median"])
             n = int(res["params"])

@@ -23,18 +23,14 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["GLIBC_KEEP", "keep_freed_memory"]
+__all__ = ["keep_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
 
-#: the same settings as environment variables (read by glibc when a process starts)
-GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_TOP_PAD_": "1073741824"}
-
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory (see the module docstring). Returns False, changing nothing,
-    where the C library is not glibc or ``mallopt`` refuses a setting."""
+    """Tell glibc's malloc to keep freed memory (see the module docstring). Returns False where the C
+    library is not glibc (nothing changed) or ``mallopt`` refuses one of the settings."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -28,10 +28,10 @@ for bit: other kernels; ``tests/test_fused_update.py``); each is deterministic, 
 with either. The optimizer state stays torch's AdamW state (``opt.state[θ]``: ``step``, ``exp_avg``,
 ``exp_avg_sq``): checkpoints do not change, and a run resumes with this switched on or off.
 
-Each kernel is compiled for one tensor length (``dynamic=False``; a kernel for any length ran at about
-half the speed on the CPU measured), so there is one compilation per distinct parameter size, at the first
-step (inductor caches them on disk for later processes). Nothing reads a tensor's value on the host: the
-clipping factor and the bias corrections are computed on the device.
+Each kernel is compiled for one tensor length (``dynamic=False``; a kernel compiled for any length was
+clearly slower in an uncommitted side check, so no number is quoted), so there is one compilation per
+distinct parameter size, at the first step (inductor caches them on disk for later processes). Nothing
+reads a tensor's value on the host: the clipping factor and the bias corrections are computed on the device.
 """
 
 from __future__ import annotations
@@ -127,12 +127,13 @@ class FusedUpdate:
             raise TypeError(f"FusedUpdate implements AdamW, got {type(opt).__name__}")
         for group in opt.param_groups:
             if group.get("amsgrad") or group.get("maximize") or not group.get("decoupled_weight_decay", True):
-                raise ValueError("FusedUpdate implements plain AdamW (no amsgrad, no maximize)")
+                raise ValueError("FusedUpdate implements plain AdamW (decoupled weight decay; no amsgrad, "
+                                 "no maximize)")
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
         trained = [p for p in model.parameters() if p.requires_grad]
-        missing = [i for i, p in enumerate(trained) if id(p) not in in_opt]
+        missing = sum(id(p) not in in_opt for p in trained)
         if missing:
-            raise ValueError(f"{len(missing)} trained parameter(s) of the model are not in the optimizer")
+            raise ValueError(f"{missing} trained parameter(s) of the model are not in the optimizer")
         for p in trained:
             if not p.is_contiguous():
                 raise ValueError(f"FusedUpdate needs contiguous parameters, got one of shape {tuple(p.shape)} "
@@ -146,21 +147,23 @@ class FusedUpdate:
         c = self._copy.get(id(p))
         return p.grad if c is None else c.grad
 
-    def _with_grads(self) -> list[tuple[Tensor, Tensor]]:
-        pairs = [(p, self._grad(p)) for group in self.opt.param_groups for p in group["params"]]
+    def _with_grads(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, the gradient read for it) for those of ``params`` that got one."""
+        pairs = [(p, self._grad(p)) for p in params]
         return [(p, g) for p, g in pairs if g is not None]
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
         """‖g‖₂ over every gradient (the bf16 copy's under bf16-compute), accumulated in fp32, as a device
         tensor: the norm torch's ``clip_grad_norm_`` computes."""
-        grads = [g for _, g in self._with_grads()]
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        grads = [g for _, g in self._with_grads(params)]
         if not grads:
             return torch.zeros((), device=next(self.model.parameters()).device)
-        if all(g.dtype == torch.float32 for g in grads):  # as clip_grad_norm_ computes it
-            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
-        # bf16 (the compute copy's): torch's norms with dtype=float32 cast each gradient to a new fp32
-        # tensor first (a third slower than the whole fused update, measured); a compiled Σg² reads g once
+        if all(g.dtype == torch.float32 for g in grads):
+            return torch.nn.utils.get_total_norm(grads)  # what clip_grad_norm_ computes
+        # bf16 (the compute copy's): torch's norms with dtype=float32 first cast each gradient to a new fp32
+        # tensor (another write and read of 4 bytes per parameter); a compiled Σg² reads g once
         squares = [self._call(_compiled(_sum_of_squares, g.numel(), g.dtype, g.device), g.view(-1)) for g in grads]
         return torch.stack(squares).sum().sqrt()
 
@@ -190,8 +193,7 @@ class FusedUpdate:
         w = 0.0 if ema_beta is None else 1.0 - ema_beta
         done = set()
         for group in self.opt.param_groups:
-            pairs = [(p, self._grad(p)) for p in group["params"]]
-            pairs = [(p, g) for p, g in pairs if g is not None]
+            pairs = self._with_grads(group["params"])
             if not pairs:
                 continue
             states = [self._state(p) for p, _ in pairs]

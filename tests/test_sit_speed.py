@@ -258,6 +258,7 @@ class SiT(nn.Module):
 '''
 
 
+@pytest.mark.slow  # four worker processes: about 28 s on 2 cores
 def test_the_isolated_harness_runs_every_model_in_its_own_process(tmp_path, capsys) -> None:
     """``--isolate``: per round one worker process per model, each reporting its step, update and sampling
     times as a JSON line; the parent pairs them by round into the usual rows (here against a stand-in

@@ -20,9 +20,11 @@ autocast for the bf16 rows), the ΔFM loss
 backward, then what each codebase's training loop does after the backward pass (``--step``, below). Each
 round runs every variant once, in an order rotated per round; the ratio
 ref/variant is taken per round (paired), and its median gets a 95% bootstrap CI over rounds. The fp32 and
-bf16 matmul rates (2·n³ FLOP per n×n product) are measured in the same run, and MFU = 3 · forward FLOPs
-· batch / step time / matmul rate. Sampling: Euler with classifier-free guidance (2 forwards of the batch
-per step, ``torch.inference_mode``), images/s at ``--nfe`` steps.
+bf16 matmul rates (2·n³ FLOP per n×n product, best of 1 s) are measured in the same run, at its start and
+again at its end, and MFU = 3 · forward FLOPs · batch / step time / the higher of the two rates (a rate
+measured while the machine was briefly slower would otherwise flatter MFU). Sampling: Euler with
+classifier-free guidance (2 forwards of the batch per step, ``torch.inference_mode``), images/s at ``--nfe``
+steps.
 
 ``--repa``: the REPA step instead. Both models carry REPA's projector (width 2048, one encoder of width 768,
 DINOv2-B's; block 4 for S/B, 8 for L/XL), the step adds 0.5 · L_REPA (``deltafm.alignment.alignment_loss``,
@@ -551,8 +553,15 @@ def machine() -> str:
 
 
 def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int, full: bool = True,
-           isolate: bool = False) -> str:
-    """The markdown section: command, date, machine, matmul rates, one table row per variant."""
+           isolate: bool = False, measured: tuple[dict[str, float], dict[str, float]] | None = None) -> str:
+    """The markdown section: command, date, machine, matmul rates, one table row per variant. ``rates``: the
+    rates MFU is taken against; ``measured``: the (start, end) rates they came from, when both were taken."""
+    if measured:
+        (s, e) = measured
+        rate = (f"fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s** (the higher of start "
+                f"and end: fp32 {s['fp32']:.0f} and {e['fp32']:.0f}, bf16 {s['bf16']:.0f} and {e['bf16']:.0f})")
+    else:
+        rate = f"fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s**"
     head = "| model | precision | variant | step ms (median) | of which update ms | ref/variant step (95% CI) | MFU |"
     sep = "|---|---|---|---|---|---|---|"
     if nfe:
@@ -562,7 +571,7 @@ def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int,
         "## deltafm SiT vs the reference ΔFM SiT, side by side (`benchmarks/bench_reference.py`)", "",
         f"Command: `.venv/bin/python benchmarks/bench_reference.py {' '.join(argv)}`  ",
         f"Date: {datetime.date.today()}. Machine: {machine()}. Matmul rate in the same run (n×n, best of "
-        f"1 s): fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s**; load average at "
+        f"1 s): {rate}; load average at "
         f"the end {os.getloadavg()[0]:.1f}.", "", head, sep, *(_row_md(r, rates) for r in rows), "",
         *_pair_lines(rows),
         "ref/variant = step time of the reference as published (ref[sdpa]: fused SDPA attention) / the row's "
@@ -628,14 +637,17 @@ def main(argv: list[str] | None = None) -> int:
         print("WORKER " + json.dumps(got), flush=True)
         return 0
     n = 8192 if a.device == "cuda" else 1024
-    rates = {k: matmul_rate(dt, n, device=a.device) for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"matmul GFLOP/s: fp32 {rates['fp32']:.0f}, bf16 {rates['bf16']:.0f}", flush=True)
+    dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    start = {k: matmul_rate(dt, n, device=a.device) for k, dt in dtypes}
+    print(f"matmul GFLOP/s: fp32 {start['fp32']:.0f}, bf16 {start['bf16']:.0f}", flush=True)
     rows = []
     for size in a.configs.split(","):
         rows += run_config(ref, size, a.batch, a.rounds, a.variants.split(","), a.nfe, a.device,
                            tuple(a.ref_variants.split(",")), a.repa, a.step == "full", tuple(a.precisions.split(",")),
                            a.mirror if a.isolate else None, a.steps_per_round, a.threads)
-    text = report(rows, rates, argv, a.nfe, a.step == "full", a.isolate)
+    end = {k: matmul_rate(dt, n, device=a.device) for k, dt in dtypes}
+    rates = {k: max(start[k], end[k]) for k in start}
+    text = report(rows, rates, argv, a.nfe, a.step == "full", a.isolate, (start, end))
     print(text)
     if a.write:
         with RESULTS.open("a") as f:

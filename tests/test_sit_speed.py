@@ -291,3 +291,16 @@ def test_a_keep_variant_is_paired_against_the_same_variant_without_it(tmp_path, 
     out = capsys.readouterr().out
     assert out.count("bf16 deltafm[sdpa+bf16c+keep]: step") == 2
     assert "Paired, deltafm[sdpa+bf16c] / deltafm[sdpa+bf16c+keep] per round" in out
+
+
+def test_the_harness_takes_mfu_against_the_higher_of_its_two_matmul_rates() -> None:
+    """The report quotes the rates measured at the start and at the end of a run and takes MFU against the
+    higher one: 3 · 1e9 FLOP in 1 s against 10 GFLOP/s (the end's, higher than the start's 5) is 30%."""
+    br = _bench("bench_reference")
+    row = dict(size="B", repa=False, batch=8, prec="bf16", name="ref[sdpa]", ms=1000.0, upd_ms=100.0, ratio=1.0,
+               ci=(1.0, 1.0), flops=3e9, pairs=[])
+    start, end = {"fp32": 2.0, "bf16": 5.0}, {"fp32": 3.0, "bf16": 10.0}
+    rates = {k: max(start[k], end[k]) for k in start}
+    text = br.report([row], rates, ["MIRROR"], 0, measured=(start, end))
+    assert "bf16 **10 GFLOP/s** (the higher of start and end: fp32 2 and 3, bf16 5 and 10)" in text
+    assert "| SiT-B/2 b8 | bf16 | ref[sdpa] | 1000 | 100 | 1.000 (1.000–1.000) | 30% |" in text

@@ -553,15 +553,15 @@ def machine() -> str:
 
 
 def report(rows: list[dict], rates: dict[str, float], argv: list[str], nfe: int, full: bool = True,
-           isolate: bool = False, measured: tuple[dict[str, float], dict[str, float]] | None = None) -> str:
+           isolate: bool = False, end: dict[str, float] | None = None) -> str:
     """The markdown section: command, date, machine, matmul rates, one table row per variant. ``rates``: the
-    rates MFU is taken against; ``measured``: the (start, end) rates they came from, when both were taken."""
-    if measured:
-        (s, e) = measured
-        rate = (f"fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s** (the higher of start "
-                f"and end: fp32 {s['fp32']:.0f} and {e['fp32']:.0f}, bf16 {s['bf16']:.0f} and {e['bf16']:.0f})")
-    else:
-        rate = f"fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s**"
+    matmul rates measured at the run's start; ``end``: those measured at its end, if taken, in which case MFU
+    is taken against the higher of the two."""
+    start, rates = rates, {k: max(v, end[k]) for k, v in rates.items()} if end else rates
+    rate = f"fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 **{rates['bf16']:.0f} GFLOP/s**"
+    if end:
+        rate += (f" (the higher of start and end: fp32 {start['fp32']:.0f} and {end['fp32']:.0f}, bf16 "
+                 f"{start['bf16']:.0f} and {end['bf16']:.0f})")
     head = "| model | precision | variant | step ms (median) | of which update ms | ref/variant step (95% CI) | MFU |"
     sep = "|---|---|---|---|---|---|---|"
     if nfe:
@@ -646,8 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                            tuple(a.ref_variants.split(",")), a.repa, a.step == "full", tuple(a.precisions.split(",")),
                            a.mirror if a.isolate else None, a.steps_per_round, a.threads)
     end = {k: matmul_rate(dt, n, device=a.device) for k, dt in dtypes}
-    rates = {k: max(start[k], end[k]) for k in start}
-    text = report(rows, rates, argv, a.nfe, a.step == "full", a.isolate, (start, end))
+    text = report(rows, start, argv, a.nfe, a.step == "full", a.isolate, end)
     print(text)
     if a.write:
         with RESULTS.open("a") as f:

@@ -142,6 +142,10 @@ class TrainConfig:
     EMA: either a per-step ``ema_decay`` (the paper's 0.9999) or ``ema_halflife_images`` (the EMA forgets
     half its weight every that many images, so its per-step decay is ``0.5 ** (batch_size /
     halflife)``); ``ema_rampup`` caps the half-life at ``ema_rampup * images_seen`` early in training.
+
+    ``compile``: ``torch.compile(model, dynamic=False)`` (one graph per input shape, as benchmarked);
+    ``compile_mode``: torch.compile's ``mode`` (``default``; ``reduce-overhead`` and ``max-autotune`` add
+    CUDA graphs on a GPU; ``max-autotune-no-cudagraphs`` tunes kernels without them).
     """
 
     seed: int = 0
@@ -151,6 +155,7 @@ class TrainConfig:
     steps: int | None = None
     precision: Literal["fp32", "bf16", "fp16", "bf16-compute"] = "fp32"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     device: str = "auto"
     threads: int | None = None
     keep_freed_memory: bool = False
@@ -428,6 +433,8 @@ def _validate(cfg: Config) -> None:
     if t.steps is not None:
         _require(t.steps >= 1, "train.steps", "must be >= 1")
     _require(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 or null")
+    _require(t.compile or t.compile_mode == "default", "train.compile_mode",
+             f"({t.compile_mode!r}) applies to a compiled model only: set train.compile=true as well")
     _require(not (t.ema_decay is not None and t.ema_halflife_images is not None), "train.ema_decay",
              "and train.ema_halflife_images are exclusive: set one to null")
     if t.ema_decay is not None:

@@ -279,7 +279,11 @@ def _check_negative_pool(cfg: Config, di: DistInfo) -> None:
 
 
 def _wrap(raw: nn.Module, cfg: Config, di: DistInfo) -> nn.Module:
-    model = torch.compile(raw) if cfg.train.compile else raw
+    """What the step calls: ``raw`` (or its bf16 copy), compiled under ``train.compile``, then DDP."""
+    t = cfg.train
+    model = raw
+    if t.compile:  # static shapes: every batch of a run has the same shape (the sampler drops the last)
+        model = torch.compile(raw, dynamic=False, mode=None if t.compile_mode == "default" else t.compile_mode)
     if di.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -392,6 +392,18 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}' {msg}")
 
 
+def _validate_ema(t: TrainConfig) -> None:
+    """The EMA keys of ``train``: one mode (per-step decay or half-life), each in its range."""
+    _require(not (t.ema_decay is not None and t.ema_halflife_images is not None), "train.ema_decay",
+             "and train.ema_halflife_images are exclusive: set one to null")
+    if t.ema_decay is not None:
+        _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    if t.ema_halflife_images is not None:
+        _require(t.ema_halflife_images > 0, "train.ema_halflife_images", "must be positive")
+    if t.ema_rampup is not None:
+        _require(t.ema_rampup > 0, "train.ema_rampup", "must be positive")
+
+
 def _validate(cfg: Config) -> None:
     o, op, t, s, lg = cfg.objective, cfg.optim, cfg.train, cfg.sample, cfg.log
     _require(math.isfinite(o.lam) and 0.0 <= o.lam < 1.0, "objective.lam",
@@ -435,14 +447,7 @@ def _validate(cfg: Config) -> None:
     _require(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 or null")
     _require(t.compile or t.compile_mode == "default", "train.compile_mode",
              f"({t.compile_mode!r}) applies to a compiled model only: set train.compile=true as well")
-    _require(not (t.ema_decay is not None and t.ema_halflife_images is not None), "train.ema_decay",
-             "and train.ema_halflife_images are exclusive: set one to null")
-    if t.ema_decay is not None:
-        _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    if t.ema_halflife_images is not None:
-        _require(t.ema_halflife_images > 0, "train.ema_halflife_images", "must be positive")
-    if t.ema_rampup is not None:
-        _require(t.ema_rampup > 0, "train.ema_rampup", "must be positive")
+    _validate_ema(t)
     _require(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1 (steps)")
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",

@@ -333,6 +333,10 @@ def test_unet_flops_meta_twin_matches_real_forward() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["SiT-N/4", "unet-t"])
 def test_torch_compile_matches_eager(name: str) -> None:
+    # Forget what earlier tests compiled: dynamo keeps per-code-object shape history across model instances, and
+    # a forward compiled before at another input size would be recompiled with dynamic shapes here, which
+    # inductor fails on for unet-t (torch 2.11 and 2.13). Every compile in deltafm is static (dynamic=False).
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = build_model(name, in_channels=1, image_size=28, num_classes=10)
     _perturb(model)

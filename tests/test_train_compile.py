@@ -55,6 +55,7 @@ def test_the_loop_compiles_with_static_shapes_and_the_configured_mode(monkeypatc
 
 @pytest.mark.slow
 def test_a_compiled_run_trains_like_eager_and_resumes_bit_exactly(tmp_path):
+    torch.compiler.reset()  # start from no compiled graphs (and no recompile count) left by earlier tests
     def weights(run: str) -> dict[str, torch.Tensor]:
         ck = load_checkpoint(tmp_path / run / "checkpoints" / "step_00000004")
         return {f"model.{k}": v for k, v in ck.model.items()} | {f"ema.{k}": v for k, v in ck.ema.items()}

@@ -283,7 +283,7 @@ def _wrap(raw: nn.Module, cfg: Config, di: DistInfo) -> nn.Module:
     t = cfg.train
     model = raw
     if t.compile:  # static shapes: every batch of a run has the same shape (the sampler drops the last)
-        model = torch.compile(raw, dynamic=False, mode=None if t.compile_mode == "default" else t.compile_mode)
+        model = torch.compile(raw, dynamic=False, mode=t.compile_mode)
     if di.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
